@@ -1,0 +1,175 @@
+"""The config tree: typed dataclasses, loaded from YAML with `a.b=c` command-line overrides.
+
+This file is the one place every key is documented: each field carries its meaning in `doc`, and
+`muse-rec config` prints the resolved tree with those docs. An unknown key, a wrong type or a
+value outside a field's choices is a `ConfigError` that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from muse_rec.errors import ConfigError
+
+
+def option(default: Any, doc: str) -> Any:
+    """A config field with its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+@dataclass
+class DataConfig:
+    root: str = option("data/synthetic", "Data directory in the released TAOBAO-MM layout (train/, test/, feature_map/).")
+    vocab: Literal["p90", "full"] = option(
+        "p90", "Item vocabulary: 'p90' (items covering 90% of history interactions plus all targets) or 'full'."
+    )
+    long_seq_len: int = option(1000, "Lifelong sequence length: the last N behaviours, left-padded with 0.")
+    short_seq_len: int = option(50, "Short sequence length: the last N positions of the padded long sequence.")
+    batch_size: int = option(1000, "Samples per batch on each rank.")
+    num_workers: int = option(1, "DataLoader worker processes per rank (0 reads in the training process).")
+    strict: bool = option(False, "Refuse SCL keys that are unsorted or duplicated instead of repairing them with a warning.")
+
+
+@dataclass
+class SynthConfig:
+    seed: int = option(42, "Seed: the same seed and sizes give byte-identical files.")
+    train_users: int = option(2000, "Users in the train split (each with candidates_min..candidates_max impressions).")
+    test_users: int = option(500, "Users in the test split (new users: their user IDs are out of vocabulary).")
+    items: int = option(200_000, "Items in the catalogue.")
+    categories: int = option(400, "Item categories.")
+    clusters_per_category: int = option(4, "Semantic clusters per category: items of one cluster have close SCL vectors.")
+    item_zipf: float = option(1.1, "Zipf exponent of item popularity inside a cluster (a long tail makes the p90 cut real).")
+    interests_per_user: int = option(3, "Long-term interest clusters per user.")
+    history_len: int = option(1000, "Maximum lifelong behaviours per user.")
+    full_history_share: float = option(0.9, "Share of users with a full-length history; the rest get 50..history_len.")
+    interest_share: float = option(0.5, "Share of long-history behaviours drawn from the user's interest clusters.")
+    short_len: int = option(50, "The most recent behaviours, drawn mostly off-interest (a weakly informative recent session).")
+    short_interest_share: float = option(0.1, "Share of the recent behaviours drawn from the interest clusters.")
+    candidates_min: int = option(6, "Fewest impressions per user.")
+    candidates_max: int = option(16, "Most impressions per user.")
+    target_interest_share: float = option(0.3, "Share of targets drawn from one of the user's interest clusters.")
+    target_same_category_share: float = option(
+        0.2, "Share of targets from another cluster of an interest cluster's category (category match without semantic match)."
+    )
+    click_bias: float = option(-2.6, "Click logit intercept (sets the click rate, about 14% with the defaults).")
+    long_signal_weight: float = option(
+        0.8, "Click logit per log1p(count of the user's behaviours in the target's semantic cluster), over all of them."
+    )
+    short_signal_weight: float = option(0.3, "Extra click logit per log1p(count of those among the recent behaviours).")
+    coverage: float = option(0.9, "History-interaction coverage of the p90 item vocabulary (plus all targets).")
+    rows_per_shard: int = option(500_000, "Rows per shard file.")
+    row_group_rows: int = option(10_000, "Rows per parquet row group.")
+    raw: bool = option(False, "Also write the unjoined raw tables under raw/ (the input of `muse-rec prepare`).")
+
+
+@dataclass
+class Config:
+    data: DataConfig = section(DataConfig, "Where the data lives and how it is batched.")
+    synth: SynthConfig = section(SynthConfig, "The synthetic data set written by `muse-rec synth`.")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `key.sub=value` overrides, in that order."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level, found {type(loaded).__name__}")
+        tree = loaded or {}
+    for item in overrides:
+        _apply_override(tree, item)
+    return _build(Config, tree, "")
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    *parents, leaf = key.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(text) if text else ""
+
+
+def _build(cls: type, tree: Any, prefix: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'}: expected a section (mapping), found {tree!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in tree:
+        if key not in fields:
+            known = ", ".join(f"{prefix}{k}" for k in fields)
+            raise ConfigError(f"unknown config key {prefix}{key} (known keys here: {known})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in tree.items():
+        kind = hints[name]
+        key = f"{prefix}{name}"
+        values[name] = _build(kind, value, key + ".") if dataclasses.is_dataclass(kind) else _check(kind, value, key)
+    return cls(**values)
+
+
+def _check(kind: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            choices = ", ".join(repr(c) for c in typing.get_args(kind))
+            raise ConfigError(f"config key {key}: expected one of {choices}, found {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(kind)
+        if value is None and type(None) in args:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        return _check(kind, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key}: expected a list, found {value!r}")
+        (item,) = typing.get_args(kind)
+        return [_check(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key}: expected {kind.__name__}, found {type(value).__name__} {value!r}")
+    return value
+
+
+# -- documentation ---------------------------------------------------------------------------------
+def describe(config: Any, prefix: str = "") -> list[str]:
+    """The resolved tree as YAML lines, each key preceded by its documentation."""
+    lines = []
+    indent = "  " * prefix.count(".")
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        lines.append(f"{indent}# {f.metadata.get('doc', '')}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:")
+            lines.extend(describe(value, f"{prefix}{f.name}."))
+        else:
+            lines.append(f"{indent}{f.name}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return lines
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,1 @@
+"""Everything between files on disk and a `Batch`: layout, feature maps, loader, synth, prepare, download."""
