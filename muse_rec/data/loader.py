@@ -1,0 +1,366 @@
+"""Streaming reader of joined shards: parquet row groups -> `Batch`, split over ranks and workers.
+
+Work split. The rows of a split (all shards, in file order) are cut into `world_size` contiguous
+ranges that differ by at most one row. Every rank runs the same number of steps with the same
+batch size at each step: where a rank's rows run out one row early, its last batch is filled up
+with a copy of its last row at weight 0. Nothing is dropped, and each split is logged with what
+was padded. Within a rank, the batches are cut into one contiguous block per DataLoader worker
+(each worker reads its own row groups), and the batches are yielded round-robin over the
+workers: `batch_order` gives that order, so a resumed run (`start_step`) continues exactly.
+
+Decoding. A row group is read once with pyarrow and handled as whole columns: list columns
+through their offsets/values arrays, never row by row. Rows are denormalised (each impression of
+a user repeats the user's 1000-long sequence), so runs of consecutive rows holding the same
+sequence are found first (same user, same length, equal contents) and each distinct sequence is
+truncated, remapped and left-padded once. `decode_reference` is the plain per-row definition of
+the same output, and the tests hold the two equal.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
+from muse_rec.config import DataConfig
+from muse_rec.data import schema
+from muse_rec.data.checks import check_aligned, check_columns, clicks_from_labels, open_parquet
+from muse_rec.data.feature_map import FeatureMaps
+from muse_rec.data.layout import DatasetLayout
+from muse_rec.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+# -- planning: which rows each rank and worker reads ---------------------------------------------
+@dataclass(frozen=True)
+class RowGroup:
+    path: Path
+    index: int  # row group index inside the file
+    first_row: int  # position of its first row in the whole split
+    num_rows: int
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Rows [start, stop) of the split, then `padding` weight-0 copies of row stop - 1."""
+
+    start: int
+    stop: int
+    padding: int = 0
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    row_groups: tuple[RowGroup, ...]
+    total_rows: int
+    rows: tuple[int, int]  # this rank's [start, stop)
+    batches: tuple[BatchSpec, ...]  # the same count and sizes on every rank
+
+
+def list_row_groups(layout: DatasetLayout, split: str) -> tuple[RowGroup, ...]:
+    """Every row group of the split, from the parquet footers (no data is read)."""
+    paths = layout.shards(split)
+    if not paths:
+        raise DataError(
+            f"{layout.split_dir(split)}: no shards found (expected {split}-shard-NNNNNN.parquet files); "
+            "fetch a data set with `muse-rec download`, build one with `muse-rec prepare` or `muse-rec synth`"
+        )
+    groups, first_row = [], 0
+    for path in paths:
+        meta = open_parquet(path).metadata
+        check_columns(path, meta.schema.to_arrow_schema(), schema.JOINED_SCHEMA)
+        for index in range(meta.num_row_groups):
+            num_rows = meta.row_group(index).num_rows
+            groups.append(RowGroup(path, index, first_row, num_rows))
+            first_row += num_rows
+    return tuple(groups)
+
+
+def plan_rank(row_groups: tuple[RowGroup, ...], batch_size: int, rank: int, world_size: int) -> RankPlan:
+    """This rank's contiguous rows and its batches; every rank gets the same steps and sizes."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    total = sum(g.num_rows for g in row_groups)
+    if total < world_size:
+        raise DataError(f"{row_groups[0].path.parent}: {total} rows cannot give each of {world_size} ranks a row")
+    start, stop = total * rank // world_size, total * (rank + 1) // world_size
+    most_rows = -(-total // world_size)  # the largest rank's row count
+    steps = -(-most_rows // batch_size)
+    batches = []
+    for step in range(steps):
+        size = min(batch_size, most_rows - step * batch_size)  # identical on every rank
+        lo = min(start + step * batch_size, stop)
+        hi = min(lo + size, stop)
+        batches.append(BatchSpec(lo, hi, padding=size - (hi - lo)))
+    return RankPlan(row_groups, total, (start, stop), tuple(batches))
+
+
+def batch_order(num_batches: int, num_workers: int) -> np.ndarray:
+    """The order a DataLoader yields batches when worker w owns the w-th contiguous block."""
+    blocks = np.array_split(np.arange(num_batches), max(num_workers, 1))
+    rounds = max((len(b) for b in blocks), default=0)
+    grid = np.full((rounds, len(blocks)), -1)
+    for w, block in enumerate(blocks):
+        grid[: len(block), w] = block
+    order = grid.reshape(-1)
+    return order[order >= 0]
+
+
+# -- decoding: one row group -> remapped, padded arrays -------------------------------------------
+_SCALAR_COLUMNS = (schema.USER, *schema.USER_ATTRS, schema.TARGET_ITEM, schema.TARGET_CATE, *schema.ITEM_ATTRS)
+assert _SCALAR_COLUMNS == ID_FEATURES
+
+
+@dataclass
+class DecodedRows:
+    """A row group ready to be sliced into batches. Sequences are stored once per distinct sequence."""
+
+    clicks: np.ndarray  # float32 (n,)
+    user_ids: np.ndarray  # int64 (n,), raw 129_1
+    scalar_rows: np.ndarray  # int64 (n, len(ID_FEATURES)), table rows
+    scl_target: np.ndarray  # int64 (n,), SCL-table row of the target item
+    sequence_of_row: np.ndarray  # intp (n,), index into the (U, L) arrays below
+    items: np.ndarray  # int64 (U, L) item-table rows, left-padded with 0
+    cates: np.ndarray  # int64 (U, L) category-table rows
+    scl: np.ndarray  # int64 (U, L) SCL-table rows
+
+
+def _ints(table: pa.Table, column: str) -> np.ndarray:
+    """An int64 column as numpy; nulls mean 'missing', which the data set writes as 0."""
+    return table.column(column).fill_null(0).to_numpy()
+
+
+def _lists(table: pa.Table, column: str) -> pa.ListArray:
+    return table.column(column).combine_chunks()
+
+
+def _sequence_runs(user: np.ndarray, items: pa.ListArray, cates: pa.ListArray) -> np.ndarray:
+    """Index of the first row of each run of consecutive rows that hold the same sequence."""
+    offsets = items.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    same = np.zeros(len(user), bool)
+    same[1:] = (user[1:] == user[:-1]) & (lengths[1:] == lengths[:-1])
+    starts = np.flatnonzero(~same)
+    ends = np.append(starts[1:], len(user))
+    item_values, cate_values = items.values.to_numpy(), cates.values.to_numpy()
+    for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+        a, b, m = offsets[s], offsets[e], lengths[s]
+        if not (np.array_equal(item_values[a + m : b], item_values[a : b - m]) and np.array_equal(cate_values[a + m : b], cate_values[a : b - m])):
+            same[s + 1 : e] = False  # same user, different sequences: treat every row on its own
+    return np.flatnonzero(~same)
+
+
+def _last_padded(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source and destination positions that move the last `length` values of each given row into
+    a flat (len(rows), length) matrix, right-aligned (left-padded)."""
+    ends = offsets[rows + 1]
+    kept = np.minimum(ends - offsets[rows], length)
+    before = np.cumsum(kept) - kept
+    step = np.arange(kept.sum())
+    src = step + np.repeat(ends - kept - before, kept)
+    dst = step + np.repeat(np.arange(len(rows)) * length + length - kept - before, kept)
+    return src, dst
+
+
+def decode_row_group(table: pa.Table, maps: FeatureMaps, long_len: int, where: str) -> DecodedRows:
+    """Remap, truncate and pad one row group (see the module doc)."""
+    items, cates = _lists(table, schema.HIST_ITEMS), _lists(table, schema.HIST_CATES)
+    check_aligned(items, cates, where)
+    clicks = clicks_from_labels(_lists(table, schema.LABEL), where)
+    user = _ints(table, schema.USER)
+    scalar_rows = np.stack([maps.of_column(c).remap(_ints(table, c)) for c in _SCALAR_COLUMNS], axis=1)
+
+    run_starts = _sequence_runs(user, items, cates)
+    run_start = np.zeros(len(user), bool)
+    run_start[run_starts] = True
+    sequence_of_row = np.cumsum(run_start) - 1
+    src, dst = _last_padded(items.values.to_numpy(), items.offsets.to_numpy(), run_starts, long_len)
+    raw_items = items.values.to_numpy()[src]
+    padded = []
+    for values, index in ((raw_items, maps.of_column(schema.HIST_ITEMS)), (cates.values.to_numpy()[src], maps.of_column(schema.HIST_CATES)), (raw_items, maps.scl)):
+        out = np.zeros(len(run_starts) * long_len, np.int64)
+        out[dst] = index.remap(values)
+        padded.append(out.reshape(len(run_starts), long_len))
+    scl_target = maps.scl.remap(_ints(table, schema.TARGET_ITEM))
+    return DecodedRows(clicks, user, scalar_rows, scl_target, sequence_of_row, *padded)
+
+
+def decode_reference(table: pa.Table, maps: FeatureMaps, long_len: int) -> DecodedRows:
+    """Row-by-row definition of `decode_row_group` (no run detection, plain lists): for tests."""
+    rows = table.to_pylist()
+    n = len(rows)
+
+    def padded(values: list[int]) -> list[int]:
+        last = values[-long_len:] if values else []
+        return [0] * (long_len - len(last)) + last
+
+    def remap(index, values) -> np.ndarray:
+        return index.remap(np.array(values, dtype=np.int64).reshape(n, -1) if n else np.zeros((0, long_len), np.int64))
+
+    items = [padded(r[schema.HIST_ITEMS] or []) for r in rows]
+    cates = [padded(r[schema.HIST_CATES] or []) for r in rows]
+    return DecodedRows(
+        clicks=np.array([r[schema.LABEL][1] for r in rows], np.float32),
+        user_ids=np.array([r[schema.USER] or 0 for r in rows], np.int64),
+        scalar_rows=np.stack([maps.of_column(c).remap(np.array([r[c] or 0 for r in rows], np.int64)) for c in _SCALAR_COLUMNS], axis=1),
+        scl_target=maps.scl.remap(np.array([r[schema.TARGET_ITEM] or 0 for r in rows], np.int64)),
+        sequence_of_row=np.arange(n),
+        items=remap(maps.of_column(schema.HIST_ITEMS), items),
+        cates=remap(maps.of_column(schema.HIST_CATES), cates),
+        scl=remap(maps.scl, items),
+    )
+
+
+# -- batches ---------------------------------------------------------------------------------------
+def _kjt(keys: tuple[str, ...], values: np.ndarray, lengths: tuple[int, ...], batch_size: int) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor(
+        keys=list(keys),
+        values=torch.from_numpy(values),
+        lengths=torch.tensor(lengths, dtype=torch.int32).repeat_interleave(batch_size),
+    )
+
+
+def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.ndarray, long_len: int, short_len: int) -> Batch:
+    """Gather rows (pieces of decoded row groups, in order) into one `Batch`."""
+    size = sum(len(rows) for _, rows in pieces)
+    L, S, F = long_len, short_len, len(ID_FEATURES)
+    sequence_values = np.empty(size * (2 * L + 2 * S), np.int64)
+    long_items, long_cates, short_items, short_cates = np.split(sequence_values, np.cumsum([size * L, size * L, size * S]))
+    long_items, long_cates = long_items.reshape(size, L), long_cates.reshape(size, L)
+    scl_values = np.empty(size * (1 + L + S), np.int64)
+    scl_target, scl_long, scl_short = np.split(scl_values, np.cumsum([size, size * L]))
+    scl_long = scl_long.reshape(size, L)
+    scalar_rows = np.empty((size, F), np.int64)
+    clicks, user_ids = np.empty(size, np.float32), np.empty(size, np.int64)
+    at = 0
+    for decoded, rows in pieces:
+        part = slice(at, at + len(rows))
+        sequences = decoded.sequence_of_row[rows]
+        np.take(decoded.items, sequences, axis=0, out=long_items[part])
+        np.take(decoded.cates, sequences, axis=0, out=long_cates[part])
+        np.take(decoded.scl, sequences, axis=0, out=scl_long[part])
+        scalar_rows[part] = decoded.scalar_rows[rows]
+        scl_target[part] = decoded.scl_target[rows]
+        clicks[part], user_ids[part] = decoded.clicks[rows], decoded.user_ids[rows]
+        at += len(rows)
+    short_items.reshape(size, S)[:] = long_items[:, L - S :]
+    short_cates.reshape(size, S)[:] = long_cates[:, L - S :]
+    scl_short.reshape(size, S)[:] = scl_long[:, L - S :]
+    return Batch(
+        id_features=_kjt(ID_FEATURES, np.ascontiguousarray(scalar_rows.T).reshape(-1), (1,) * F, size),
+        sequence_features=_kjt(SEQUENCE_FEATURES, sequence_values, (L, L, S, S), size),
+        scl_features=_kjt(SCL_FEATURES, scl_values, (1, L, S), size),
+        labels=torch.from_numpy(clicks * (weights > 0)),
+        weights=torch.from_numpy(weights),
+        user_ids=torch.from_numpy(user_ids),
+    )
+
+
+class ShardDataset(IterableDataset):
+    """Batches of one split for one rank; with DataLoader workers, each reads its own block."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        split: str,
+        rank: int = 0,
+        world_size: int = 1,
+        maps: FeatureMaps | None = None,
+        start_step: int = 0,
+    ) -> None:
+        if not 0 < config.short_seq_len <= config.long_seq_len:
+            raise DataError(
+                f"data.short_seq_len must be in 1..data.long_seq_len ({config.long_seq_len}), got {config.short_seq_len}"
+            )
+        layout = DatasetLayout(config.root)
+        self.config, self.split = config, split
+        self.maps = maps or FeatureMaps.load(layout, config.vocab, strict=config.strict)
+        self.plan = plan_rank(list_row_groups(layout, split), config.batch_size, rank, world_size)
+        if not 0 <= start_step <= len(self.plan.batches):
+            raise ValueError(f"start_step {start_step} is outside 0..{len(self.plan.batches)}")
+        self.start_step = start_step
+        self._log_plan(rank, world_size)
+
+    def _log_plan(self, rank: int, world_size: int) -> None:
+        batches, (start, stop) = self.plan.batches, self.plan.rows
+        padding = sum(b.padding for b in batches)
+        log.info(
+            "%s: %d rows in %d row groups -> %d rank(s) x %d steps of up to %d; rank %d reads rows [%d, %d)%s; nothing is left out",
+            self.split, self.plan.total_rows, len(self.plan.row_groups), world_size, len(batches),
+            self.config.batch_size, rank, start, stop,
+            f" and pads its last batch with {padding} weight-0 row(s) so all ranks step together" if padding else "",
+        )
+
+    def __len__(self) -> int:
+        return len(self.plan.batches) - self.start_step
+
+    def worker_batches(self, worker: int, num_workers: int) -> np.ndarray:
+        """Batch indices this worker yields, in order; DataLoader's round-robin interleaves them."""
+        remaining = batch_order(len(self.plan.batches), num_workers)[self.start_step :]
+        return remaining[worker::max(num_workers, 1)]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        reader = _RowGroupReader(self.plan.row_groups, self.maps, self.config.long_seq_len)
+        for index in self.worker_batches(worker, num_workers):
+            spec = self.plan.batches[index]
+            pieces = reader.pieces(spec.start, spec.stop) if spec.stop > spec.start else []
+            if spec.padding:
+                ((decoded, (last,)),) = reader.pieces(spec.stop - 1, spec.stop)
+                pieces.append((decoded, np.full(spec.padding, last)))
+            weights = np.ones(spec.stop - spec.start + spec.padding, np.float32)
+            weights[spec.stop - spec.start :] = 0.0
+            yield assemble_batch(pieces, weights, self.config.long_seq_len, self.config.short_seq_len)
+
+
+class _RowGroupReader:
+    """Reads and decodes row groups on demand, keeping the ones a batch may still need."""
+
+    def __init__(self, row_groups: tuple[RowGroup, ...], maps: FeatureMaps, long_len: int) -> None:
+        self.row_groups, self.maps, self.long_len = row_groups, maps, long_len
+        self._firsts = np.array([g.first_row for g in row_groups])
+        self._decoded: dict[int, DecodedRows] = {}
+        self._files: dict[Path, pq.ParquetFile] = {}
+
+    def pieces(self, start: int, stop: int) -> list[tuple[DecodedRows, np.ndarray]]:
+        first = int(np.searchsorted(self._firsts, start, side="right")) - 1
+        last = int(np.searchsorted(self._firsts, stop - 1, side="right")) - 1
+        for stale in [i for i in self._decoded if i < first]:
+            del self._decoded[stale]
+        out = []
+        for i in range(first, last + 1):
+            group = self.row_groups[i]
+            lo, hi = max(start, group.first_row), min(stop, group.first_row + group.num_rows)
+            out.append((self._decode(i), np.arange(lo - group.first_row, hi - group.first_row)))
+        return out
+
+    def _decode(self, i: int) -> DecodedRows:
+        if i not in self._decoded:
+            group = self.row_groups[i]
+            where = f"{group.path}, row group {group.index}"
+            if group.path not in self._files:
+                self._files = {group.path: open_parquet(group.path)}  # one open file at a time
+            try:
+                table = self._files[group.path].read_row_group(group.index, columns=schema.JOINED_SCHEMA.names, use_threads=False)
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{where}: cannot be read (corrupt or truncated file?): {e}") from None
+            self._decoded[i] = decode_row_group(table, self.maps, self.long_len, where)
+        return self._decoded[i]
+
+
+def make_dataloader(dataset: ShardDataset, num_workers: int | None = None, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ready-made batches (batching happens in the dataset)."""
+    workers = dataset.config.num_workers if num_workers is None else num_workers
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, persistent_workers=False)

@@ -1,0 +1,322 @@
+"""The loader: every field of every row against an independent dict-based reference, the work split
+over ranks and workers, resuming, and each kind of bad input."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
+from muse_rec.config import DataConfig
+from muse_rec.data import schema
+from muse_rec.data.atomic import save_npy
+from muse_rec.data.feature_map import FeatureMaps
+from muse_rec.data.layout import DatasetLayout
+from muse_rec.data.loader import (
+    ShardDataset,
+    batch_order,
+    decode_reference,
+    decode_row_group,
+    make_dataloader,
+    plan_rank,
+    list_row_groups,
+)
+from muse_rec.errors import DataError
+from tests.data.handmade import make_dataset, make_rows, write_split
+
+L, S = 8, 3  # short sequences keep hand checks readable; rows have up to 12 behaviours (truncation)
+
+
+def config(root: Path, **kw) -> DataConfig:
+    return DataConfig(root=str(root), vocab=kw.pop("vocab", "p90"), long_seq_len=L, short_seq_len=S, batch_size=kw.pop("batch_size", 7), num_workers=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def handmade(tmp_path_factory) -> tuple[Path, list[dict]]:
+    rows = make_rows(40, seed=3)
+    return make_dataset(tmp_path_factory.mktemp("handmade"), rows), rows
+
+
+def expected_rows(root: Path, rows: list[dict], vocab: str) -> dict[str, np.ndarray]:
+    """What the loader must produce, computed with Python dicts straight from the rows."""
+    layout = DatasetLayout(root)
+
+    def lookup(path: Path):
+        keys = np.load(path).tolist()
+        return {k: i + 1 for i, k in enumerate(keys)}
+
+    maps = {f: lookup(layout.map_path(f, vocab)) for f in schema.FEATURE_MAPS}
+    scl_keys = np.load(layout.scl_keys_path).tolist()
+    scl = {k: i + 1 for i, k in enumerate(scl_keys)}
+
+    def pad(seq):
+        seq = seq[-L:]
+        return [0] * (L - len(seq)) + seq
+
+    out = {key: [] for key in (*ID_FEATURES, *SEQUENCE_FEATURES, *SCL_FEATURES, "labels", "user_ids")}
+    for r in rows:
+        for c in ID_FEATURES:
+            out[c].append(maps[schema.MAP_OF_COLUMN[c]].get(r[c], 0))
+        items, cates = pad(r[schema.HIST_ITEMS]), pad(r[schema.HIST_CATES])
+        out[schema.HIST_ITEMS].append([maps[schema.ITEM_MAP].get(x, 0) for x in items])
+        out[schema.HIST_CATES].append([maps[schema.CATE_MAP].get(x, 0) for x in cates])
+        out[schema.SHORT_ITEMS].append(out[schema.HIST_ITEMS][-1][-S:])
+        out[schema.SHORT_CATES].append(out[schema.HIST_CATES][-1][-S:])
+        out[schema.SCL_TARGET].append(scl.get(r[schema.TARGET_ITEM], 0))
+        out[schema.SCL_LONG].append([scl.get(x, 0) for x in items])
+        out[schema.SCL_SHORT].append(out[schema.SCL_LONG][-1][-S:])
+        out["labels"].append(r[schema.LABEL][1])
+        out["user_ids"].append(r[schema.USER])
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def flatten(batches: list[Batch], real_only: bool = True) -> dict[str, np.ndarray]:
+    """Every field of a list of batches as (rows, ...) arrays."""
+    out: dict[str, list] = {}
+    for b in batches:
+        keep = (b.weights > 0).numpy() if real_only else np.ones(b.batch_size, bool)
+        fields = {
+            **{k: Batch.sequence(b.id_features, k) for k in ID_FEATURES},
+            **{k: Batch.sequence(b.sequence_features, k) for k in SEQUENCE_FEATURES},
+            **{k: Batch.sequence(b.scl_features, k) for k in SCL_FEATURES},
+        }
+        fields = {k: v.squeeze(1) if v.shape[1] == 1 else v for k, v in fields.items()}
+        fields |= {"labels": b.labels, "user_ids": b.user_ids, "weights": b.weights}
+        for k, v in fields.items():
+            out.setdefault(k, []).append(v.numpy()[keep])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("vocab", ["p90", "full"])
+def test_every_field_of_every_row_matches_the_reference(handmade, vocab):
+    root, rows = handmade
+    batches = list(ShardDataset(config(root, vocab=vocab), "train"))
+    got, want = flatten(batches), expected_rows(root, rows, vocab)
+    for key, expected in want.items():
+        np.testing.assert_array_equal(got[key], expected, err_msg=key)
+    # the hand-made data exercises what it should: OOV, 0, truncation, padding, missing SCL
+    assert (want[schema.USER] == 0).any() and (want[schema.HIST_ITEMS] == 0).any()
+    assert any(len(r[schema.HIST_ITEMS]) > L for r in rows) and any(len(r[schema.HIST_ITEMS]) == 0 for r in rows)
+    assert (want[schema.SCL_TARGET] == 0).any() and (want[schema.SCL_TARGET] > 0).any()
+
+
+def test_batches_have_fixed_shapes_and_move_like_pipelineable(handmade):
+    root, _ = handmade
+    batch = next(iter(ShardDataset(config(root), "train")))
+    assert batch.batch_size == 7
+    assert batch.sequence_features.keys() == list(SEQUENCE_FEATURES)
+    assert batch.sequence_features.lengths().tolist() == [L] * 14 + [S] * 14
+    assert Batch.sequence(batch.scl_features, schema.SCL_LONG).shape == (7, L)
+    moved = batch.to(torch.device("cpu"))
+    assert torch.equal(moved.sequence_features.values(), batch.sequence_features.values())
+
+
+def test_fast_decode_equals_the_row_by_row_definition(handmade, synthetic_root):
+    for root, long_len in ((handmade[0], L), (synthetic_root, 1000)):
+        layout = DatasetLayout(root)
+        maps = FeatureMaps.load(layout, "p90")
+        for group in list_row_groups(layout, "train")[:4]:
+            table = pq.ParquetFile(group.path).read_row_group(group.index)
+            fast, slow = decode_row_group(table, maps, long_len, "x"), decode_reference(table, maps, long_len)
+            for field in dataclasses.fields(fast):
+                if field.name == "sequence_of_row":
+                    continue
+                a, b = getattr(fast, field.name), getattr(slow, field.name)
+                if field.name in ("items", "cates", "scl"):
+                    a, b = a[fast.sequence_of_row], b[slow.sequence_of_row]
+                np.testing.assert_array_equal(a, b, err_msg=field.name)
+            assert len(fast.items) < len(table)  # denormalised rows share one decoded sequence
+
+
+def test_rows_of_one_user_with_different_sequences_are_kept_apart(tmp_path):
+    rows = make_rows(3, seed=1, impressions=(3, 4))
+    rows[1] = {**rows[1], schema.HIST_ITEMS: rows[1][schema.HIST_ITEMS][::-1] or [9], schema.HIST_CATES: rows[1][schema.HIST_CATES][::-1] or [1]}
+    make_dataset(tmp_path, rows)
+    got, want = flatten(list(ShardDataset(config(tmp_path), "train"))), expected_rows(tmp_path, rows, "p90")
+    np.testing.assert_array_equal(got[schema.HIST_ITEMS], want[schema.HIST_ITEMS])
+
+
+def test_synthetic_round_trip_of_every_field(synthetic_root):
+    layout = DatasetLayout(synthetic_root)
+    rows = [r for path in layout.shards("test") for r in pq.read_table(path).to_pylist()]
+    cfg = dataclasses.replace(config(synthetic_root, batch_size=64), long_seq_len=1000, short_seq_len=50)
+    got = flatten(list(ShardDataset(cfg, "test")))
+    global L, S
+    saved, (L, S) = (L, S), (1000, 50)
+    try:
+        want = expected_rows(synthetic_root, rows, "p90")
+    finally:
+        L, S = saved
+    for key, expected in want.items():
+        np.testing.assert_array_equal(got[key], expected, err_msg=key)
+
+
+# -- work split ------------------------------------------------------------------------------------
+def uneven_dataset(root: Path) -> list[dict]:
+    """Three shards of 7, 61 and 23 rows, in row groups of 5, 16 and 23 rows."""
+    rows = make_rows(30, seed=5, impressions=(1, 6))[:91]
+    make_dataset(root, rows[:7], rows_per_shard=7, row_group_rows=5)
+    layout = DatasetLayout(root)
+    parts = [(rows[:7], 5), (rows[7:68], 16), (rows[68:], 23)]
+    for i, (part, group) in enumerate(parts):
+        write_split(root / f"part{i}", "train", part, rows_per_shard=len(part), row_group_rows=group)
+        (root / f"part{i}" / "train" / "train-shard-000000.parquet").rename(layout.shard_path("train", i))
+    return rows
+
+
+@pytest.mark.parametrize("world_size,num_workers,batch_size", [(2, 2, 7), (2, 2, 45), (3, 2, 5), (2, 0, 46)])
+def test_uneven_shards_give_every_rank_the_same_steps_and_lose_no_row(tmp_path, world_size, num_workers, batch_size):
+    rows = uneven_dataset(tmp_path)
+    per_rank = []
+    for rank in range(world_size):
+        dataset = ShardDataset(config(tmp_path, batch_size=batch_size), "train", rank, world_size)
+        batches = list(make_dataloader(dataset, num_workers=num_workers))
+        assert len(batches) == len(dataset)
+        per_rank.append(batches)
+    sizes = [[b.batch_size for b in batches] for batches in per_rank]
+    assert all(s == sizes[0] for s in sizes), sizes  # same steps, same size at every step
+    targets = np.concatenate([flatten(batches)[schema.TARGET_ITEM] for batches in per_rank])
+    expected = expected_rows(tmp_path, rows, "p90")[schema.TARGET_ITEM]
+    assert sorted(targets.tolist()) == sorted(expected.tolist())  # every row exactly once
+    padded = [flatten(batches, real_only=False) for batches in per_rank]
+    assert all(((p["weights"] == 0) <= (p["labels"] == 0)).all() for p in padded)
+
+
+def test_plan_pads_only_the_last_step_and_only_by_one_row():
+    from muse_rec.data.loader import RowGroup
+
+    groups = (RowGroup(Path("a"), 0, 0, 21),)
+    spans = lambda plan: [(b.start, b.stop, b.padding) for b in plan.batches]  # noqa: E731
+    plans = [plan_rank(groups, 5, r, 2) for r in range(2)]  # ranks read 10 and 11 rows
+    assert spans(plans[0]) == [(0, 5, 0), (5, 10, 0), (10, 10, 1)]  # one weight-0 copy of row 9
+    assert spans(plans[1]) == [(10, 15, 0), (15, 20, 0), (20, 21, 0)]
+    plans = [plan_rank(groups, 4, r, 2) for r in range(2)]
+    assert spans(plans[0]) == [(0, 4, 0), (4, 8, 0), (8, 10, 1)]
+    assert spans(plans[1]) == [(10, 14, 0), (14, 18, 0), (18, 21, 0)]
+    with pytest.raises(DataError, match="cannot give each of 30 ranks"):
+        plan_rank(groups, 5, 0, 30)
+
+
+def test_batch_order_interleaves_worker_blocks():
+    assert batch_order(5, 2).tolist() == [0, 3, 1, 4, 2]
+    assert batch_order(4, 1).tolist() == [0, 1, 2, 3]
+    assert sorted(batch_order(11, 3).tolist()) == list(range(11))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resuming_at_a_step_yields_exactly_the_rest_in_order(tmp_path, num_workers):
+    uneven_dataset(tmp_path)
+    cfg = config(tmp_path, batch_size=6)
+    full = [flatten([b])[schema.TARGET_ITEM].tolist() for b in make_dataloader(ShardDataset(cfg, "train"), num_workers)]
+    for start in (1, 5, len(full) - 1):
+        resumed = make_dataloader(ShardDataset(cfg, "train", start_step=start), num_workers)
+        assert [flatten([b])[schema.TARGET_ITEM].tolist() for b in resumed] == full[start:]
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def rewrite_shard(root: Path, change) -> Path:
+    path = DatasetLayout(root).shard_path("train", 0)
+    pq.write_table(change(pq.read_table(path)), path)
+    return path
+
+
+@pytest.fixture
+def copy(handmade, tmp_path) -> Path:
+    shutil.copytree(handmade[0], tmp_path / "data")
+    return tmp_path / "data"
+
+
+def read_all(root: Path, **kw) -> list[Batch]:
+    return list(ShardDataset(config(root, **kw), "train"))
+
+
+def test_missing_column_is_named(copy):
+    path = rewrite_shard(copy, lambda t: t.drop_columns([schema.HIST_CATES]))
+    with pytest.raises(DataError, match=rf"{path}: missing column '151_2_180'"):
+        read_all(copy)
+
+
+def test_mistyped_column_is_named(copy):
+    path = rewrite_shard(copy, lambda t: t.set_column(t.schema.get_field_index("205"), "205", t.column("205").cast(pa.string())))
+    with pytest.raises(DataError, match=rf"{path}: column '205' has type string, expected int64"):
+        read_all(copy)
+
+
+@pytest.mark.parametrize("label,found", [([1, 1], r"\[1, 1\]"), ([0, 1, 0], r"\[0, 1, 0\]"), ([2, -1], r"\[2, -1\]")])
+def test_label_that_is_not_one_hot_is_located(copy, label, found):
+    def change(t):
+        labels = t.column(schema.LABEL).to_pylist()
+        labels[3] = label
+        return t.set_column(0, schema.LABEL, pa.array(labels, pa.list_(pa.int8())))
+
+    path = rewrite_shard(copy, change)
+    with pytest.raises(DataError, match=rf"{path}, row group 0, row 3: column 'label_0' must be a 2-element one-hot .* found {found}"):
+        read_all(copy)
+
+
+def test_sequences_of_different_lengths_are_located(copy):
+    def change(t):
+        cates = t.column(schema.HIST_CATES).to_pylist()
+        cates[20] = cates[20] + [1]
+        index = t.schema.get_field_index(schema.HIST_CATES)
+        return t.set_column(index, schema.HIST_CATES, pa.array(cates, pa.list_(pa.int64())))
+
+    path = rewrite_shard(copy, change)
+    with pytest.raises(DataError, match=rf"{path}, row group 0, row 20: .150_2_180. has \d+ behaviours but '151_2_180' has \d+"):
+        read_all(copy)
+
+
+def test_truncated_parquet_file_is_named(copy):
+    path = DatasetLayout(copy).shard_path("train", 1)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=rf"{path}: not a readable parquet file"):
+        read_all(copy)
+
+
+def test_corrupt_row_group_is_named(copy):
+    path = DatasetLayout(copy).shard_path("train", 0)
+    data = bytearray(path.read_bytes())
+    data[200:1200] = bytes(1000)  # inside the first row group's pages, footer intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{path}, row group 0"):
+        read_all(copy)
+
+
+def test_empty_data_directory(tmp_path, handmade):
+    shutil.copytree(handmade[0] / "feature_map", tmp_path / "feature_map")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match=r"train: no shards found \(expected train-shard-NNNNNN.parquet files\)"):
+        read_all(tmp_path)
+
+
+def test_unsorted_feature_map_is_refused(copy):
+    path = DatasetLayout(copy).map_path(schema.CATE_MAP)
+    keys = np.load(path)
+    keys[[2, 3]] = keys[[3, 2]]
+    save_npy(path, keys)
+    with pytest.raises(DataError, match=rf"{path}: feature map is not sorted strictly increasing: keys\[2\]"):
+        read_all(copy)
+
+
+def test_unsorted_duplicated_scl_keys_are_repaired_or_refused(copy, handmade, caplog):
+    layout = DatasetLayout(copy)
+    keys, values = np.load(layout.scl_keys_path), np.load(layout.scl_values_path)
+    order = np.random.default_rng(0).permutation(len(keys))
+    bad_keys = np.concatenate([keys[order], keys[:1]])  # shuffled, and the first key again
+    bad_values = np.concatenate([values[order], np.full((1, schema.SCL_DIM), 99, np.int8)])
+    save_npy(layout.scl_keys_path, bad_keys)
+    save_npy(layout.scl_values_path, bad_values)
+    with caplog.at_level(logging.WARNING):
+        maps = FeatureMaps.load(layout, "p90")
+    assert "not sorted and unique" in caplog.text and "1 duplicated key(s)" in caplog.text
+    rows = maps.scl.remap(keys)  # every key finds its own vector; the duplicate's first occurrence wins
+    np.testing.assert_array_equal(bad_values[rows - 1], values)
+    with pytest.raises(DataError, match="SCL keys are not sorted and unique.*refused because strict"):
+        read_all(copy, strict=True)
