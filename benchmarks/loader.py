@@ -1,0 +1,123 @@
+"""Loader throughput: samples/s per worker on synthetic shards with full 1000-long sequences.
+
+The synthetic catalogue is small, so by default the item and SCL maps are padded with filler keys
+up to the real p90 size (35.46 M rows): lookups then miss caches as they do on TAOBAO-MM. The SCL
+values file is grown as a sparse file (only real rows are written). Prints a table and saves
+benchmarks/results/loader.json. Target: 20,000 samples/s per core.
+
+    python benchmarks/loader.py [--users 2000] [--map-rows 35460000] [--workers 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from muse_rec.config import DataConfig, SynthConfig
+from muse_rec.data import schema
+from muse_rec.data.atomic import npy_memmap_writer, save_npy
+from muse_rec.data.feature_map import FeatureMaps
+from muse_rec.data.layout import DatasetLayout
+from muse_rec.data.loader import ShardDataset, assemble_batch, decode_row_group, list_row_groups, make_dataloader
+from muse_rec.data.synth import synthesize
+
+TARGET_PER_CORE = 20_000
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def inflate_maps(root: Path, rows: int, seed: int = 0) -> None:
+    """Pad the p90 item map and the SCL keys with filler IDs up to `rows` keys (values stay aligned)."""
+    layout = DatasetLayout(root)
+    item_path = layout.map_path(schema.ITEM_MAP, "p90")
+    items = np.load(item_path)
+    if len(items) >= rows:
+        return
+    filler = np.random.default_rng(seed).integers(-(2**63), 2**63 - 1, rows - len(items), dtype=np.int64)
+    save_npy(item_path, np.setdiff1d(np.union1d(items, filler), [0]))
+    keys, values = np.load(layout.scl_keys_path), np.load(layout.scl_values_path)
+    new_keys = np.setdiff1d(np.union1d(keys, filler), [0])
+    with npy_memmap_writer(layout.scl_values_path, (len(new_keys), schema.SCL_DIM), np.int8) as out:
+        out[np.searchsorted(new_keys, keys)] = values  # sparse file: filler rows are never written
+    save_npy(layout.scl_keys_path, new_keys)
+
+
+def phase_times(config: DataConfig, maps: FeatureMaps) -> dict:
+    """Seconds per 1000 samples of each step, measured in this process on one core."""
+    groups = list_row_groups(DatasetLayout(config.root), "train")
+    read = decode = assemble = 0.0
+    rows = 0
+    for group in groups:
+        t0 = time.perf_counter()
+        table = pq.ParquetFile(group.path).read_row_group(group.index, columns=schema.JOINED_SCHEMA.names, use_threads=False)
+        t1 = time.perf_counter()
+        decoded = decode_row_group(table, maps, config.long_seq_len, str(group.path))
+        t2 = time.perf_counter()
+        for start in range(0, group.num_rows, config.batch_size):
+            rows_in_batch = np.arange(start, min(start + config.batch_size, group.num_rows))
+            assemble_batch([(decoded, rows_in_batch)], np.ones(len(rows_in_batch), np.float32), config.long_seq_len, config.short_seq_len)
+        t3 = time.perf_counter()
+        read, decode, assemble, rows = read + t1 - t0, decode + t2 - t1, assemble + t3 - t2, rows + group.num_rows
+    return {name: round(1000 * t / rows, 4) for name, t in (("read_parquet", read), ("decode_remap_pad", decode), ("assemble_batch", assemble))}
+
+
+def throughput(config: DataConfig, maps: FeatureMaps, workers: int) -> float:
+    dataset = ShardDataset(config, "train", maps=maps)
+    loader = make_dataloader(dataset, num_workers=workers)
+    it = iter(loader)
+    next(it)  # start-up (worker fork, first row group) is not throughput
+    start, rows = time.perf_counter(), 0
+    for batch in it:
+        rows += batch.batch_size
+    return rows / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=2000, help="train users to synthesize (about 11 rows each)")
+    parser.add_argument("--map-rows", type=int, default=35_460_000, help="pad item/SCL maps to this many keys (0: no padding)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to measure (0 = in process)")
+    parser.add_argument("--data", type=Path, default=RESULTS / "loader-data", help="where the synthetic shards go")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    synth = SynthConfig(train_users=args.users, test_users=10, full_history_share=1.0)
+    synthesize(synth, args.data, progress=True)
+    if args.map_rows:
+        inflate_maps(args.data, args.map_rows)
+    config = DataConfig(root=str(args.data), batch_size=1000)
+    maps = FeatureMaps.load(DatasetLayout(args.data), config.vocab)
+    sequence_bytes = 8 * 2 * config.long_seq_len
+
+    result = {
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "processor": platform.processor()},
+        "data": {"train_rows": ShardDataset(config, "train", maps=maps).plan.total_rows, "item_map_rows": maps.of_column(schema.HIST_ITEMS).num_rows,
+                 "scl_rows": maps.scl.num_rows, "id_bytes_per_sample": sequence_bytes},
+        "ms_per_1000_samples_one_core": phase_times(config, maps),
+        "runs": [],
+        "target_samples_per_second_per_core": TARGET_PER_CORE,
+    }
+    for workers in args.workers:
+        rate = throughput(config, maps, workers)
+        per_worker = rate / max(workers, 1)
+        result["runs"].append({"workers": workers, "samples_per_second": round(rate), "per_worker": round(per_worker),
+                               "of_target": round(per_worker / TARGET_PER_CORE, 3)})
+
+    print(f"loader on {result['data']['train_rows']:,} rows, maps of {result['data']['item_map_rows']:,} items:")
+    print("  one core, ms per 1000 samples: " + ", ".join(f"{k} {v}" for k, v in result["ms_per_1000_samples_one_core"].items()))
+    print(f"  {'workers':>7} {'samples/s':>10} {'per worker':>10} {'of target':>9}")
+    for run in result["runs"]:
+        print(f"  {run['workers']:>7} {run['samples_per_second']:>10,} {run['per_worker']:>10,} {run['of_target']:>9.0%}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "loader.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""`muse-rec`: one entry point, one subcommand per job. Thin: parse, build from config, call one function."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from muse_rec.config import Config, describe, load_config
+from muse_rec.errors import MuseRecError
+
+log = logging.getLogger("muse_rec")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    print("\n".join(describe(_config(args))))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from muse_rec.data.synth import synthesize
+
+    config = _config(args)
+    out = Path(args.out or config.data.root)
+    summary = synthesize(config.synth, out, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    print(f"synthetic data set written to {out.resolve()}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from muse_rec.data.prepare import prepare
+
+    summary = prepare(
+        args.raw, args.out, coverage=args.coverage, strict=args.strict,
+        rows_per_shard=args.rows_per_shard, row_group_rows=args.row_group_rows, progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"prepared data set written to {Path(args.out).resolve()}")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from muse_rec.data.download import download
+
+    splits = tuple(s for s in args.splits.split(",") if s)
+    summary = download(args.dest, vocab=args.vocab, splits=splits, max_shards=args.max_shards, raw=args.raw, progress=not args.quiet)
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"TAOBAO-MM files are in {Path(args.dest).resolve()}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from muse_rec.data.verify import verify
+
+    findings = verify(args.root, strict=args.strict, deep=args.deep, progress=not args.quiet)
+    for finding in findings:
+        print(f"{finding.level.upper():7} {finding.path}: {finding.message}")
+    errors = sum(f.level == "error" for f in findings)
+    print(f"{args.root}: {errors} error(s), {len(findings) - errors} warning(s)")
+    return 1 if errors else 0
+
+
+def cmd_stream(args: argparse.Namespace) -> None:
+    from muse_rec.data.stream import format_summary, stream_split
+
+    config = _config(args)
+    for split in args.splits.split(","):
+        print(format_summary(stream_split(config.data, split, progress=not args.quiet)))
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    """The main job on the embedded defaults: synthesize a small data set, then stream it."""
+    from muse_rec.data.stream import format_summary, stream_split
+    from muse_rec.data.synth import synthesize
+
+    config = _config(args)
+    root = Path(config.data.root)
+    synthesize(config.synth, root, progress=not args.quiet)
+    for split in ("train", "test"):
+        print(format_summary(stream_split(config.data, split, progress=not args.quiet)))
+    print(f"data set: {root.resolve()} (train/, test/, feature_map/); re-run `muse-rec stream` to read it again")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (see configs/); defaults are built in")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=500")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="muse-rec",
+        description="muse_rec: MUSE-style lifelong multimodal recommenders on TorchRec. Every config key: `muse-rec config`.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def sub_parser(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common])
+
+    p = sub_parser("quickstart", "synthesize a small data set and stream it through the loader")
+    _add_config_args(p)
+    p.set_defaults(run=cmd_quickstart)
+
+    p = sub_parser("config", "print the resolved config with every key's documentation")
+    _add_config_args(p)
+    p.set_defaults(run=cmd_config)
+
+    p = sub_parser("synth", "write a synthetic data set in the released TAOBAO-MM layout")
+    _add_config_args(p)
+    p.add_argument("--out", help="output directory (default: data.root)")
+    p.set_defaults(run=cmd_synth)
+
+    p = sub_parser("stream", "read splits through the loader and summarise them")
+    _add_config_args(p)
+    p.add_argument("--splits", default="train,test", help="comma-separated splits (default: train,test)")
+    p.set_defaults(run=cmd_stream)
+
+    p = sub_parser("prepare", "rebuild maps, SCL arrays and joined shards from raw tables")
+    p.add_argument("--raw", required=True, help="directory with the six raw TAOBAO-MM parquet tables")
+    p.add_argument("--out", required=True, help="output data directory (released layout)")
+    p.add_argument("--coverage", type=float, default=0.9, help="history-interaction coverage of the p90 item map")
+    p.add_argument("--strict", action="store_true", help="refuse duplicated SCL keys instead of keeping the first")
+    p.add_argument("--rows-per-shard", type=int, default=500_000)
+    p.add_argument("--row-group-rows", type=int, default=10_000)
+    p.set_defaults(run=cmd_prepare)
+
+    p = sub_parser("download", "fetch TAOBAO-MM (or a selection of it) from the Hugging Face hub")
+    p.add_argument("--dest", required=True, help="local directory (downloads resume there)")
+    p.add_argument("--vocab", choices=("p90", "full"), default="p90", help="which item vocabulary's maps to fetch")
+    p.add_argument("--splits", default="train,test", help="comma-separated splits to fetch (may be empty)")
+    p.add_argument("--max-shards", type=int, help="fetch only the first N shards of each split")
+    p.add_argument("--raw", action="store_true", help="also fetch the raw (unjoined) tables")
+    p.set_defaults(run=cmd_download)
+
+    p = sub_parser("verify", "check a local data directory and report what is missing or wrong")
+    p.add_argument("root", help="data directory")
+    p.add_argument("--strict", action="store_true", help="unsorted or duplicated SCL keys are errors, not warnings")
+    p.add_argument("--deep", action="store_true", help="also scan every row group (labels, sequence alignment)")
+    p.set_defaults(run=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.run(args) or 0
+    except MuseRecError as e:
+        print(f"muse-rec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
