@@ -49,7 +49,7 @@ class IdMap:
     """A vocabulary: sorted, unique, non-zero raw IDs; `remap` gives table rows (0 = pad/OOV)."""
 
     def __init__(self, keys: np.ndarray, name: str = "map") -> None:
-        self.keys = keys
+        self.keys = keys.view(np.ndarray)  # a memmap's subclass makes every gather slower
         self.name = name
         n = len(keys)
         if n <= _DIRECT_SEARCH_MAX_KEYS:
@@ -92,11 +92,11 @@ class IdMap:
         hi = self._starts[bucket + 1].astype(np.int64)
         for _ in range(self._search_steps):  # lower bound inside [lo, hi): one halving per step
             mid = (lo + hi) >> 1
-            right = np.asarray(self.keys[np.minimum(mid, n - 1)]) < x
+            right = self.keys[np.minimum(mid, n - 1)] < x
             right &= lo < hi
             np.copyto(lo, mid + 1, where=right)
             np.copyto(hi, mid, where=~right & (lo < hi))
-        hit = np.asarray(self.keys[np.minimum(lo, n - 1)]) == x
+        hit = self.keys[np.minimum(lo, n - 1)] == x
         out.reshape(-1)[in_range] = np.where(hit, lo + 1, 0)
         return out
 
