@@ -60,7 +60,7 @@ def phase_times(config: DataConfig, maps: FeatureMaps) -> dict:
         t2 = time.perf_counter()
         for start in range(0, group.num_rows, config.batch_size):
             rows_in_batch = np.arange(start, min(start + config.batch_size, group.num_rows))
-            assemble_batch([(decoded, rows_in_batch)], np.ones(len(rows_in_batch), np.float32), config.long_seq_len, config.short_seq_len)
+            assemble_batch([(decoded, rows_in_batch)], np.ones(len(rows_in_batch), np.float32), config.long_seq_len)
         t3 = time.perf_counter()
         read, decode, assemble, rows = read + t1 - t0, decode + t2 - t1, assemble + t3 - t2, rows + group.num_rows
     return {name: round(1000 * t / rows, 4) for name, t in (("read_parquet", read), ("decode_remap_pad", decode), ("assemble_batch", assemble))}

@@ -1,9 +1,13 @@
 """`Batch`: the one currency between the data pipeline and the model.
 
-Every ID is already a table row (remapped, 0 = padding/OOV), every sequence padded, the short
-sequence and the SCL keys derived: the model only looks things up. Sequences are left-padded to
-fixed lengths, so each KeyedJaggedTensor has constant lengths and `sequence(key)` can view a
-feature as a (B, L) matrix without copying.
+Every ID is already a table row (remapped, 0 = padding/OOV), every sequence left-padded to a
+fixed length L and the SCL keys derived: the model only looks things up. The KJTs are laid out
+for the modules that consume them: `id_features` for an EmbeddingBagCollection, and
+`sequence_features` / `scl_features` for EmbeddingCollections, the target item and category
+sitting beside the sequences because they share the item and category tables. With constant
+lengths, `sequence(kjt, key)` views a feature as a (B, length) matrix without copying; the short
+sequence of the reference (`150_1_180`, `151_1_180`, `150_1_180_c`) is the view `[:, -50:]` of
+the long one, so it is neither stored twice nor looked up twice.
 """
 from __future__ import annotations
 
@@ -15,12 +19,12 @@ from torchrec.streamable import Pipelineable
 
 from muse_rec.data import schema
 
-ID_FEATURES = (schema.USER, *schema.USER_ATTRS, schema.TARGET_ITEM, schema.TARGET_CATE, *schema.ITEM_ATTRS)
-"""Single-valued features (one row per sample), for EmbeddingBagCollections."""
-SEQUENCE_FEATURES = (schema.HIST_ITEMS, schema.HIST_CATES, schema.SHORT_ITEMS, schema.SHORT_CATES)
-"""Per-position features (long, long, short, short), for EmbeddingCollections."""
-SCL_FEATURES = (schema.SCL_TARGET, schema.SCL_LONG, schema.SCL_SHORT)
-"""Rows of the frozen SCL table: target (1), long sequence (L), short sequence (S)."""
+ID_FEATURES = (schema.USER, *schema.USER_ATTRS, *schema.ITEM_ATTRS)
+"""Single-valued features with tables of their own (one row per sample): EmbeddingBagCollection."""
+SEQUENCE_FEATURES = (schema.TARGET_ITEM, schema.TARGET_CATE, schema.HIST_ITEMS, schema.HIST_CATES)
+"""Item and category table lookups: lengths 1, 1, L, L. EmbeddingCollection."""
+SCL_FEATURES = (schema.SCL_TARGET, schema.SCL_LONG)
+"""Rows of the frozen SCL table: target (1) and sequence (L)."""
 
 
 @dataclass

@@ -36,7 +36,6 @@ class DataConfig:
         "p90", "Item vocabulary: 'p90' (items covering 90% of history interactions plus all targets) or 'full'."
     )
     long_seq_len: int = option(1000, "Lifelong sequence length: the last N behaviours, left-padded with 0.")
-    short_seq_len: int = option(50, "Short sequence length: the last N positions of the padded long sequence.")
     batch_size: int = option(1000, "Samples per batch on each rank.")
     num_workers: int = option(1, "DataLoader worker processes per rank (0 reads in the training process).")
     strict: bool = option(False, "Refuse SCL keys that are unsorted or duplicated instead of repairing them with a warning.")

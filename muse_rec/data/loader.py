@@ -118,8 +118,7 @@ def batch_order(num_batches: int, num_workers: int) -> np.ndarray:
 
 
 # -- decoding: one row group -> remapped, padded arrays -------------------------------------------
-_SCALAR_COLUMNS = (schema.USER, *schema.USER_ATTRS, schema.TARGET_ITEM, schema.TARGET_CATE, *schema.ITEM_ATTRS)
-assert _SCALAR_COLUMNS == ID_FEATURES
+_SCALAR_COLUMNS = (*ID_FEATURES, schema.TARGET_ITEM, schema.TARGET_CATE)
 
 
 @dataclass
@@ -128,7 +127,7 @@ class DecodedRows:
 
     clicks: np.ndarray  # float32 (n,)
     user_ids: np.ndarray  # int64 (n,), raw 129_1
-    scalar_rows: np.ndarray  # int64 (n, len(ID_FEATURES)), table rows
+    scalar_rows: np.ndarray  # int64 (n, len(_SCALAR_COLUMNS)), table rows
     scl_target: np.ndarray  # int64 (n,), SCL-table row of the target item
     sequence_of_row: np.ndarray  # intp (n,), index into the (U, L) arrays below
     items: np.ndarray  # int64 (U, L) item-table rows, left-padded with 0
@@ -231,36 +230,33 @@ def _kjt(keys: tuple[str, ...], values: np.ndarray, lengths: tuple[int, ...], ba
     )
 
 
-def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.ndarray, long_len: int, short_len: int) -> Batch:
+def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.ndarray, long_len: int) -> Batch:
     """Gather rows (pieces of decoded row groups, in order) into one `Batch`."""
     size = sum(len(rows) for _, rows in pieces)
-    L, S, F = long_len, short_len, len(ID_FEATURES)
-    sequence_values = np.empty(size * (2 * L + 2 * S), np.int64)
-    long_items, long_cates, short_items, short_cates = np.split(sequence_values, np.cumsum([size * L, size * L, size * S]))
-    long_items, long_cates = long_items.reshape(size, L), long_cates.reshape(size, L)
-    scl_values = np.empty(size * (1 + L + S), np.int64)
-    scl_target, scl_long, scl_short = np.split(scl_values, np.cumsum([size, size * L]))
-    scl_long = scl_long.reshape(size, L)
-    scalar_rows = np.empty((size, F), np.int64)
+    L = long_len
+    scalar_rows = np.empty((len(_SCALAR_COLUMNS), size), np.int64)  # key-major, as KJT values are
+    sequence_values = np.empty(size * (2 + 2 * L), np.int64)
+    target_rows, items, cates = np.split(sequence_values, [2 * size, (2 + L) * size])
+    items, cates = items.reshape(size, L), cates.reshape(size, L)
+    scl_values = np.empty(size * (1 + L), np.int64)
+    scl_target, scl_long = scl_values[:size], scl_values[size:].reshape(size, L)
     clicks, user_ids = np.empty(size, np.float32), np.empty(size, np.int64)
     at = 0
     for decoded, rows in pieces:
         part = slice(at, at + len(rows))
         sequences = decoded.sequence_of_row[rows]
-        np.take(decoded.items, sequences, axis=0, out=long_items[part])
-        np.take(decoded.cates, sequences, axis=0, out=long_cates[part])
+        np.take(decoded.items, sequences, axis=0, out=items[part])
+        np.take(decoded.cates, sequences, axis=0, out=cates[part])
         np.take(decoded.scl, sequences, axis=0, out=scl_long[part])
-        scalar_rows[part] = decoded.scalar_rows[rows]
+        scalar_rows[:, part] = decoded.scalar_rows[rows].T
         scl_target[part] = decoded.scl_target[rows]
         clicks[part], user_ids[part] = decoded.clicks[rows], decoded.user_ids[rows]
         at += len(rows)
-    short_items.reshape(size, S)[:] = long_items[:, L - S :]
-    short_cates.reshape(size, S)[:] = long_cates[:, L - S :]
-    scl_short.reshape(size, S)[:] = scl_long[:, L - S :]
+    target_rows[:] = scalar_rows[len(ID_FEATURES) :].reshape(-1)  # 205 then 206
     return Batch(
-        id_features=_kjt(ID_FEATURES, np.ascontiguousarray(scalar_rows.T).reshape(-1), (1,) * F, size),
-        sequence_features=_kjt(SEQUENCE_FEATURES, sequence_values, (L, L, S, S), size),
-        scl_features=_kjt(SCL_FEATURES, scl_values, (1, L, S), size),
+        id_features=_kjt(ID_FEATURES, scalar_rows[: len(ID_FEATURES)].reshape(-1), (1,) * len(ID_FEATURES), size),
+        sequence_features=_kjt(SEQUENCE_FEATURES, sequence_values, (1, 1, L, L), size),
+        scl_features=_kjt(SCL_FEATURES, scl_values, (1, L), size),
         labels=torch.from_numpy(clicks * (weights > 0)),
         weights=torch.from_numpy(weights),
         user_ids=torch.from_numpy(user_ids),
@@ -279,10 +275,8 @@ class ShardDataset(IterableDataset):
         maps: FeatureMaps | None = None,
         start_step: int = 0,
     ) -> None:
-        if not 0 < config.short_seq_len <= config.long_seq_len:
-            raise DataError(
-                f"data.short_seq_len must be in 1..data.long_seq_len ({config.long_seq_len}), got {config.short_seq_len}"
-            )
+        if config.long_seq_len < 1:
+            raise DataError(f"data.long_seq_len must be positive, got {config.long_seq_len}")
         layout = DatasetLayout(config.root)
         self.config, self.split = config, split
         self.maps = maps or FeatureMaps.load(layout, config.vocab, strict=config.strict)
@@ -322,7 +316,7 @@ class ShardDataset(IterableDataset):
                 pieces.append((decoded, np.full(spec.padding, last)))
             weights = np.ones(spec.stop - spec.start + spec.padding, np.float32)
             weights[spec.stop - spec.start :] = 0.0
-            yield assemble_batch(pieces, weights, self.config.long_seq_len, self.config.short_seq_len)
+            yield assemble_batch(pieces, weights, self.config.long_seq_len)
 
 
 class _RowGroupReader:

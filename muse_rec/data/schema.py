@@ -16,13 +16,10 @@ TARGET_ITEM = "205"
 TARGET_CATE = "206"
 ITEM_ATTRS = ("213", "214")
 
-# Derived by the loader (never stored): the last SHORT positions of the padded long sequence,
-# and the SCL-table keys of the target and both sequences.
-SHORT_ITEMS = "150_1_180"
-SHORT_CATES = "151_1_180"
+# Derived by the loader (never stored): the SCL-table keys of the target and of the sequence
+# (the same raw IDs, looked up in the SCL table instead of the item table).
 SCL_TARGET = "205_c"
 SCL_LONG = "150_2_180_c"
-SCL_SHORT = "150_1_180_c"
 
 SCL_DIM = 128
 

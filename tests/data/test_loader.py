@@ -31,11 +31,11 @@ from muse_rec.data.loader import (
 from muse_rec.errors import DataError
 from tests.data.handmade import make_dataset, make_rows, write_split
 
-L, S = 8, 3  # short sequences keep hand checks readable; rows have up to 12 behaviours (truncation)
+L = 8  # short sequences keep hand checks readable; rows have up to 12 behaviours (truncation)
 
 
 def config(root: Path, **kw) -> DataConfig:
-    return DataConfig(root=str(root), vocab=kw.pop("vocab", "p90"), long_seq_len=L, short_seq_len=S, batch_size=kw.pop("batch_size", 7), num_workers=0, **kw)
+    return DataConfig(root=str(root), vocab=kw.pop("vocab", "p90"), long_seq_len=L, batch_size=kw.pop("batch_size", 7), num_workers=0, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +62,13 @@ def expected_rows(root: Path, rows: list[dict], vocab: str) -> dict[str, np.ndar
 
     out = {key: [] for key in (*ID_FEATURES, *SEQUENCE_FEATURES, *SCL_FEATURES, "labels", "user_ids")}
     for r in rows:
-        for c in ID_FEATURES:
+        for c in (*ID_FEATURES, schema.TARGET_ITEM, schema.TARGET_CATE):
             out[c].append(maps[schema.MAP_OF_COLUMN[c]].get(r[c], 0))
         items, cates = pad(r[schema.HIST_ITEMS]), pad(r[schema.HIST_CATES])
         out[schema.HIST_ITEMS].append([maps[schema.ITEM_MAP].get(x, 0) for x in items])
         out[schema.HIST_CATES].append([maps[schema.CATE_MAP].get(x, 0) for x in cates])
-        out[schema.SHORT_ITEMS].append(out[schema.HIST_ITEMS][-1][-S:])
-        out[schema.SHORT_CATES].append(out[schema.HIST_CATES][-1][-S:])
         out[schema.SCL_TARGET].append(scl.get(r[schema.TARGET_ITEM], 0))
         out[schema.SCL_LONG].append([scl.get(x, 0) for x in items])
-        out[schema.SCL_SHORT].append(out[schema.SCL_LONG][-1][-S:])
         out["labels"].append(r[schema.LABEL][1])
         out["user_ids"].append(r[schema.USER])
     return {k: np.array(v) for k, v in out.items()}
@@ -112,7 +109,7 @@ def test_batches_have_fixed_shapes_and_move_like_pipelineable(handmade):
     batch = next(iter(ShardDataset(config(root), "train")))
     assert batch.batch_size == 7
     assert batch.sequence_features.keys() == list(SEQUENCE_FEATURES)
-    assert batch.sequence_features.lengths().tolist() == [L] * 14 + [S] * 14
+    assert batch.sequence_features.lengths().tolist() == [1] * 14 + [L] * 14
     assert Batch.sequence(batch.scl_features, schema.SCL_LONG).shape == (7, L)
     moved = batch.to(torch.device("cpu"))
     assert torch.equal(moved.sequence_features.values(), batch.sequence_features.values())
@@ -146,14 +143,14 @@ def test_rows_of_one_user_with_different_sequences_are_kept_apart(tmp_path):
 def test_synthetic_round_trip_of_every_field(synthetic_root):
     layout = DatasetLayout(synthetic_root)
     rows = [r for path in layout.shards("test") for r in pq.read_table(path).to_pylist()]
-    cfg = dataclasses.replace(config(synthetic_root, batch_size=64), long_seq_len=1000, short_seq_len=50)
+    cfg = dataclasses.replace(config(synthetic_root, batch_size=64), long_seq_len=1000)
     got = flatten(list(ShardDataset(cfg, "test")))
-    global L, S
-    saved, (L, S) = (L, S), (1000, 50)
+    global L
+    saved, L = L, 1000
     try:
         want = expected_rows(synthetic_root, rows, "p90")
     finally:
-        L, S = saved
+        L = saved
     for key, expected in want.items():
         np.testing.assert_array_equal(got[key], expected, err_msg=key)
 
