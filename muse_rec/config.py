@@ -74,9 +74,28 @@ class SynthConfig:
 
 
 @dataclass
+class ModelConfig:
+    method: Literal["muse", "sim_soft", "sim_hard", "din"] = option(
+        "muse",
+        "GSU of the long sequence: 'muse' (SCL cosine top-K), 'sim_soft' (ID-embedding cosine top-K), "
+        "'sim_hard' (latest K of the target's category) or 'din' (no long branch: only the short sequence).",
+    )
+    embedding_dim: int = option(16, "D: width of every ID table; the user attributes 130_3..130_5 use D/2.")
+    keep_top: int = option(50, "K: positions of the long sequence the GSU keeps.")
+    short_seq_len: int = option(50, "Short sequence: the last N positions of the padded long sequence.")
+    init_std: float = option(0.001, "Std of the truncated-normal init of ID-table rows.")
+    masked: bool = option(
+        False,
+        "Corrected variant (off = reference semantics): padded positions are masked out of attention, mean pools "
+        "and SimTier counts instead of entering them with zero vectors.",
+    )
+
+
+@dataclass
 class Config:
     data: DataConfig = section(DataConfig, "Where the data lives and how it is batched.")
     synth: SynthConfig = section(SynthConfig, "The synthetic data set written by `muse-rec synth`.")
+    model: ModelConfig = section(ModelConfig, "The MUSE-family model.")
 
 
 # -- loading ---------------------------------------------------------------------------------------

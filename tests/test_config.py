@@ -30,7 +30,7 @@ def test_shipped_configs_load(path):
     "override,message",
     [
         ("data.batchsize=5", "unknown config key data.batchsize"),
-        ("model.dim=5", "unknown config key model"),
+        ("model.dim=5", "unknown config key model.dim"),
         ("data.batch_size=1.5", "config key data.batch_size: expected int, found float 1.5"),
         ("data.batch_size=true", "config key data.batch_size: expected int, found bool True"),
         ("data.strict=3", "config key data.strict: expected bool, found int 3"),

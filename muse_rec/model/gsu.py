@@ -1,0 +1,106 @@
+"""GSU: reduce the 1000-long behaviour sequence to K positions. Pure tensor functions, no parameters.
+
+The caller runs them under `torch.no_grad()` and gathers whatever it needs (IDs, SCL keys,
+embeddings) at the returned positions with `gather_positions`. Sequences are left-padded, so a
+higher position is a more recent behaviour. Semantics follow the MUSE reference code
+(`utils/utils.py`: `get_cosine`, `sim_mm_top_k`, `sim_soft_top_k`, `sim_hard_top_k`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORMALIZE_EPS = 1e-12
+"""`F.normalize`'s default, as in the reference: a zero vector stays zero, so its cosine is 0."""
+NO_SCORE = -1.1
+"""The reference's score for positions whose cosine is exactly 0.0 (pads, items without SCL)."""
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = NORMALIZE_EPS) -> torch.Tensor:
+    """Cosine along the last dim, broadcasting the others; 0 where either vector is zero.
+
+    Each side is divided by max(norm, eps) before the dot product (the reference's `get_cosine`),
+    so zero vectors give exactly 0, never NaN. Scale invariant: int8 SCL values dequantised by
+    /127 give the same cosines as the reference's raw int8 -> float cast.
+    """
+    return (F.normalize(a, dim=-1, eps=eps) * F.normalize(b, dim=-1, eps=eps)).sum(dim=-1)
+
+
+def gsu_scores(target: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """GSU scores (B, L) of `target` (B, d) against `sequence` (B, L, d): cosine, 0.0 -> -1.1.
+
+    Used by `muse` (SCL vectors) and `sim_soft` (see `sim_soft_scores`). A score of exactly 0.0
+    marks a pad or an item without an SCL vector (zero vector) and is pushed below every real
+    cosine, as in the reference; an exactly orthogonal real pair gets -1.1 too (reference
+    behaviour). A batched matmul, as in the reference, so no (B, L, d) product is materialised.
+    """
+    query = F.normalize(target, dim=-1, eps=NORMALIZE_EPS).unsqueeze(-1)  # (B, d, 1)
+    keys = F.normalize(sequence, dim=-1, eps=NORMALIZE_EPS)
+    scores = torch.bmm(keys, query).squeeze(-1)
+    return scores.masked_fill(scores == 0.0, NO_SCORE)
+
+
+def sim_soft_scores(
+    target_item: torch.Tensor,
+    target_category: torch.Tensor,
+    sequence_items: torch.Tensor,
+    sequence_categories: torch.Tensor,
+) -> torch.Tensor:
+    """`sim_soft` GSU scores: `gsu_scores` over concat(item, category) ID embeddings.
+
+    Targets are (B, D), sequences (B, L, D); the caller passes the current trainable embeddings
+    (the GSU runs without gradient).
+    """
+    return gsu_scores(
+        torch.cat([target_item, target_category], dim=-1),
+        torch.cat([sequence_items, sequence_categories], dim=-1),
+    )
+
+
+def _check_k(k: int, length: int) -> None:
+    if not 0 < k <= length:
+        raise ValueError(f"top-K of a sequence: expected 0 < k <= sequence length {length}, found k={k}")
+
+
+def top_k_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k positions (B, k) of the highest `scores` (B, L), best first.
+
+    Tie rule: among equal scores the more recent position (higher index) comes first. The
+    reference's `torch.topk` leaves tie order unspecified (and device dependent); ties are common
+    (every pad scores -1.1), so we fix one. A stable descending sort of the reversed rows gives it.
+    """
+    length = scores.shape[-1]
+    _check_k(k, length)
+    reversed_order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+    return (length - 1) - reversed_order[:, :k]
+
+
+def sim_hard_positions(
+    sequence_categories: torch.Tensor, target_category: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sim_hard` GSU: the k most recent positions whose category equals the target's, newest first.
+
+    Returns positions (B, k) long and valid (B, k) bool. Slots past the match count are invalid:
+    the caller zeroes item, category and SCL key there. Those slots hold the most recent
+    non-matching positions, newest first, exactly as the reference's stable argsort yields them.
+
+    Categories are compared as given, like the reference compares raw IDs, so a target category
+    0 (padding/OOV row) matches the 0s of the pads and of OOV categories. Pads matched this way
+    carry item, category and SCL key 0 anyway, the same as a zeroed invalid slot. The one
+    difference from the reference: an OOV target category also matches sequence items whose
+    category is OOV, where the reference's raw IDs would (almost always) match nothing.
+    """
+    length = sequence_categories.shape[-1]
+    _check_k(k, length)
+    matches = sequence_categories == target_category.unsqueeze(-1)
+    # Unique keys: every match above every non-match, newer above older within each group.
+    keys = matches.long() * length + torch.arange(length, device=matches.device)
+    positions = torch.topk(keys, k, dim=-1, largest=True, sorted=True).indices
+    valid = torch.arange(k, device=matches.device) < matches.sum(dim=-1, keepdim=True)
+    return positions, valid
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` (B, L, ...) at `positions` (B, k): (B, k, ...). Differentiable in `x`."""
+    index = positions.view(*positions.shape, *([1] * (x.dim() - 2)))
+    return torch.take_along_dim(x, index, dim=1)

@@ -1,0 +1,160 @@
+"""The MUSE family assembled: TorchRec tables (sparse arch) feeding GSU, ESU and the tower (dense arch).
+
+`MuseModel.forward(batch)` returns `(loss, (loss, scores, labels, weights, user_ids))`, the
+contract of TorchRec's train pipelines. The tables are plain TorchRec modules; sharding is applied
+from outside by `muse_rec.distributed` (DistributedModelParallel), as DMP intends. Every sequence
+position is looked up (the pipeline can then overlap all lookups with the previous step) and the
+GSU selects among the looked-up rows: the same values as selecting IDs first, as the reference
+does, then looking them up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from muse_rec.batch import ID_FEATURES, Batch
+from muse_rec.config import ModelConfig
+from muse_rec.data import schema
+from muse_rec.model import gsu
+from muse_rec.model.esu import SelfAttentiveTargetAttention, SimTier, TargetAttention, mean_pool
+from muse_rec.model.tables import id_table_configs, scl_table_config, sequence_table_configs
+from muse_rec.model.tower import Tower, tower_input, tower_input_dim, two_class_loss_and_prob
+
+AD_ATTRIBUTES = schema.ITEM_ATTRS
+USER_FEATURES = (schema.USER, *schema.USER_ATTRS)
+
+
+@dataclass
+class DenseInputs:
+    """What the dense arch reads: embeddings (row 0 already zeroed) and the category rows for sim_hard."""
+
+    user: torch.Tensor  # (B, 3D + 3D/2): 129_1, 130_1..130_5
+    ad_attributes: torch.Tensor  # (B, 2D): 213, 214
+    target_item: torch.Tensor  # (B, D)
+    target_cate: torch.Tensor  # (B, D)
+    items: torch.Tensor  # (B, L, D)
+    cates: torch.Tensor  # (B, L, D)
+    target_scl: torch.Tensor  # (B, 128) float32
+    scl: torch.Tensor  # (B, L, 128) float32
+    cate_rows: torch.Tensor  # (B, L) category-table rows of the sequence
+    target_cate_row: torch.Tensor  # (B,)
+    present: torch.Tensor  # (B, L) bool: a behaviour, not padding (used by the masked variant only)
+
+
+class MuseDense(nn.Module):
+    """GSU (no gradient), ESU and the Dice tower: plain PyTorch, replicated by DDP."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = 2 * config.embedding_dim
+        self.short_attention = TargetAttention(width)
+        self.long_attention = SelfAttentiveTargetAttention(width)
+        self.simtier_short = SimTier()
+        self.simtier_long = SimTier()
+        self.tower = Tower(tower_input_dim(config.embedding_dim))
+
+    def forward(self, x: DenseInputs) -> torch.Tensor:
+        c = self.config
+        target = torch.cat([x.target_item, x.target_cate], dim=-1)
+        sequence = torch.cat([x.items, x.cates], dim=-1)
+        short, short_scl = sequence[:, -c.short_seq_len :], x.scl[:, -c.short_seq_len :]
+        short_mask = x.present[:, -c.short_seq_len :] if c.masked else None
+        short_similarity = gsu.cosine(x.target_scl.unsqueeze(1), short_scl)
+        if c.method == "din":
+            batch, width = target.shape
+            long_attention = long_mean = target.new_zeros(batch, width)
+            simtier_long = target.new_zeros(batch, self.simtier_long.bins)
+        else:
+            top, top_scl, top_mask = self._retrieve(x, target, sequence)
+            long_similarity = gsu.cosine(x.target_scl.unsqueeze(1), top_scl)
+            long_attention = self.long_attention(target, top, long_similarity, top_mask)
+            long_mean = mean_pool(top, top_mask)
+            simtier_long = self.simtier_long(long_similarity, top_mask)
+        features = tower_input(
+            short_attention=self.short_attention(target, short, short_mask),
+            long_attention=long_attention,
+            long_mean=long_mean,
+            short_mean=mean_pool(short, short_mask),
+            ad=torch.cat([x.target_item, x.target_cate, x.ad_attributes], dim=-1),
+            user=x.user,
+            simtier_short=self.simtier_short(short_similarity, short_mask),
+            simtier_long=simtier_long,
+        )
+        return self.tower(features)
+
+    def _retrieve(
+        self, x: DenseInputs, target: torch.Tensor, sequence: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The GSU's top-K embeddings, SCL vectors and (masked variant) presence."""
+        k, method = self.config.keep_top, self.config.method
+        valid = None
+        with torch.no_grad():
+            if method == "muse":
+                positions = gsu.top_k_positions(gsu.gsu_scores(x.target_scl, x.scl), k)
+            elif method == "sim_soft":
+                positions = gsu.top_k_positions(gsu.gsu_scores(target, sequence), k)
+            else:
+                positions, valid = gsu.sim_hard_positions(x.cate_rows, x.target_cate_row, k)
+        top, top_scl = gsu.gather_positions(sequence, positions), gsu.gather_positions(x.scl, positions)
+        if valid is not None:  # sim_hard: slots past the match count read as item, category, SCL key 0
+            top, top_scl = top * valid.unsqueeze(-1), top_scl * valid.unsqueeze(-1)
+        mask = None
+        if self.config.masked:
+            mask = gsu.gather_positions(x.present, positions)
+            mask = mask & valid if valid is not None else mask
+        return top, top_scl, mask
+
+
+class MuseModel(nn.Module):
+    """Sparse arch (three TorchRec collections) + `MuseDense`."""
+
+    def __init__(self, config: ModelConfig, table_rows: dict[str, int], device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.id_tables = EmbeddingBagCollection(id_table_configs(config, table_rows), device=device)
+        self.sequence_tables = EmbeddingCollection(sequence_table_configs(config, table_rows), device=device)
+        self.scl_table = EmbeddingCollection([scl_table_config(table_rows["scl"])], device=device)
+        self.dense = MuseDense(config)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        logits = self.dense(self.dense_inputs(batch))
+        loss, scores = two_class_loss_and_prob(logits, batch.labels, batch.weights)
+        return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights, batch.user_ids)
+
+    def dense_inputs(self, batch: Batch) -> DenseInputs:
+        size, dim = batch.batch_size, self.config.embedding_dim
+        pooled = self.id_tables(batch.id_features)
+        id_rows = batch.id_features.to_dict()
+        single = {key: _zero_row0(pooled[key], id_rows[key].values()) for key in ID_FEATURES}
+        sequence_rows = batch.sequence_features.to_dict()
+        looked_up = self.sequence_tables(batch.sequence_features)
+        seq = {
+            key: _zero_row0(jagged.values(), sequence_rows[key].values()).view(size, -1, dim)
+            for key, jagged in looked_up.items()
+        }
+        with torch.no_grad():  # frozen: no backward work, never updated
+            scl = {key: jagged.values().float().view(size, -1, schema.SCL_DIM) for key, jagged in self.scl_table(batch.scl_features).items()}
+        cate_rows = sequence_rows[schema.HIST_CATES].values().view(size, -1)
+        item_rows = sequence_rows[schema.HIST_ITEMS].values().view(size, -1)
+        return DenseInputs(
+            user=torch.cat([single[key] for key in USER_FEATURES], dim=-1),
+            ad_attributes=torch.cat([single[key] for key in AD_ATTRIBUTES], dim=-1),
+            target_item=seq[schema.TARGET_ITEM][:, 0],
+            target_cate=seq[schema.TARGET_CATE][:, 0],
+            items=seq[schema.HIST_ITEMS],
+            cates=seq[schema.HIST_CATES],
+            target_scl=scl[schema.SCL_TARGET][:, 0],
+            scl=scl[schema.SCL_LONG],
+            cate_rows=cate_rows,
+            target_cate_row=sequence_rows[schema.TARGET_CATE].values(),
+            present=(item_rows != 0) | (cate_rows != 0),
+        )
+
+
+def _zero_row0(embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Lookups of row 0 (padding / out of vocabulary) read as zeros and send no gradient to it."""
+    return embeddings * (rows != 0).unsqueeze(-1).to(embeddings.dtype)

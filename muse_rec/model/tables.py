@@ -1,0 +1,77 @@
+"""TorchRec table configs of the MUSE family, sized from the feature maps of a data directory.
+
+Three collections, one per kind of lookup (and one embedding dim per EmbeddingCollection):
+- `id_tables` (EmbeddingBagCollection): user (129_1) and its attributes 130_1..130_5 (D/2 for
+  130_3..130_5), item attributes 213 and 214: one row per sample.
+- `sequence_tables` (EmbeddingCollection): the item table, shared by the target 205 and the
+  sequence 150_2_180, and the category table, shared by 206 and 151_2_180.
+- `scl_table` (EmbeddingCollection, 128-d): the frozen multimodal table; its row i + 1 is line i of
+  the SCL values file, filled by `muse_rec.distributed.scl.load_scl_table`, never trained.
+Row 0 of every table is padding / out of vocabulary: the model zeroes lookups of row 0, so that
+row reads as the zero vector whatever it holds, and it receives no gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig
+
+from muse_rec.batch import ID_FEATURES, SCL_FEATURES
+from muse_rec.config import ModelConfig
+from muse_rec.data import schema
+
+HALF_DIM_FEATURES = ("130_3", "130_4", "130_5")
+ITEM_TABLE, CATE_TABLE, SCL_TABLE = "item", "category", "scl"
+
+
+def truncated_normal_init(std: float):
+    """Init of trainable rows: truncated normal N(0, std) cut at 2 std, as in the reference."""
+
+    def init(weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            torch.nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+    return init
+
+
+def id_table_configs(config: ModelConfig, table_rows: dict[str, int]) -> list[EmbeddingBagConfig]:
+    """One table per single-valued feature, named after it."""
+    dim = config.embedding_dim
+    return [
+        EmbeddingBagConfig(
+            name=feature,
+            num_embeddings=table_rows[schema.MAP_OF_COLUMN[feature]],
+            embedding_dim=dim // 2 if feature in HALF_DIM_FEATURES else dim,
+            feature_names=[feature],
+            init_fn=truncated_normal_init(config.init_std),
+        )
+        for feature in ID_FEATURES
+    ]
+
+
+def sequence_table_configs(config: ModelConfig, table_rows: dict[str, int]) -> list[EmbeddingConfig]:
+    """The item and category tables, each shared by the target and the sequence."""
+    return [
+        EmbeddingConfig(
+            name=name,
+            num_embeddings=table_rows[field],
+            embedding_dim=config.embedding_dim,
+            feature_names=list(features),
+            init_fn=truncated_normal_init(config.init_std),
+        )
+        for name, field, features in (
+            (ITEM_TABLE, schema.ITEM_MAP, (schema.TARGET_ITEM, schema.HIST_ITEMS)),
+            (CATE_TABLE, schema.CATE_MAP, (schema.TARGET_CATE, schema.HIST_CATES)),
+        )
+    ]
+
+
+def scl_table_config(num_rows: int, data_type: DataType = DataType.FP16) -> EmbeddingConfig:
+    """The frozen SCL table; no init (its rows are loaded from the values file)."""
+    return EmbeddingConfig(
+        name=SCL_TABLE,
+        num_embeddings=num_rows,
+        embedding_dim=schema.SCL_DIM,
+        feature_names=list(SCL_FEATURES),
+        data_type=data_type,
+        init_fn=lambda weight: None,
+    )
