@@ -26,6 +26,7 @@ from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset, assemble_batch, decode_row_group, list_row_groups, make_dataloader
 from muse_rec.data.synth import synthesize
+from muse_rec.data.vocab import sorted_vocab
 
 TARGET_PER_CORE = 20_000
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,9 +40,9 @@ def inflate_maps(root: Path, rows: int, seed: int = 0) -> None:
     if len(items) >= rows:
         return
     filler = np.random.default_rng(seed).integers(-(2**63), 2**63 - 1, rows - len(items), dtype=np.int64)
-    save_npy(item_path, np.setdiff1d(np.union1d(items, filler), [0]))
+    save_npy(item_path, sorted_vocab(items, filler))
     keys, values = np.load(layout.scl_keys_path), np.load(layout.scl_values_path)
-    new_keys = np.setdiff1d(np.union1d(keys, filler), [0])
+    new_keys = sorted_vocab(keys, filler)
     with npy_memmap_writer(layout.scl_values_path, (len(new_keys), schema.SCL_DIM), np.int8) as out:
         out[np.searchsorted(new_keys, keys)] = values  # sparse file: filler rows are never written
     save_npy(layout.scl_keys_path, new_keys)

@@ -12,9 +12,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def sorted_unique(ids: np.ndarray) -> np.ndarray:
+    """Sorted unique values by sort-and-compare. numpy 2.4's `np.unique` takes a hash path for
+    int64 that is 15x slower on hashed IDs (80 s instead of 3 s for 35 M keys)."""
+    ids = np.sort(np.asarray(ids).reshape(-1))
+    keep = np.ones(len(ids), bool)
+    keep[1:] = ids[1:] != ids[:-1]
+    return ids[keep]
+
+
 def sorted_vocab(*id_arrays: np.ndarray) -> np.ndarray:
     """Sorted unique non-zero int64 IDs of the given arrays."""
-    ids = np.unique(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in id_arrays] or [np.empty(0, np.int64)]))
+    ids = sorted_unique(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in id_arrays] or [np.empty(0, np.int64)]))
     return ids[ids != 0]
 
 

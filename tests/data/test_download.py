@@ -1,0 +1,151 @@
+"""File selection over a realistic hub listing, partial-copy metadata, and failing fast offline."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from muse_rec.data import schema
+from muse_rec.data.download import HUB_METADATA, PARTIAL_KEY, download, restore_hub_metadata, select_files, write_partial_metadata
+from muse_rec.data.layout import RAW_TABLES, DatasetLayout
+from muse_rec.data.verify import verify
+from muse_rec.errors import DataError
+
+TRAIN_SHARDS, TEST_SHARDS = 161, 49
+FULL_ITEM_MAP = "feature_map/150_2_180_sorted_map.npy"
+P90_ITEM_MAP = "feature_map/150_2_180_sorted_map_p90.npy"
+SCL = ["feature_map/scl_emb_int8_p90_keys.npy", "feature_map/scl_emb_int8_p90_values.npy"]
+OTHER_MAPS = [f"feature_map/{field}_sorted_map.npy" for field in schema.FEATURE_MAPS if field != schema.ITEM_MAP]
+RAW = [f"raw/{name}.parquet" for name in RAW_TABLES]
+
+
+def _shards(split: str, count: int) -> list[str]:
+    return [f"{split}/{split}-shard-{i:06d}.parquet" for i in range(count)]
+
+
+def hub_listing() -> list[str]:
+    """The released repo's file list, as `list_repo_files` returns it (order not guaranteed)."""
+    files = [".gitattributes", "README.md", *RAW, *OTHER_MAPS, FULL_ITEM_MAP, P90_ITEM_MAP, *SCL]
+    files += ["train/metadata.json", *_shards("train", TRAIN_SHARDS), "test/metadata.json", *_shards("test", TEST_SHARDS)]
+    random.Random(0).shuffle(files)
+    return files
+
+
+def test_default_selection_is_p90_maps_scl_and_both_splits() -> None:
+    selected = select_files(hub_listing())
+    expected = [*OTHER_MAPS, P90_ITEM_MAP, *SCL, "train/metadata.json", "test/metadata.json"]
+    expected += _shards("train", TRAIN_SHARDS) + _shards("test", TEST_SHARDS)
+    assert selected == sorted(expected)
+    assert FULL_ITEM_MAP not in selected and not any(path.startswith("raw/") for path in selected)
+
+
+def test_full_vocab_takes_the_full_item_map_instead_of_p90() -> None:
+    selected = select_files(hub_listing(), vocab="full")
+    assert FULL_ITEM_MAP in selected and P90_ITEM_MAP not in selected
+    assert set(OTHER_MAPS + SCL) <= set(selected)
+
+
+def test_one_split_with_max_shards_takes_its_first_shards_in_name_order() -> None:
+    selected = select_files(hub_listing(), splits=("test",), max_shards=3)
+    assert [path for path in selected if path.startswith("test/")] == ["test/metadata.json", *_shards("test", 3)]
+    assert not any(path.startswith("train/") for path in selected)
+
+
+def test_max_shards_beyond_the_split_takes_all_of_it() -> None:
+    selected = select_files(hub_listing(), vocab="full", splits=("train", "test"), max_shards=100, raw=True)
+    assert len([p for p in selected if p.startswith("train/train-shard-")]) == 100
+    assert len([p for p in selected if p.startswith("test/test-shard-")]) == TEST_SHARDS
+
+
+def test_raw_adds_every_raw_table() -> None:
+    selected = select_files(hub_listing(), splits=("train",), raw=True)
+    assert set(RAW) <= set(selected)
+    assert set(select_files(hub_listing(), splits=("train",))) == set(selected) - set(RAW)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"vocab": "p80"}, "unknown vocabulary 'p80'"),
+        ({"splits": ("train", "valid")}, "unknown split(s) ['valid']"),
+        ({"splits": ()}, "unknown split(s) []"),
+        ({"max_shards": 0}, "max_shards must be at least 1"),
+    ],
+)
+def test_bad_options_are_data_errors(kwargs: dict, words: str) -> None:
+    with pytest.raises(DataError) as error:
+        select_files(hub_listing(), **kwargs)
+    assert words in str(error.value)
+
+
+@pytest.mark.parametrize("lacking", ["feature_map/213_sorted_map.npy", P90_ITEM_MAP, SCL[1], "test/metadata.json"])
+def test_a_needed_file_missing_from_the_listing_is_named(lacking: str) -> None:
+    with pytest.raises(DataError, match="lacks 1 needed file") as error:
+        select_files([path for path in hub_listing() if path != lacking])
+    assert lacking in str(error.value)
+
+
+def test_missing_full_item_map_only_matters_for_vocab_full() -> None:
+    listing = [path for path in hub_listing() if path != FULL_ITEM_MAP]
+    assert P90_ITEM_MAP in select_files(listing)
+    with pytest.raises(DataError, match=FULL_ITEM_MAP):
+        select_files(listing, vocab="full")
+
+
+def test_a_split_without_shards_and_raw_without_tables_are_errors() -> None:
+    with pytest.raises(DataError, match=r"no shard files of split 'test' \(expected test/test-shard-\*\.parquet\)"):
+        select_files([path for path in hub_listing() if not path.startswith("test/test-shard-")])
+    with pytest.raises(DataError, match="no files under raw/"):
+        select_files([path for path in hub_listing() if not path.startswith("raw/")], raw=True)
+
+
+def test_download_fails_fast_with_advice_when_the_hub_is_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens, refused at once
+    dest = tmp_path / "taobao-mm"
+    with pytest.raises(DataError) as error:
+        download(dest, progress=False)
+    message = str(error.value)
+    for words in ("http://127.0.0.1:9", "seems to be offline", "HF_ENDPOINT", "by hand", "muse-rec synth", str(dest)):
+        assert words in message
+    assert not dest.exists()  # nothing was started
+
+
+def test_download_rejects_an_endpoint_that_is_not_a_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "hf-mirror.com")
+    with pytest.raises(DataError, match="HF_ENDPOINT='hf-mirror.com' is not a usable URL"):
+        download(tmp_path, progress=False)
+
+
+@pytest.fixture
+def partial_copy(synthetic_root: Path, tmp_path: Path) -> DatasetLayout:
+    """A copy of the synthetic set as `max_shards` leaves it: the hub's metadata.json, fewer shards."""
+    root = tmp_path / "partial"
+    shutil.copytree(synthetic_root, root)
+    layout = DatasetLayout(root)
+    layout.shards("train")[-1].unlink()
+    return layout
+
+
+def test_partial_metadata_describes_the_shards_on_disk_and_keeps_the_hubs(partial_copy: DatasetLayout) -> None:
+    hub_meta = partial_copy.read_metadata("train")
+    meta = write_partial_metadata(partial_copy, "train")
+    shards = partial_copy.shards("train")
+    assert meta == partial_copy.read_metadata("train")
+    assert meta["num_shards"] == len(shards) == hub_meta["num_shards"] - 1
+    assert [s["file"] for s in meta["shards"]] == [p.name for p in shards]
+    assert meta["total_rows"] == sum(s["rows"] for s in hub_meta["shards"][:-1])
+    assert meta[PARTIAL_KEY]["hub_total_rows"] == hub_meta["total_rows"]
+    assert json.loads((partial_copy.split_dir("train") / HUB_METADATA).read_text()) == hub_meta
+    assert [f for f in verify(partial_copy.root, progress=False) if f.path.startswith(str(partial_copy.split_dir("train")))] == []
+
+
+def test_partial_metadata_is_idempotent_and_undone_for_a_complete_split(partial_copy: DatasetLayout) -> None:
+    hub_meta = partial_copy.read_metadata("train")
+    first = write_partial_metadata(partial_copy, "train")
+    assert write_partial_metadata(partial_copy, "train") == first  # ours is never taken for the hub's
+    assert json.loads((partial_copy.split_dir("train") / HUB_METADATA).read_text()) == hub_meta
+    assert restore_hub_metadata(partial_copy, "train") == hub_meta
+    assert not (partial_copy.split_dir("train") / HUB_METADATA).exists()
