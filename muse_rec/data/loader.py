@@ -222,12 +222,21 @@ def decode_reference(table: pa.Table, maps: FeatureMaps, long_len: int) -> Decod
 
 
 # -- batches ---------------------------------------------------------------------------------------
-def _kjt(keys: tuple[str, ...], values: np.ndarray, lengths: tuple[int, ...], batch_size: int) -> KeyedJaggedTensor:
+def _kjt(keys: tuple[str, ...], values: np.ndarray | torch.Tensor, lengths: tuple[int, ...], batch_size: int) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(
         keys=list(keys),
-        values=torch.from_numpy(values),
+        values=torch.as_tensor(values),
         lengths=torch.tensor(lengths, dtype=torch.int32).repeat_interleave(batch_size),
     )
+
+
+def _int64_buffer(size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A tensor to fill through its numpy view. In a DataLoader worker it is allocated in shared
+    memory, so handing the batch to the training process copies nothing (25 MB a batch)."""
+    tensor = torch.empty(size, dtype=torch.int64)
+    if get_worker_info() is not None:
+        tensor.share_memory_()
+    return tensor, tensor.numpy()
 
 
 def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.ndarray, long_len: int) -> Batch:
@@ -235,10 +244,10 @@ def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.nda
     size = sum(len(rows) for _, rows in pieces)
     L = long_len
     scalar_rows = np.empty((len(_SCALAR_COLUMNS), size), np.int64)  # key-major, as KJT values are
-    sequence_values = np.empty(size * (2 + 2 * L), np.int64)
+    sequence_tensor, sequence_values = _int64_buffer(size * (2 + 2 * L))
     target_rows, items, cates = np.split(sequence_values, [2 * size, (2 + L) * size])
     items, cates = items.reshape(size, L), cates.reshape(size, L)
-    scl_values = np.empty(size * (1 + L), np.int64)
+    scl_tensor, scl_values = _int64_buffer(size * (1 + L))
     scl_target, scl_long = scl_values[:size], scl_values[size:].reshape(size, L)
     clicks, user_ids = np.empty(size, np.float32), np.empty(size, np.int64)
     at = 0
@@ -255,8 +264,8 @@ def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.nda
     target_rows[:] = scalar_rows[len(ID_FEATURES) :].reshape(-1)  # 205 then 206
     return Batch(
         id_features=_kjt(ID_FEATURES, scalar_rows[: len(ID_FEATURES)].reshape(-1), (1,) * len(ID_FEATURES), size),
-        sequence_features=_kjt(SEQUENCE_FEATURES, sequence_values, (1, 1, L, L), size),
-        scl_features=_kjt(SCL_FEATURES, scl_values, (1, L), size),
+        sequence_features=_kjt(SEQUENCE_FEATURES, sequence_tensor, (1, 1, L, L), size),
+        scl_features=_kjt(SCL_FEATURES, scl_tensor, (1, L), size),
         labels=torch.from_numpy(clicks * (weights > 0)),
         weights=torch.from_numpy(weights),
         user_ids=torch.from_numpy(user_ids),
