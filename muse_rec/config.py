@@ -55,14 +55,14 @@ class SynthConfig:
     full_history_share: float = option(0.9, "Share of users with a full-length history; the rest get 50..history_len.")
     interest_share: float = option(0.5, "Share of long-history behaviours drawn from the user's interest clusters.")
     short_len: int = option(50, "The most recent behaviours, drawn mostly off-interest (a weakly informative recent session).")
-    short_interest_share: float = option(0.1, "Share of the recent behaviours drawn from the interest clusters.")
+    short_interest_share: float = option(0.03, "Share of the recent behaviours drawn from the interest clusters.")
     candidates_min: int = option(6, "Fewest impressions per user.")
     candidates_max: int = option(16, "Most impressions per user.")
     target_interest_share: float = option(0.3, "Share of targets drawn from one of the user's interest clusters.")
     target_same_category_share: float = option(
         0.2, "Share of targets from another cluster of an interest cluster's category (category match without semantic match)."
     )
-    click_bias: float = option(-2.6, "Click logit intercept (sets the click rate, about 14% with the defaults).")
+    click_bias: float = option(-4.4, "Click logit intercept (sets the click rate, about 14% with the defaults).")
     long_signal_weight: float = option(
         0.8, "Click logit per log1p(count of the user's behaviours in the target's semantic cluster), over all of them."
     )
@@ -92,10 +92,32 @@ class ModelConfig:
 
 
 @dataclass
+class OptimConfig:
+    dense_lr: float = option(2e-4, "AdamW learning rate of the dense parameters (reference: 2e-4).")
+    dense_weight_decay: float = option(0.01, "AdamW weight decay of the dense parameters (reference: 0.01).")
+    sparse_lr: float = option(2e-3, "Learning rate of the fused Adam on the embedding tables on CUDA (reference: lazy Adam 2e-3).")
+    sparse_cpu: Literal["rowwise_adagrad", "sgd"] = option(
+        "rowwise_adagrad",
+        "Fused embedding optimizer on CPU, where fbgemm has no Adam: a documented fallback, not the reference's.",
+    )
+    sparse_cpu_lr: float = option(0.01, "Learning rate of the CPU fallback embedding optimizer.")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = option(42, "Seed of the dense and embedding initialisation.")
+    out: str = option("runs/muse", "Run directory: checkpoints, metrics.jsonl, the resolved config.")
+    log_every: int = option(50, "Steps between metric lines in metrics.jsonl.")
+    eval_batch_size: int = option(1000, "Samples per evaluation batch on each rank.")
+
+
+@dataclass
 class Config:
     data: DataConfig = section(DataConfig, "Where the data lives and how it is batched.")
     synth: SynthConfig = section(SynthConfig, "The synthetic data set written by `muse-rec synth`.")
     model: ModelConfig = section(ModelConfig, "The MUSE-family model.")
+    optim: OptimConfig = section(OptimConfig, "Optimizers: fused sparse (in backward) and dense AdamW.")
+    train: TrainConfig = section(TrainConfig, "The training run.")
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -1,0 +1,280 @@
+"""`synthesize`: the released layout, the vocabulary definitions, determinism, reuse, and the planted signal.
+
+Everything is checked from the written files, as a reader of the data set would see them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from muse_rec.config import SynthConfig
+from muse_rec.data import schema
+from muse_rec.data.checks import check_columns, clicks_from_labels
+from muse_rec.data.feature_map import SclIndex, load_id_map
+from muse_rec.data.layout import RAW_TABLES, SPLITS, DatasetLayout
+from muse_rec.data.synth import mix64, synthesize
+from muse_rec.data.vocab import coverage_vocab, sorted_vocab
+from muse_rec.errors import ConfigError
+from tests.conftest import SMALL_SYNTH
+
+TINY = SynthConfig(
+    seed=3, train_users=30, test_users=10, items=2000, categories=10, clusters_per_category=2,
+    history_len=120, rows_per_shard=150, row_group_rows=40, raw=True,
+)
+
+
+RAW_SCHEMAS = {
+    **{f"{split}_samples": schema.RAW_SAMPLES_SCHEMA for split in SPLITS},
+    **{f"{split}_user_features": schema.RAW_USER_SCHEMA for split in SPLITS},
+    "item_features": schema.RAW_ITEM_SCHEMA,
+    "scl_embedding_int8_p90": schema.RAW_SCL_SCHEMA,
+}
+
+
+def read_split(layout: DatasetLayout, split: str) -> pa.Table:
+    return pa.concat_tables(pq.read_table(path) for path in layout.shards(split))
+
+
+def read_raw(layout: DatasetLayout, name: str) -> pa.Table:
+    return pq.read_table(layout.raw_table(name))
+
+
+def keys_of(layout: DatasetLayout, field: str, vocab: str = "full") -> np.ndarray:
+    return load_id_map(layout.map_path(field, vocab), field).keys
+
+
+def column(table: pa.Table, name: str) -> np.ndarray:
+    return table[name].to_numpy()
+
+
+def flat(table: pa.Table, name: str) -> np.ndarray:
+    return table[name].combine_chunks().values.to_numpy()
+
+
+# -- layout ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", SPLITS)
+def test_shards_are_written_as_released(synthetic_root: Path, split: str) -> None:
+    layout = DatasetLayout(synthetic_root)
+    meta = layout.read_metadata(split)
+    paths = layout.shards(split)
+    assert meta["num_shards"] == len(paths) == -(-meta["total_rows"] // SMALL_SYNTH.rows_per_shard)
+    group_sizes = []
+    for path in paths:
+        file = pq.ParquetFile(path)
+        assert file.schema_arrow.names == schema.JOINED_SCHEMA.names
+        check_columns(path, file.schema_arrow, schema.JOINED_SCHEMA)
+        assert file.metadata.num_rows <= SMALL_SYNTH.rows_per_shard
+        for g in range(file.metadata.num_row_groups):
+            group = file.metadata.row_group(g)
+            group_sizes.append(group.num_rows)
+            chunk = group.column(0)
+            assert chunk.compression == "ZSTD" and not any("DICTIONARY" in e for e in chunk.encodings)
+    assert len(group_sizes) > len(paths) and max(group_sizes) == SMALL_SYNTH.row_group_rows
+    assert len(layout.shards("train")) >= 2
+    assert meta["total_rows"] == sum(group_sizes) == sum(s["rows"] for s in meta["shards"])
+    assert meta["synth"] == dataclasses.asdict(SMALL_SYNTH)
+    labels = read_split(layout, split)[schema.LABEL].combine_chunks()
+    assert meta["click_rate"] == pytest.approx(clicks_from_labels(labels, split).mean())
+    assert not list(synthetic_root.rglob("*.partial"))
+
+
+def test_feature_maps_and_scl_table_are_valid(synthetic_root: Path) -> None:
+    layout = DatasetLayout(synthetic_root)
+    for field in schema.FEATURE_MAPS:
+        assert len(keys_of(layout, field)) > 0  # load_id_map checks: 1-D int64, strictly increasing, no 0
+    p90 = keys_of(layout, schema.ITEM_MAP, "p90")
+    scl = SclIndex(layout.scl_keys_path, layout.scl_values_path, strict=True)
+    np.testing.assert_array_equal(scl.map.keys, p90)
+    assert scl.values.dtype == np.int8 and scl.values.shape == (len(p90), schema.SCL_DIM)
+    norms = np.linalg.norm(scl.values.astype(np.float64), axis=1)
+    assert 110 < norms.min() and norms.max() <= 127
+
+
+def test_raw_tables_join_to_the_shards_row_for_row(synthetic_root: Path) -> None:
+    layout = DatasetLayout(synthetic_root)
+    for name in RAW_TABLES:
+        check_columns(layout.raw_table(name), pq.read_schema(layout.raw_table(name)), RAW_SCHEMAS[name])
+    items = read_raw(layout, "item_features")
+    item_ids = column(items, schema.TARGET_ITEM)
+    assert len(np.unique(item_ids)) == len(item_ids)
+    all_targets = []
+    for split in SPLITS:
+        joined = read_split(layout, split)
+        samples = read_raw(layout, f"{split}_samples")
+        users = read_raw(layout, f"{split}_user_features")
+        assert samples.cast(schema.RAW_SAMPLES_SCHEMA).equals(joined.select(samples.column_names).cast(schema.RAW_SAMPLES_SCHEMA))
+        user_ids = column(users, schema.USER)
+        assert len(np.unique(user_ids)) == len(user_ids)  # each user once
+        row_users = column(joined, schema.USER)
+        first_rows = np.flatnonzero(np.r_[True, row_users[1:] != row_users[:-1]])
+        np.testing.assert_array_equal(row_users[first_rows], user_ids)  # grouped by user, raw in the same order
+        user_rows = np.repeat(np.arange(len(user_ids)), np.diff(np.r_[first_rows, len(row_users)]))
+        for name in schema.RAW_USER_SCHEMA.names:
+            assert users[name].take(pa.array(user_rows)).cast(schema.RAW_USER_SCHEMA.field(name).type).equals(
+                joined[name].cast(schema.RAW_USER_SCHEMA.field(name).type)
+            ), name
+        targets = column(joined, schema.TARGET_ITEM)
+        order = np.argsort(item_ids)
+        item_rows = order[np.searchsorted(item_ids[order], targets)]
+        np.testing.assert_array_equal(item_ids[item_rows], targets)  # every target has its item row
+        for name in (schema.TARGET_CATE, *schema.ITEM_ATTRS):
+            np.testing.assert_array_equal(column(items, name)[item_rows], column(joined, name))
+        all_targets.append(targets)
+    np.testing.assert_array_equal(np.sort(item_ids), np.unique(np.concatenate(all_targets)))  # targets only, once
+    raw_scl = read_raw(layout, "scl_embedding_int8_p90")
+    np.testing.assert_array_equal(column(raw_scl, schema.TARGET_ITEM), np.load(layout.scl_keys_path))
+    np.testing.assert_array_equal(flat(raw_scl, schema.SCL_TARGET).reshape(-1, schema.SCL_DIM), np.load(layout.scl_values_path))
+
+
+def test_vocabularies_follow_their_definitions(synthetic_root: Path) -> None:
+    layout = DatasetLayout(synthetic_root)
+    train_users, test_users = read_raw(layout, "train_user_features"), read_raw(layout, "test_user_features")
+    items = read_raw(layout, "item_features")
+    np.testing.assert_array_equal(keys_of(layout, schema.USER), sorted_vocab(column(train_users, schema.USER)))
+    assert not np.isin(column(test_users, schema.USER), keys_of(layout, schema.USER)).any()  # test users are new
+    for name in schema.USER_ATTRS:
+        np.testing.assert_array_equal(keys_of(layout, name), sorted_vocab(column(train_users, name)))
+    history = flat(train_users, schema.HIST_ITEMS)
+    full = keys_of(layout, schema.ITEM_MAP)
+    np.testing.assert_array_equal(full, sorted_vocab(history, column(items, schema.TARGET_ITEM)))
+    np.testing.assert_array_equal(
+        keys_of(layout, schema.CATE_MAP), sorted_vocab(flat(train_users, schema.HIST_CATES), column(items, schema.TARGET_CATE))
+    )
+    for name in schema.ITEM_ATTRS:
+        np.testing.assert_array_equal(keys_of(layout, name), sorted_vocab(column(items, name)))
+    seen, counts = np.unique(history, return_counts=True)
+    p90 = keys_of(layout, schema.ITEM_MAP, "p90")
+    np.testing.assert_array_equal(p90, coverage_vocab(seen, counts, column(items, schema.TARGET_ITEM), SMALL_SYNTH.coverage))
+    assert np.isin(p90, full).all() and len(seen) > len(p90) - len(items) > 0  # a real cut: some history items left out
+    assert np.isin(column(items, schema.TARGET_ITEM), p90).all()
+    lengths = np.diff(train_users[schema.HIST_ITEMS].combine_chunks().offsets.to_numpy())
+    full_length = lengths == SMALL_SYNTH.history_len
+    assert full_length.any() and ((lengths >= 50) & (lengths < SMALL_SYNTH.history_len) | full_length).all()
+
+
+def test_raw_ids_are_distinct_and_never_zero() -> None:
+    index = np.arange(-(1 << 18), 1 << 18, dtype=np.int64)
+    ids = mix64(index)
+    assert len(np.unique(ids)) == len(index) and np.count_nonzero(ids == 0) == 1 and ids[1 << 18] == 0  # only 0 -> 0
+
+
+# -- determinism, reuse, config checks -------------------------------------------------------------
+def file_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_config_gives_identical_files_and_another_seed_differs(tmp_path: Path) -> None:
+    synthesize(TINY, tmp_path / "a", progress=False)
+    synthesize(TINY, tmp_path / "b", progress=False)
+    synthesize(dataclasses.replace(TINY, seed=4), tmp_path / "c", progress=False)
+    a, b, c = (file_bytes(tmp_path / name) for name in "abc")
+    layout = DatasetLayout(tmp_path / "a")
+    maps = [layout.map_path(f) for f in schema.FEATURE_MAPS] + [layout.map_path(schema.ITEM_MAP, "p90")]
+    scl_and_raw = [layout.scl_keys_path, layout.scl_values_path, *(layout.raw_table(name) for name in RAW_TABLES)]
+    shards_and_meta = [p for split in SPLITS for p in (*layout.shards(split), layout.metadata_path(split))]
+    assert sorted(a) == sorted(str(p.relative_to(layout.root)) for p in maps + scl_and_raw + shards_and_meta)
+    assert a == b
+    differing = [name for name in a if name.endswith(".parquet") and a[name] != c.get(name)]
+    assert "train/train-shard-000000.parquet" in differing and "raw/train_user_features.parquet" in differing
+
+
+def test_a_complete_set_is_reused_and_an_incomplete_or_different_one_rewritten(tmp_path: Path) -> None:
+    layout = DatasetLayout(tmp_path)
+    first = synthesize(TINY, tmp_path, progress=False)
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    again = synthesize(TINY, tmp_path, progress=False)
+    assert not first["reused"] and again["reused"] and again["splits"] == first["splits"]
+    assert again["vocab_sizes"] == first["vocab_sizes"]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == mtimes
+
+    layout.map_path(schema.CATE_MAP).unlink()  # an incomplete set is written again
+    assert not synthesize(TINY, tmp_path, progress=False)["reused"] and layout.map_path(schema.CATE_MAP).exists()
+
+    other = dataclasses.replace(TINY, seed=9, raw=False, rows_per_shard=1000)
+    summary = synthesize(other, tmp_path, progress=False)
+    assert not summary["reused"] and layout.read_metadata("train")["synth"]["seed"] == 9
+    assert len(layout.shards("train")) == 1 and not any(layout.raw_table(name).exists() for name in RAW_TABLES)
+
+
+def test_impossible_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="synth.items"):
+        synthesize(dataclasses.replace(TINY, items=19), tmp_path, progress=False)  # 20 clusters need 20 items
+    with pytest.raises(ConfigError, match="synth.candidates_min"):
+        synthesize(dataclasses.replace(TINY, candidates_min=9, candidates_max=8), tmp_path, progress=False)
+
+
+# -- the planted signal ----------------------------------------------------------------------------
+SIGNAL = SynthConfig(
+    seed=11, train_users=400, test_users=1, items=20_000, categories=50, click_bias=-4.4, short_interest_share=0.03
+)
+COSINE = 0.5
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUC, ties counted half."""
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
+    positives = labels.sum()
+    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * (len(labels) - positives)))
+
+
+def scl_vectors(scl: SclIndex, ids: np.ndarray) -> np.ndarray:
+    """Unit SCL vectors of raw item IDs (zero for items without one)."""
+    table = np.vstack([np.zeros((1, schema.SCL_DIM)), scl.values.astype(np.float64)])
+    vectors = table[scl.remap(ids)]
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+
+
+def behaviour_counts(layout: DatasetLayout) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per train row, counts of the user's behaviours that are SCL-close to the target and of its category
+    ('long'), the same among the last 50 ('short'), of its category only ('category'); and the clicks."""
+    scl = SclIndex(layout.scl_keys_path, layout.scl_values_path)
+    joined = read_split(layout, "train")
+    clicks = clicks_from_labels(joined[schema.LABEL].combine_chunks(), "train")
+    users = column(joined, schema.USER)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    counts: dict[str, list[np.ndarray]] = {"long": [], "short": [], "category": []}
+    for begin, end in zip(starts, np.r_[starts[1:], len(users)]):  # one user (same history) at a time
+        row = joined.slice(begin, 1)
+        history = np.asarray(row[schema.HIST_ITEMS][0].as_py())
+        categories = np.asarray(row[schema.HIST_CATES][0].as_py())
+        rows = joined.slice(begin, end - begin)
+        cosine = scl_vectors(scl, history) @ scl_vectors(scl, column(rows, schema.TARGET_ITEM)).T
+        same_category = categories[:, None] == column(rows, schema.TARGET_CATE)[None, :]
+        close = (cosine >= COSINE) & same_category
+        counts["long"].append(close.sum(axis=0))
+        counts["short"].append(close[-50:].sum(axis=0))
+        counts["category"].append(same_category.sum(axis=0))
+    return {name: np.concatenate(parts) for name, parts in counts.items()}, clicks
+
+
+def test_clicks_follow_the_long_scl_signal_more_than_recent_or_category_ones(tmp_path: Path) -> None:
+    summary = synthesize(SIGNAL, tmp_path, progress=False)
+    assert 0.10 < summary["splits"]["train"]["click_rate"] < 0.20
+    counts, clicks = behaviour_counts(DatasetLayout(tmp_path))
+    many = counts["long"] >= np.quantile(counts["long"], 0.75)
+    assert clicks[many].mean() > 3 * clicks[counts["long"] == 0].mean()
+    aucs = {name: auc(values, clicks) for name, values in counts.items()}
+    assert aucs["long"] > 0.75, aucs
+    assert aucs["long"] - aucs["short"] > 0.1 and aucs["long"] - aucs["category"] > 0.05, aucs
+
+
+def test_scl_vectors_are_close_within_a_cluster_and_looser_within_a_category(tmp_path: Path) -> None:
+    """Same-category pairs split into close (same cluster) and looser ones; other pairs are unrelated."""
+    synthesize(TINY, tmp_path, progress=False)
+    layout = DatasetLayout(tmp_path)
+    scl = SclIndex(layout.scl_keys_path, layout.scl_values_path)
+    items = read_raw(layout, "item_features")
+    cosine = scl_vectors(scl, column(items, schema.TARGET_ITEM)) @ scl_vectors(scl, column(items, schema.TARGET_ITEM)).T
+    categories = column(items, schema.TARGET_CATE)
+    same = (categories[:, None] == categories[None, :]) & ~np.eye(len(categories), dtype=bool)
+    other = categories[:, None] != categories[None, :]
+    close_share = (cosine[same] >= COSINE).mean()
+    assert 0.3 < close_share < 0.7  # two clusters per category: about half the same-category pairs are close
+    assert 0.15 < np.median(cosine[same & (cosine < COSINE)]) < 0.4  # the sibling cluster
+    assert abs(cosine[other].mean()) < 0.05 and (cosine[other] >= COSINE).mean() < 0.01
