@@ -9,13 +9,13 @@ does, then looking them up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from muse_rec.batch import ID_FEATURES, Batch
+from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
 from muse_rec.config import ModelConfig
 from muse_rec.data import schema
 from muse_rec.model import gsu
@@ -27,9 +27,12 @@ AD_ATTRIBUTES = schema.ITEM_ATTRS
 USER_FEATURES = (schema.USER, *schema.USER_ATTRS)
 
 
-@dataclass
-class DenseInputs:
-    """What the dense arch reads: embeddings (row 0 already zeroed) and the category rows for sim_hard."""
+class DenseInputs(NamedTuple):
+    """What the dense arch reads: embeddings (row 0 already zeroed) and the category rows for sim_hard.
+
+    A NamedTuple, not a dataclass: TorchRec's pipeline traces `MuseModel.forward` with torch.fx,
+    which passes named tuples of proxies into the (untraced, leaf) dense module.
+    """
 
     user: torch.Tensor  # (B, 3D + 3D/2): 129_1, 130_1..130_5
     ad_attributes: torch.Tensor  # (B, 2D): 213, 214
@@ -65,9 +68,8 @@ class MuseDense(nn.Module):
         short_mask = x.present[:, -c.short_seq_len :] if c.masked else None
         short_similarity = gsu.cosine(x.target_scl.unsqueeze(1), short_scl)
         if c.method == "din":
-            batch, width = target.shape
-            long_attention = long_mean = target.new_zeros(batch, width)
-            simtier_long = target.new_zeros(batch, self.simtier_long.bins)
+            long_attention = long_mean = torch.zeros_like(target)
+            simtier_long = target.new_zeros(target.shape[0], self.simtier_long.bins)
         else:
             top, top_scl, top_mask = self._retrieve(x, target, sequence)
             long_similarity = gsu.cosine(x.target_scl.unsqueeze(1), top_scl)
@@ -126,20 +128,20 @@ class MuseModel(nn.Module):
         return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights, batch.user_ids)
 
     def dense_inputs(self, batch: Batch) -> DenseInputs:
+        """Look everything up. Traced by torch.fx in TorchRec's pipeline: no Python control flow on
+        tensors, no iteration over outputs, and `detach` (not `no_grad`, which tracing drops) to
+        keep the frozen SCL table out of backward."""
         size, dim = batch.batch_size, self.config.embedding_dim
         pooled = self.id_tables(batch.id_features)
         id_rows = batch.id_features.to_dict()
         single = {key: _zero_row0(pooled[key], id_rows[key].values()) for key in ID_FEATURES}
-        sequence_rows = batch.sequence_features.to_dict()
         looked_up = self.sequence_tables(batch.sequence_features)
-        seq = {
-            key: _zero_row0(jagged.values(), sequence_rows[key].values()).view(size, -1, dim)
-            for key, jagged in looked_up.items()
-        }
-        with torch.no_grad():  # frozen: no backward work, never updated
-            scl = {key: jagged.values().float().view(size, -1, schema.SCL_DIM) for key, jagged in self.scl_table(batch.scl_features).items()}
-        cate_rows = sequence_rows[schema.HIST_CATES].values().view(size, -1)
-        item_rows = sequence_rows[schema.HIST_ITEMS].values().view(size, -1)
+        rows = batch.sequence_features.to_dict()
+        seq = {key: _zero_row0(looked_up[key].values(), rows[key].values()).view(size, -1, dim) for key in SEQUENCE_FEATURES}
+        scl_out = self.scl_table(batch.scl_features)
+        scl = {key: scl_out[key].values().detach().float().view(size, -1, schema.SCL_DIM) for key in SCL_FEATURES}
+        item_rows = rows[schema.HIST_ITEMS].values().view(size, -1)
+        cate_rows = rows[schema.HIST_CATES].values().view(size, -1)
         return DenseInputs(
             user=torch.cat([single[key] for key in USER_FEATURES], dim=-1),
             ad_attributes=torch.cat([single[key] for key in AD_ATTRIBUTES], dim=-1),
@@ -150,7 +152,7 @@ class MuseModel(nn.Module):
             target_scl=scl[schema.SCL_TARGET][:, 0],
             scl=scl[schema.SCL_LONG],
             cate_rows=cate_rows,
-            target_cate_row=sequence_rows[schema.TARGET_CATE].values(),
+            target_cate_row=rows[schema.TARGET_CATE].values(),
             present=(item_rows != 0) | (cate_rows != 0),
         )
 

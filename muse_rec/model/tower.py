@@ -17,6 +17,7 @@ DICE_ALPHA_INIT = -0.25
 DICE_NORM_EPS = 1e-12
 """The reference's Dice uses a LayerNorm without affine and eps 1e-12."""
 PROB_EPS = 1e-7
+_TINY = torch.finfo(torch.float32).tiny
 """Added to the softmax before clipping to [0, 1], as the reference does."""
 
 
@@ -109,5 +110,5 @@ def two_class_loss_and_prob(
     prob = (F.softmax(logits, dim=-1) + PROB_EPS).clamp(0.0, 1.0)
     onehot = torch.stack([1.0 - labels, labels], dim=-1)
     row_loss = -(onehot * torch.log(prob)).sum(dim=-1)
-    total_weight = weights.sum().clamp_min(torch.finfo(row_loss.dtype).tiny)
+    total_weight = weights.sum().clamp_min(_TINY)  # a constant: this runs under torch.fx tracing
     return (weights * row_loss).sum() / total_weight, prob[:, 1]

@@ -1,0 +1,1 @@
+"""Sharding: fused sparse optimizers, planning, DistributedModelParallel, loading the frozen SCL table."""

@@ -1,0 +1,129 @@
+"""Training and evaluation, top to bottom: process group, data, model, sharding, pipeline, metrics.
+
+Runs under torchrun (or torchx, which wraps it) on 1..N ranks: gloo on CPU, NCCL on CUDA. Without
+torchrun's environment it runs as a single rank. Rank 0 writes `metrics.jsonl` and
+`config.yaml` into the run directory and prints where they went.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from muse_rec.config import Config, to_dict
+from muse_rec.data.feature_map import FeatureMaps
+from muse_rec.data.layout import DatasetLayout
+from muse_rec.data.loader import ShardDataset, make_dataloader
+from muse_rec.distributed.table_weights import init_trainable_tables, load_scl_table
+from muse_rec.distributed.sharding import ShardedModel, shard_model
+from muse_rec.model.muse import MuseModel
+from muse_rec.train.metrics import EvalAccumulator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed() -> Runtime:
+    """Join torchrun's process group (or make a one-rank group): NCCL on CUDA, gloo on CPU."""
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Runtime(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_model(config: Config, maps: FeatureMaps, runtime: Runtime) -> ShardedModel:
+    """The model on the meta device, sharded by DMP (which materialises it), SCL table filled."""
+    torch.manual_seed(config.train.seed)
+    model = MuseModel(config.model, maps.table_rows(), device=torch.device("meta"))
+    sharded = shard_model(model, config.optim, runtime.device)
+    init_trainable_tables(sharded.model, config.train.seed, config.model.init_std)
+    load_scl_table(sharded.model, maps.scl)
+    return sharded
+
+
+def train(config: Config) -> dict:
+    """Train one epoch on the train split, evaluate on the test split; returns the test metrics."""
+    runtime = init_distributed()
+    out = Path(config.train.out)
+    maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab, strict=config.data.strict)
+    sharded = build_model(config, maps, runtime)
+    if runtime.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    writer = MetricsWriter(out / "metrics.jsonl" if runtime.rank == 0 else None)
+
+    dataset = ShardDataset(config.data, "train", runtime.rank, runtime.world_size, maps)
+    pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, runtime.device, execute_all_batches=True)
+    batches = iter(make_dataloader(dataset, pin_memory=runtime.device.type == "cuda"))
+    sharded.model.train()
+    bar = tqdm(range(len(dataset)), desc="train", unit="step", disable=runtime.rank != 0)
+    start, samples = time.perf_counter(), 0
+    for step in bar:
+        loss, _, _, weights, _ = pipeline.progress(batches)
+        samples += int(weights.numel()) * runtime.world_size
+        rate = samples / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}")
+        if (step + 1) % config.train.log_every == 0 or step + 1 == len(dataset):
+            writer.write({"step": step + 1, "loss": loss.item(), "samples_per_second": rate})
+    pipeline.detach()  # restore the modules' own forwards for evaluation
+    metrics = evaluate(sharded, config, maps, runtime)
+    writer.write({"step": len(dataset), "split": "test", **metrics})
+    if runtime.rank == 0:
+        log.info("run directory: %s (metrics.jsonl, config.yaml)", out.resolve())
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: Runtime) -> dict:
+    """Exact AUC and GAUC over the whole test split (all ranks), plus the reference's numbers."""
+    data = dataclasses.replace(config.data, batch_size=config.train.eval_batch_size)
+    dataset = ShardDataset(data, "test", runtime.rank, runtime.world_size, maps)
+    sharded.model.eval()
+    accumulator = EvalAccumulator()
+    for batch in tqdm(make_dataloader(dataset), total=len(dataset), desc="eval", unit="step", disable=runtime.rank != 0):
+        _, (_, scores, labels, weights, user_ids) = sharded.model(batch.to(runtime.device))
+        accumulator.update(user_ids, scores, labels, weights)
+    sharded.model.train()
+    return accumulator.compute()
+
+
+class MetricsWriter:
+    """JSON lines, appended and flushed as they come (rank 0 only; other ranks pass None)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
