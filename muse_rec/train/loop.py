@@ -100,7 +100,7 @@ def train(config: Config) -> dict:
     writer.write({"step": len(dataset), "split": "test", **metrics})
     if runtime.rank == 0:
         log.info("run directory: %s (metrics.jsonl, config.yaml)", out.resolve())
-    return metrics
+    return {**metrics, "rank": runtime.rank}
 
 
 @torch.no_grad()
