@@ -5,7 +5,7 @@ up to the real p90 size (35.46 M rows): lookups then miss caches as they do on T
 values file is grown as a sparse file (only real rows are written). Prints a table and saves
 benchmarks/results/loader.json. Target: 20,000 samples/s per core.
 
-    python benchmarks/loader.py [--users 2000] [--map-rows 35460000] [--workers 0 1 2]
+    python benchmarks/loader.py [--users 10000] [--map-rows 35460000] [--workers 0 1 2]
 """
 from __future__ import annotations
 
@@ -51,10 +51,8 @@ def inflate_maps(root: Path, rows: int, seed: int = 0) -> None:
 def phase_times(config: DataConfig, maps: FeatureMaps) -> dict:
     """Milliseconds per 1000 samples of each step on one core (second pass: caches warm)."""
     groups = list_row_groups(DatasetLayout(config.root), "train")
-    read = decode = assemble = 0.0
-    rows = 0
     for group in (*groups, *groups):
-        if group is groups[0]:  # the second pass starts: forget the first
+        if group is groups[0]:  # a pass starts: only the second one (warm caches) counts
             read = decode = assemble = 0.0
             rows = 0
         t0 = time.perf_counter()
@@ -71,19 +69,16 @@ def phase_times(config: DataConfig, maps: FeatureMaps) -> dict:
 
 
 def throughput(config: DataConfig, maps: FeatureMaps, workers: int) -> float:
+    """Samples/s of one whole pass, worker start-up included (the page cache is warm by now)."""
     dataset = ShardDataset(config, "train", maps=maps)
-    loader = make_dataloader(dataset, num_workers=workers)
-    it = iter(loader)
-    next(it)  # start-up (worker fork, first row group) is not throughput
-    start, rows = time.perf_counter(), 0
-    for batch in it:
-        rows += batch.batch_size
+    start = time.perf_counter()
+    rows = sum(batch.batch_size for batch in make_dataloader(dataset, num_workers=workers))
     return rows / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=2000, help="train users to synthesize (about 11 rows each)")
+    parser.add_argument("--users", type=int, default=10_000, help="train users to synthesize (about 11 rows each)")
     parser.add_argument("--map-rows", type=int, default=35_460_000, help="pad item/SCL maps to this many keys (0: no padding)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts to measure (0 = in process)")
     parser.add_argument("--data", type=Path, default=RESULTS / "loader-data", help="where the synthetic shards go")

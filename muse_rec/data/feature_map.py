@@ -9,7 +9,6 @@ lookups of a 1000-long sequence hit a few cache lines instead of 25 levels of a 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -181,13 +180,24 @@ class SclIndex:
         return np.where(rows > 0, self._value_rows[np.maximum(rows - 1, 0)] + 1, 0)
 
 
-@dataclass
 class FeatureMaps:
-    """Every map one training run needs: ID maps by field, and the SCL index."""
+    """Every map one training run needs: ID maps by field, and the SCL index.
 
-    by_field: dict[str, IdMap]
-    scl: SclIndex
-    vocab: str
+    A sequence item needs two lookups, its item row and its SCL row. `scl_of_items` answers the
+    second from the first with one gather through a table item row -> SCL row, built once here:
+    nothing when the SCL keys are the item vocabulary itself (the released p90 setting), one pass
+    over the item keys otherwise. Raw IDs outside the item vocabulary are looked up directly.
+    """
+
+    def __init__(self, by_field: dict[str, IdMap], scl: SclIndex, vocab: str) -> None:
+        self.by_field, self.scl, self.vocab = by_field, scl, vocab
+        items = by_field[schema.ITEM_MAP].keys
+        same_keys = scl._value_rows is None and len(scl.map.keys) == len(items) and np.array_equal(scl.map.keys, items)
+        self._scl_of_item_row: np.ndarray | None = None
+        if not same_keys:
+            self._scl_of_item_row = np.zeros(len(items) + 1, np.int64)
+            for start in range(0, len(items), _CHUNK):
+                self._scl_of_item_row[1 + start : 1 + start + _CHUNK] = scl.remap(items[start : start + _CHUNK])
 
     @classmethod
     def load(cls, layout: DatasetLayout, vocab: str = "p90", strict: bool = False) -> "FeatureMaps":
@@ -196,6 +206,15 @@ class FeatureMaps:
 
     def of_column(self, column: str) -> IdMap:
         return self.by_field[schema.MAP_OF_COLUMN[column]]
+
+    def scl_of_items(self, raw: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+        """SCL rows of raw item IDs whose item rows are known: equal to `self.scl.remap(raw)`."""
+        if self._scl_of_item_row is None:
+            return item_rows.copy()
+        out = self._scl_of_item_row[item_rows]
+        unknown = np.flatnonzero((item_rows == 0) & (raw != 0))  # out of the item vocabulary
+        out[unknown] = self.scl.remap(raw[unknown])
+        return out
 
     def table_rows(self) -> dict[str, int]:
         """Embedding-table sizes (with the padding row), keyed by map field, plus 'scl'."""

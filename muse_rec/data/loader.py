@@ -186,10 +186,11 @@ def decode_row_group(table: pa.Table, maps: FeatureMaps, long_len: int, where: s
     sequence_of_row = np.cumsum(run_start) - 1
     src, dst = _last_padded(items.values.to_numpy(), items.offsets.to_numpy(), run_starts, long_len)
     raw_items = items.values.to_numpy()[src]
+    item_rows = maps.of_column(schema.HIST_ITEMS).remap(raw_items)
     padded = []
-    for values, index in ((raw_items, maps.of_column(schema.HIST_ITEMS)), (cates.values.to_numpy()[src], maps.of_column(schema.HIST_CATES)), (raw_items, maps.scl)):
+    for rows in (item_rows, maps.of_column(schema.HIST_CATES).remap(cates.values.to_numpy()[src]), maps.scl_of_items(raw_items, item_rows)):
         out = np.zeros(len(run_starts) * long_len, np.int64)
-        out[dst] = index.remap(values)
+        out[dst] = rows
         padded.append(out.reshape(len(run_starts), long_len))
     scl_target = maps.scl.remap(_ints(table, schema.TARGET_ITEM))
     return DecodedRows(clicks, user, scalar_rows, scl_target, sequence_of_row, *padded)
