@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def main() -> None:
     sequence_bytes = 8 * 2 * config.long_seq_len
 
     result = {
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "processor": platform.processor()},
+        "machine": {"cpus": os.cpu_count(), "threads_per_process": torch.get_num_threads(), "platform": platform.platform(), "processor": platform.processor()},
         "data": {"train_rows": ShardDataset(config, "train", maps=maps).plan.total_rows, "item_map_rows": maps.of_column(schema.HIST_ITEMS).num_rows,
                  "scl_rows": maps.scl.num_rows, "id_bytes_per_sample": sequence_bytes},
         "ms_per_1000_samples_one_core": phase_times(config, maps),
