@@ -1,13 +1,15 @@
 """Shared fixtures: the real ten-row TAOBAO-MM tables and a small synthetic data set."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from muse_rec.config import SynthConfig
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao-mm-demo"
+DEMO_DIR = Path(os.environ.get("MUSE_REC_DEMO_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao-mm-demo"))
+"""The real ten-row tables: in the shared/ folder beside the checkout, or where MUSE_REC_DEMO_DIR says."""
 
 SMALL_SYNTH = SynthConfig(
     seed=7,
@@ -26,7 +28,7 @@ SMALL_SYNTH = SynthConfig(
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
     if not DEMO_DIR.is_dir():
-        pytest.fail(f"the real demo tables are expected in {DEMO_DIR} (the shared/ folder beside the checkout)")
+        pytest.fail(f"the real demo tables are expected in {DEMO_DIR} (the shared/ folder beside the checkout, or set MUSE_REC_DEMO_DIR)")
     return DEMO_DIR
 
 
