@@ -79,6 +79,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(format_metrics(metrics))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from muse_rec.train.loop import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(Path(args.checkpoint), args.overrides)
+    if metrics["rank"] == 0:
+        print(format_metrics(metrics))
+
+
 def format_metrics(metrics: dict) -> str:
     return (
         f"test: AUC {metrics['auc']:.4f}  GAUC {metrics['gauc']:.4f} ({metrics['gauc_users']:,} users)  "
@@ -128,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub_parser("train", "train one epoch and evaluate (run it under torchrun or torchx for several ranks)")
     _add_config_args(p)
     p.set_defaults(run=cmd_train)
+
+    p = sub_parser("eval", "evaluate a checkpoint on the test split (any number of ranks)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (<run>/checkpoints/step-NNNNNNNN)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.root=...")
+    p.set_defaults(run=cmd_eval)
 
     p = sub_parser("config", "print the resolved config with every key's documentation")
     _add_config_args(p)

@@ -109,6 +109,9 @@ class TrainConfig:
     out: str = option("runs/muse", "Run directory: checkpoints, metrics.jsonl, the resolved config.")
     log_every: int = option(50, "Steps between metric lines in metrics.jsonl.")
     eval_batch_size: int = option(1000, "Samples per evaluation batch on each rank.")
+    checkpoint_every: int = option(0, "Steps between checkpoints (0: only at the end). A checkpoint is always written at the end.")
+    keep_checkpoints: int = option(2, "Checkpoints kept in <out>/checkpoints (the newest ones).")
+    resume: bool = option(True, "Resume from the newest checkpoint in <out> if there is one (same world size and batch size).")
 
 
 @dataclass
@@ -121,6 +124,14 @@ class Config:
 
 
 # -- loading ---------------------------------------------------------------------------------------
+def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config saved as a dict (e.g. in a checkpoint), then overrides."""
+    tree = dataclasses.asdict(_build(Config, tree, ""))
+    for item in overrides:
+        _apply_override(tree, item)
+    return _build(Config, tree, "")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at `path` (if any), then `key.sub=value` overrides, in that order."""
     tree: dict = {}

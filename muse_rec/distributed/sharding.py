@@ -63,6 +63,7 @@ def table_constraints(model: MuseModel, device_type: str) -> dict[str, Parameter
 class ShardedModel:
     model: DistributedModelParallel
     optimizer: CombinedOptimizer  # fused sparse (stepped in backward) + dense AdamW
+    dense_optimizer: KeyedOptimizerWrapper  # the AdamW part: its state is lazy, unlike the fused one's
     plan: ShardingPlan
 
 
@@ -82,7 +83,7 @@ def shard_model(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.AdamW(params, lr=optim.dense_lr, betas=(0.9, 0.999), weight_decay=optim.dense_weight_decay),
     )
-    return ShardedModel(dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan)
+    return ShardedModel(dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), dense, plan)
 
 
 def dense_module(model: nn.Module) -> nn.Module:

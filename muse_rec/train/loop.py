@@ -21,13 +21,15 @@ import yaml
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
-from muse_rec.config import Config, to_dict
+from muse_rec.config import Config, config_from_dict, to_dict
+from muse_rec.data.atomic import write_json
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset, make_dataloader
 from muse_rec.distributed.table_weights import init_trainable_tables, load_scl_table
 from muse_rec.distributed.sharding import ShardedModel, shard_model
 from muse_rec.model.muse import MuseModel
+from muse_rec.train import checkpoint
 from muse_rec.train.metrics import EvalAccumulator
 
 log = logging.getLogger(__name__)
@@ -72,34 +74,71 @@ def build_model(config: Config, maps: FeatureMaps, runtime: Runtime) -> ShardedM
 
 
 def train(config: Config) -> dict:
-    """Train one epoch on the train split, evaluate on the test split; returns the test metrics."""
+    """Train one epoch on the train split (resuming from the run's newest checkpoint if any),
+    checkpoint, and evaluate on the test split; returns the test metrics."""
     runtime = init_distributed()
     out = Path(config.train.out)
     maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab, strict=config.data.strict)
     sharded = build_model(config, maps, runtime)
+    start_step = _resume(config, sharded, runtime, out)
     if runtime.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     writer = MetricsWriter(out / "metrics.jsonl" if runtime.rank == 0 else None)
 
-    dataset = ShardDataset(config.data, "train", runtime.rank, runtime.world_size, maps)
+    dataset = ShardDataset(config.data, "train", runtime.rank, runtime.world_size, maps, start_step=start_step)
+    steps = start_step + len(dataset)
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, runtime.device, execute_all_batches=True)
     batches = iter(make_dataloader(dataset, pin_memory=runtime.device.type == "cuda"))
     sharded.model.train()
-    bar = tqdm(range(len(dataset)), desc="train", unit="step", disable=runtime.rank != 0)
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="train", unit="step", disable=runtime.rank != 0)
     start, samples = time.perf_counter(), 0
     for step in bar:
         loss, _, _, weights, _ = pipeline.progress(batches)
         samples += int(weights.numel()) * runtime.world_size
         rate = samples / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}")
-        if (step + 1) % config.train.log_every == 0 or step + 1 == len(dataset):
-            writer.write({"step": step + 1, "loss": loss.item(), "samples_per_second": rate})
+        done = step + 1
+        if done % config.train.log_every == 0 or done == steps:
+            writer.write({"step": done, "loss": loss.item(), "samples_per_second": rate})
+        if done == steps or (config.train.checkpoint_every and done % config.train.checkpoint_every == 0):
+            _checkpoint(config, sharded, runtime, out, done)
     pipeline.detach()  # restore the modules' own forwards for evaluation
     metrics = evaluate(sharded, config, maps, runtime)
-    writer.write({"step": len(dataset), "split": "test", **metrics})
+    writer.write({"step": steps, "split": "test", **metrics})
     if runtime.rank == 0:
-        log.info("run directory: %s (metrics.jsonl, config.yaml)", out.resolve())
+        log.info("run directory: %s (metrics.jsonl, config.yaml, checkpoints/)", out.resolve())
+    return {**metrics, "rank": runtime.rank}
+
+
+def _resume(config: Config, sharded: ShardedModel, runtime: Runtime, out: Path) -> int:
+    """Steps already done: 0, or the position of the run's newest checkpoint (loaded here)."""
+    path = checkpoint.latest(out) if config.train.resume else None
+    if path is None:
+        return 0
+    position = checkpoint.load(path, sharded, with_optimizer=True)
+    checkpoint.check_resumable(position, runtime.world_size, config.data.batch_size, path)
+    if runtime.rank == 0:
+        log.info("resuming from %s at step %d", path, position.step)
+    return position.step
+
+
+def _checkpoint(config: Config, sharded: ShardedModel, runtime: Runtime, out: Path, step: int) -> None:
+    position = checkpoint.Position(step=step, world_size=runtime.world_size, batch_size=config.data.batch_size)
+    checkpoint.save(out, sharded, position, to_dict(config), keep=config.train.keep_checkpoints)
+
+
+def evaluate_checkpoint(path: Path, overrides: list[str]) -> dict:
+    """Evaluate a saved model on the test split, on any world size; writes eval.json beside it."""
+    config = config_from_dict(checkpoint.read_meta(path)["config"], overrides)
+    runtime = init_distributed()
+    maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab, strict=config.data.strict)
+    sharded = build_model(config, maps, runtime)
+    position = checkpoint.load(path, sharded, with_optimizer=False)
+    metrics = {**evaluate(sharded, config, maps, runtime), "step": position.step, "checkpoint": str(path)}
+    if runtime.rank == 0:
+        write_json(Path(path) / "eval.json", metrics)
+        log.info("evaluation written to %s", Path(path) / "eval.json")
     return {**metrics, "rank": runtime.rank}
 
 
