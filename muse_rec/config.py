@@ -84,6 +84,12 @@ class ModelConfig:
     keep_top: int = option(50, "K: positions of the long sequence the GSU keeps.")
     short_seq_len: int = option(50, "Short sequence: the last N positions of the padded long sequence.")
     init_std: float = option(0.001, "Std of the truncated-normal init of ID-table rows.")
+    scl_storage: Literal["fp16_sharded", "int8_replicated"] = option(
+        "fp16_sharded",
+        "The frozen SCL table: 'fp16_sharded' (a TorchRec table sharded by the plan, 256 B a row split over ranks, "
+        "lookups through all-to-all) or 'int8_replicated' (the int8 values file itself on every rank, 128 B a row, "
+        "memory-mapped and shared by the ranks of a CPU host, no communication).",
+    )
     masked: bool = option(
         False,
         "Corrected variant (off = reference semantics): padded positions are masked out of attention, mean pools "

@@ -44,7 +44,9 @@ def attach_sparse_optimizers(model: MuseModel, config: OptimConfig, device_type:
     optimizer, kwargs = sparse_optimizer(config, device_type)
     trainable = [*model.id_tables.parameters(), *model.sequence_tables.parameters()]
     apply_optimizer_in_backward(optimizer, trainable, kwargs)
-    apply_optimizer_in_backward(torch.optim.SGD, model.scl_table.parameters(), {"lr": 0.0})
+    scl = list(model.scl_table.parameters())  # none when the table is replicated int8
+    if scl:
+        apply_optimizer_in_backward(torch.optim.SGD, scl, {"lr": 0.0})
 
 
 def table_constraints(model: MuseModel, device_type: str) -> dict[str, ParameterConstraints]:
@@ -54,7 +56,7 @@ def table_constraints(model: MuseModel, device_type: str) -> dict[str, Parameter
     pooled = [ShardingType.TABLE_WISE.value] + ([ShardingType.ROW_WISE.value] if device_type == "cuda" else [])
     sequence = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
     constraints = {name: ParameterConstraints(sharding_types=pooled) for name in model.id_tables.embedding_bags}
-    for name in (ITEM_TABLE, CATE_TABLE, SCL_TABLE):
+    for name in (ITEM_TABLE, CATE_TABLE, SCL_TABLE):  # SCL_TABLE is unused when replicated
         constraints[name] = ParameterConstraints(sharding_types=sequence)
     return constraints
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from muse_rec.data.feature_map import SclIndex
+from muse_rec.model.tables import ReplicatedInt8Table
 
 BLOCK_ROWS = 1 << 16
 SCL_WEIGHT_SUFFIX = "scl_table.embeddings.scl.weight"
@@ -59,9 +60,14 @@ def init_trainable_tables(model: nn.Module, seed: int, std: float) -> list[str]:
     return names
 
 
-def load_scl_table(model: nn.Module, scl: SclIndex) -> None:
+def load_scl_table(model: nn.Module, scl: SclIndex, device: torch.device) -> None:
     """Table row i + 1 = line i of the SCL values file (raw int8 values: exact in fp16; cosines
-    are scale invariant); row 0 stays zero."""
+    are scale invariant); row 0 stays zero. A replicated int8 table takes the memory-mapped file
+    itself on CPU (one copy in the page cache for all ranks of a host), a copy on a GPU."""
+    replicated = [m for m in model.modules() if isinstance(m, ReplicatedInt8Table)]
+    if replicated:
+        replicated[0].set_values(torch.from_numpy(scl.values).to(device))
+        return
     values = scl.values
 
     def rows_of_block(block: int) -> np.ndarray:

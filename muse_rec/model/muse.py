@@ -20,7 +20,7 @@ from muse_rec.config import ModelConfig
 from muse_rec.data import schema
 from muse_rec.model import gsu
 from muse_rec.model.esu import SelfAttentiveTargetAttention, SimTier, TargetAttention, mean_pool
-from muse_rec.model.tables import id_table_configs, scl_table_config, sequence_table_configs
+from muse_rec.model.tables import ReplicatedInt8Table, id_table_configs, scl_table_config, sequence_table_configs
 from muse_rec.model.tower import Tower, tower_input, tower_input_dim, two_class_loss_and_prob
 
 AD_ATTRIBUTES = schema.ITEM_ATTRS
@@ -119,7 +119,10 @@ class MuseModel(nn.Module):
         self.config = config
         self.id_tables = EmbeddingBagCollection(id_table_configs(config, table_rows), device=device)
         self.sequence_tables = EmbeddingCollection(sequence_table_configs(config, table_rows), device=device)
-        self.scl_table = EmbeddingCollection([scl_table_config(table_rows["scl"])], device=device)
+        if config.scl_storage == "fp16_sharded":
+            self.scl_table = EmbeddingCollection([scl_table_config(table_rows["scl"])], device=device)
+        else:
+            self.scl_table = ReplicatedInt8Table(table_rows["scl"])
         self.dense = MuseDense(config)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

@@ -5,15 +5,19 @@ Three collections, one per kind of lookup (and one embedding dim per EmbeddingCo
   130_3..130_5), item attributes 213 and 214: one row per sample.
 - `sequence_tables` (EmbeddingCollection): the item table, shared by the target 205 and the
   sequence 150_2_180, and the category table, shared by 206 and 151_2_180.
-- `scl_table` (EmbeddingCollection, 128-d): the frozen multimodal table; its row i + 1 is line i of
-  the SCL values file, filled by `muse_rec.distributed.scl.load_scl_table`, never trained.
+- `scl_table`: the frozen multimodal table (128-d); its row i + 1 is line i of the SCL values
+  file, never trained. Either an fp16 EmbeddingCollection sharded like the others, or
+  `ReplicatedInt8Table`, the int8 values themselves on every rank (`model.scl_storage`). Both are
+  filled by `muse_rec.distributed.table_weights.load_scl_table`.
 Row 0 of every table is padding / out of vocabulary: the model zeroes lookups of row 0, so that
 row reads as the zero vector whatever it holds, and it receives no gradient.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from muse_rec.batch import ID_FEATURES, SCL_FEATURES
 from muse_rec.config import ModelConfig
@@ -75,3 +79,31 @@ def scl_table_config(num_rows: int, data_type: DataType = DataType.FP16) -> Embe
         data_type=data_type,
         init_fn=lambda weight: None,
     )
+
+
+class ReplicatedInt8Table(nn.Module):
+    """The SCL table as its int8 values file, whole on every rank: no sharding, no communication.
+
+    Outputs like an EmbeddingCollection (key -> JaggedTensor of float32 rows, row 0 = zeros), so
+    the model reads both storages the same way. The values are not a parameter (nothing can train
+    them) and not in the state dict (they are the data set's file, not a training result).
+    """
+
+    def __init__(self, num_rows: int) -> None:
+        super().__init__()
+        self.num_rows = num_rows
+        self.register_buffer("values", torch.zeros(0, schema.SCL_DIM, dtype=torch.int8), persistent=False)
+
+    def set_values(self, values: torch.Tensor) -> None:
+        """The int8 (num_rows - 1, 128) values; a tensor over a memory map stays one on CPU."""
+        if values.shape != (self.num_rows - 1, schema.SCL_DIM) or values.dtype != torch.int8:
+            raise ValueError(f"SCL values must be int8 of shape ({self.num_rows - 1}, {schema.SCL_DIM}), got {values.dtype} {tuple(values.shape)}")
+        self.values = values
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        out = {}
+        for key, jagged in features.to_dict().items():
+            rows = jagged.values()
+            looked_up = self.values[(rows - 1).clamp_min(0).to(self.values.device)].to(rows.device).float()
+            out[key] = JaggedTensor(values=looked_up * (rows > 0).unsqueeze(-1), lengths=jagged.lengths())
+        return out

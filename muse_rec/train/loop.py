@@ -69,7 +69,7 @@ def build_model(config: Config, maps: FeatureMaps, runtime: Runtime) -> ShardedM
     model = MuseModel(config.model, maps.table_rows(), device=torch.device("meta"))
     sharded = shard_model(model, config.optim, runtime.device)
     init_trainable_tables(sharded.model, config.train.seed, config.model.init_std)
-    load_scl_table(sharded.model, maps.scl)
+    load_scl_table(sharded.model, maps.scl, runtime.device)
     return sharded
 
 

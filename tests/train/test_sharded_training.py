@@ -19,6 +19,9 @@ from muse_rec.data.loader import ShardDataset
 from muse_rec.train.loop import Runtime, build_model
 
 METHODS = ("muse", "sim_soft", "sim_hard", "din")
+RUNS = {method: [f"model.method={method}"] for method in METHODS} | {
+    "muse_int8_replicated": ["model.method=muse", "model.scl_storage=int8_replicated"],
+}
 STEPS = 4
 
 
@@ -61,11 +64,9 @@ def full_weights(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
 def run(rank: int, world_size: int, root: str, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     results = {}
-    for method in METHODS:
+    for run_name, overrides in RUNS.items():
         config = load_config(
-            None,
-            [f"data.root={root}", "data.batch_size=8", f"model.method={method}", "model.keep_top=20",
-             "optim.sparse_cpu_lr=0.05"],
+            None, [f"data.root={root}", "data.batch_size=8", "model.keep_top=20", "optim.sparse_cpu_lr=0.05", *overrides]
         )
         maps = FeatureMaps.load(DatasetLayout(root), "p90")
         sharded = build_model(config, maps, Runtime(rank, world_size, torch.device("cpu")))
@@ -81,7 +82,7 @@ def run(rank: int, world_size: int, root: str, init_file: str, out: str) -> None
             dist.all_reduce(loss)
             losses.append(float(loss) / world_size)
         pipeline.detach()
-        results[method] = {"losses": losses, "weights": full_weights(sharded.model, rank)}
+        results[run_name] = {"losses": losses, "weights": full_weights(sharded.model, rank)}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -99,7 +100,7 @@ def trained(synthetic_root, tmp_path_factory) -> tuple[dict, dict]:
     return train_in_processes(1, synthetic_root, tmp), train_in_processes(2, synthetic_root, tmp)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", RUNS)
 def test_two_ranks_equal_one_rank(trained, method):
     one, two = trained[0][method], trained[1][method]
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
@@ -122,3 +123,11 @@ def test_training_moved_every_trainable_table_and_kept_scl_frozen(trained, synth
         table = weights[scl_key].float()
         assert torch.equal(table[0], torch.zeros(128))
         assert torch.equal(table[1:], torch.from_numpy(scl.values.astype("float32")))
+
+
+def test_replicated_int8_scl_table_trains_exactly_like_the_sharded_fp16_one(trained):
+    fp16, int8 = trained[1]["muse"], trained[1]["muse_int8_replicated"]
+    assert int8["losses"] == fp16["losses"]
+    assert not [k for k in int8["weights"] if "scl_table" in k]  # the int8 values are data, not state
+    for key, value in int8["weights"].items():
+        torch.testing.assert_close(value, fp16["weights"][key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
