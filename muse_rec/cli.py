@@ -74,7 +74,7 @@ def cmd_stream(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from muse_rec.train.loop import train
 
-    metrics = train(_config(args))
+    metrics = train(_config(args), progress=not args.quiet)
     if metrics["rank"] == 0:
         print(format_metrics(metrics))
 
@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from muse_rec.train.loop import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(Path(args.checkpoint), args.overrides)
+    metrics = evaluate_checkpoint(Path(args.checkpoint), args.overrides, progress=not args.quiet)
     if metrics["rank"] == 0:
         print(format_metrics(metrics))
 

@@ -73,7 +73,7 @@ def build_model(config: Config, maps: FeatureMaps, runtime: Runtime) -> ShardedM
     return sharded
 
 
-def train(config: Config) -> dict:
+def train(config: Config, progress: bool = True) -> dict:
     """Train one epoch on the train split (resuming from the run's newest checkpoint if any),
     checkpoint, and evaluate on the test split; returns the test metrics."""
     runtime = init_distributed()
@@ -91,7 +91,7 @@ def train(config: Config) -> dict:
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, runtime.device, execute_all_batches=True)
     batches = iter(make_dataloader(dataset, pin_memory=runtime.device.type == "cuda"))
     sharded.model.train()
-    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="train", unit="step", disable=runtime.rank != 0)
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="train", unit="step", disable=not progress or runtime.rank != 0)
     start, samples = time.perf_counter(), 0
     for step in bar:
         loss, _, _, weights, _ = pipeline.progress(batches)
@@ -104,7 +104,7 @@ def train(config: Config) -> dict:
         if done == steps or (config.train.checkpoint_every and done % config.train.checkpoint_every == 0):
             _checkpoint(config, sharded, runtime, out, done)
     pipeline.detach()  # restore the modules' own forwards for evaluation
-    metrics = evaluate(sharded, config, maps, runtime)
+    metrics = evaluate(sharded, config, maps, runtime, progress)
     writer.write({"step": steps, "split": "test", **metrics})
     if runtime.rank == 0:
         log.info("run directory: %s (metrics.jsonl, config.yaml, checkpoints/)", out.resolve())
@@ -128,14 +128,14 @@ def _checkpoint(config: Config, sharded: ShardedModel, runtime: Runtime, out: Pa
     checkpoint.save(out, sharded, position, to_dict(config), keep=config.train.keep_checkpoints)
 
 
-def evaluate_checkpoint(path: Path, overrides: list[str]) -> dict:
+def evaluate_checkpoint(path: Path, overrides: list[str], progress: bool = True) -> dict:
     """Evaluate a saved model on the test split, on any world size; writes eval.json beside it."""
     config = config_from_dict(checkpoint.read_meta(path)["config"], overrides)
     runtime = init_distributed()
     maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab, strict=config.data.strict)
     sharded = build_model(config, maps, runtime)
     position = checkpoint.load(path, sharded, with_optimizer=False)
-    metrics = {**evaluate(sharded, config, maps, runtime), "step": position.step, "checkpoint": str(path)}
+    metrics = {**evaluate(sharded, config, maps, runtime, progress), "step": position.step, "checkpoint": str(path)}
     if runtime.rank == 0:
         write_json(Path(path) / "eval.json", metrics)
         log.info("evaluation written to %s", Path(path) / "eval.json")
@@ -143,13 +143,13 @@ def evaluate_checkpoint(path: Path, overrides: list[str]) -> dict:
 
 
 @torch.no_grad()
-def evaluate(sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: Runtime) -> dict:
+def evaluate(sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: Runtime, progress: bool = True) -> dict:
     """Exact AUC and GAUC over the whole test split (all ranks), plus the reference's numbers."""
     data = dataclasses.replace(config.data, batch_size=config.train.eval_batch_size)
     dataset = ShardDataset(data, "test", runtime.rank, runtime.world_size, maps)
     sharded.model.eval()
     accumulator = EvalAccumulator()
-    for batch in tqdm(make_dataloader(dataset), total=len(dataset), desc="eval", unit="step", disable=runtime.rank != 0):
+    for batch in tqdm(make_dataloader(dataset), total=len(dataset), desc="eval", unit="step", disable=not progress or runtime.rank != 0):
         _, (_, scores, labels, weights, user_ids) = sharded.model(batch.to(runtime.device))
         accumulator.update(user_ids, scores, labels, weights)
     sharded.model.train()
