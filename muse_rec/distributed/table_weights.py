@@ -66,7 +66,8 @@ def load_scl_table(model: nn.Module, scl: SclIndex, device: torch.device) -> Non
     itself on CPU (one copy in the page cache for all ranks of a host), a copy on a GPU."""
     replicated = [m for m in model.modules() if isinstance(m, ReplicatedInt8Table)]
     if replicated:
-        replicated[0].set_values(torch.from_numpy(scl.values).to(device))
+        writable_view = np.load(scl.values_path, mmap_mode="c")  # copy-on-write: torch wants writable memory; nothing writes
+        replicated[0].set_values(torch.from_numpy(writable_view).to(device))
         return
     values = scl.values
 
