@@ -71,10 +71,21 @@ def cmd_stream(args: argparse.Namespace) -> None:
         print(format_summary(stream_split(config.data, split, progress=not args.quiet)))
 
 
+def _config_on_hardware(args: argparse.Namespace) -> Config:
+    """The config with the `--hardware` profile (if any) merged in before the overrides, and the
+    `--plan` file (if any) as `sharding.plan`."""
+    from muse_rec.distributed.planning import load_config_with_profile
+
+    config = load_config_with_profile(args.config, args.hardware, args.overrides) if args.hardware else _config(args)
+    if getattr(args, "plan", None):
+        config.sharding.plan = args.plan
+    return config
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from muse_rec.train.loop import train
 
-    metrics = train(_config(args), progress=not args.quiet)
+    metrics = train(_config_on_hardware(args), progress=not args.quiet)
     if metrics["rank"] == 0:
         print(format_metrics(metrics))
 
@@ -85,6 +96,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     metrics = evaluate_checkpoint(Path(args.checkpoint), args.overrides, progress=not args.quiet)
     if metrics["rank"] == 0:
         print(format_metrics(metrics))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from muse_rec.distributed.planning import hardware_profile_path, memory_table, placement_table, plan_offline, save_plan
+
+    config = _config_on_hardware(args)
+    vocab = args.vocab or config.data.vocab
+    plan, memory = plan_offline(config, config.hardware, vocab)
+    print(placement_table(plan))
+    print()
+    print(memory_table(memory, config.hardware.device_type))
+    out = Path(args.out) / f"{hardware_profile_path(args.hardware).stem}-{vocab}.json"
+    save_plan(out, plan, config.hardware)
+    print(f"\nplan for {config.hardware.world_size} x {config.hardware.device_type} written to {out} (use it: train --plan {out})")
 
 
 def format_metrics(metrics: dict) -> str:
@@ -135,7 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub_parser("train", "train one epoch and evaluate (run it under torchrun or torchx for several ranks)")
     _add_config_args(p)
+    p.add_argument("--hardware", help="hardware profile (configs/hardware/NAME.yaml or a path) to plan for at start-up")
+    p.add_argument("--plan", help="sharding plan file from `muse-rec plan` (sets sharding.plan): no planning at start-up")
     p.set_defaults(run=cmd_train)
+
+    p = sub_parser("plan", "plan the table sharding for a hardware profile offline (no data, GPU or ranks needed)")
+    _add_config_args(p)
+    p.add_argument("--hardware", required=True, help="hardware profile: a name in configs/hardware/ (e.g. h100x8) or a YAML path")
+    p.add_argument("--vocab", choices=("p90", "full"), help="item vocabulary to size the tables for (default: data.vocab)")
+    p.add_argument("--out", default="plans", help="directory of the plan file <hardware>-<vocab>.json (default: plans/)")
+    p.set_defaults(run=cmd_plan)
 
     p = sub_parser("eval", "evaluate a checkpoint on the test split (any number of ranks)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (<run>/checkpoints/step-NNNNNNNN)")

@@ -120,6 +120,82 @@ class TrainConfig:
     resume: bool = option(True, "Resume from the newest checkpoint in <out> if there is one (same world size and batch size).")
 
 
+ShardingTypeName = Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"]
+KernelName = Literal["fused", "fused_uvm", "fused_uvm_caching"]
+
+
+@dataclass
+class TableShardingConfig:
+    sharding_types: list[ShardingTypeName] = option(
+        ["table_wise", "row_wise"],
+        "Sharding types the planner may choose for this table (TorchRec's names). data_parallel is never offered: a "
+        "data-parallel table loses its fused optimizer. Types the device's sharder lacks are skipped (row_wise for the "
+        "pooled tables on CPU, table_row_wise for the sequence tables); a list of only such types is an error.",
+    )
+    compute_kernels: list[KernelName] | None = option(
+        None,
+        "Embedding kernels the planner may choose: 'fused' (the table in device memory; in DDR on CPU), 'fused_uvm' "
+        "(the table in host memory, read over PCIe), 'fused_uvm_caching' (host memory plus a device-memory cache of "
+        "hot rows; CUDA only). null: any kernel the sharder offers on the device.",
+    )
+    cache_load_factor: float | None = option(
+        None, "Share of the table's rows 'fused_uvm_caching' keeps in device memory (null: TorchRec's default, 0.2)."
+    )
+
+
+@dataclass
+class ShardedTablesConfig:
+    item: TableShardingConfig = section(
+        TableShardingConfig, "The item table (205 and the sequence 150_2_180): 243 M rows with the full vocabulary, 35 M with p90."
+    )
+    category: TableShardingConfig = section(TableShardingConfig, "The category table (206 and the sequence 151_2_180): 26 k rows.")
+    scl: TableShardingConfig = section(
+        TableShardingConfig, "The frozen fp16 SCL table (model.scl_storage=fp16_sharded; the int8 replicated one is not planned)."
+    )
+    user: TableShardingConfig = section(TableShardingConfig, "The user table 129_1: 6.9 M rows.")
+    attributes: TableShardingConfig = section(TableShardingConfig, "The small attribute tables 130_1..130_5, 213 and 214.")
+
+
+@dataclass
+class ShardingConfig:
+    plan: str | None = option(
+        None,
+        "Plan file written by `muse-rec plan` (plans/<hardware>-<vocab>.json) to shard with; it must name this job's "
+        "device type and world size. null: plan collectively at start-up from `hardware` and `sharding.tables`.",
+    )
+    tables: ShardedTablesConfig = section(ShardedTablesConfig, "What the planner may choose, per table (`train` and `plan` both).")
+
+
+@dataclass
+class HardwareConfig:
+    """Sizes in GiB (2**30 bytes) per rank; bandwidths in GB/s (10**9 bytes a second), as datasheets give them."""
+
+    device_type: Literal["cpu", "cuda"] | None = option(
+        None, "Device every rank trains on. null: the running job's (a job on other hardware than its profile is refused)."
+    )
+    world_size: int | None = option(None, "Ranks in all. null: the running job's.")
+    local_world_size: int | None = option(None, "Ranks per host (GPUs per node, processes per CPU host). null: every rank on one host.")
+    hbm_cap_gib: float | None = option(
+        None,
+        "Device memory of one rank, GiB; the planner leaves 15% of it free, besides the dense model and the batches "
+        "in flight. null: TorchRec's default (32 GiB; none on CPU).",
+    )
+    ddr_cap_gib: float | None = option(
+        None,
+        "Host memory of one rank, GiB: the host's RAM minus headroom (OS, data loaders, page cache) divided by "
+        "local_world_size. Holds UVM tables on CUDA and every table on CPU. null: TorchRec's default (128 GiB).",
+    )
+    intra_host_bw_gb_s: float | None = option(
+        None, "Rank-to-rank bandwidth inside a host (NVLink, PCIe, shared memory), GB/s. null: TorchRec's default."
+    )
+    inter_host_bw_gb_s: float | None = option(None, "Network bandwidth of one rank to other hosts, GB/s. null: TorchRec's default.")
+    hbm_bw_gb_s: float | None = option(None, "Device memory bandwidth, GB/s. null: TorchRec's default.")
+    ddr_bw_gb_s: float | None = option(None, "Host memory bandwidth of one rank, GB/s. null: TorchRec's default.")
+    host_to_device_bw_gb_s: float | None = option(
+        None, "Host-to-device bandwidth of one rank (PCIe), GB/s: what UVM kernels read at. null: TorchRec's default."
+    )
+
+
 @dataclass
 class Config:
     data: DataConfig = section(DataConfig, "Where the data lives and how it is batched.")
@@ -127,6 +203,10 @@ class Config:
     model: ModelConfig = section(ModelConfig, "The MUSE-family model.")
     optim: OptimConfig = section(OptimConfig, "Optimizers: fused sparse (in backward) and dense AdamW.")
     train: TrainConfig = section(TrainConfig, "The training run.")
+    sharding: ShardingConfig = section(ShardingConfig, "How the embedding tables are sharded over the ranks: a saved plan or the planner's choices.")
+    hardware: HardwareConfig = section(
+        HardwareConfig, "The hardware the tables are planned for: a profile from configs/hardware/ (`--hardware`), or the running job's."
+    )
 
 
 # -- loading ---------------------------------------------------------------------------------------

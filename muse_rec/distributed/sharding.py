@@ -3,11 +3,15 @@
 Order matters (see shared/spec/torchrec-notes.md): the in-backward optimizers are attached to the
 (meta) model *before* planning, so the planner counts their state; the frozen SCL table gets SGD
 with lr 0, so nothing can ever update it, not even the default optimizer TorchRec would attach.
-Dense parameters are wrapped in DDP by DMP and optimised by the returned dense optimizer.
+Dense parameters are wrapped in DDP by DMP and optimised by the returned dense optimizer. What the
+planner may choose per table comes from the config (`sharding.tables`), the memory it plans into
+from the hardware profile (`hardware`); a saved plan (`muse_rec.distributed.planning`) skips planning.
 """
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -17,15 +21,21 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from muse_rec.config import OptimConfig
+from muse_rec.config import DataConfig, HardwareConfig, OptimConfig, ShardingConfig, TableShardingConfig
+from muse_rec.data import schema
+from muse_rec.distributed.topology import topology_from_profile
+from muse_rec.errors import ConfigError
 from muse_rec.model.muse import MuseModel
-from muse_rec.model.tables import CATE_TABLE, ITEM_TABLE, SCL_TABLE
+from muse_rec.model.tables import CATE_TABLE, ITEM_TABLE, SCL_TABLE, ReplicatedInt8Table
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +59,83 @@ def attach_sparse_optimizers(model: MuseModel, config: OptimConfig, device_type:
         apply_optimizer_in_backward(torch.optim.SGD, scl, {"lr": 0.0})
 
 
-def table_constraints(model: MuseModel, device_type: str) -> dict[str, ParameterConstraints]:
-    """Sharding types the tables may use. Data-parallel is excluded: such tables would lose their
-    fused optimizer. On CPU, EmbeddingBagCollections shard table-wise only (row-wise needs a manual
-    plan there) and EmbeddingCollections table- or row-wise."""
-    pooled = [ShardingType.TABLE_WISE.value] + ([ShardingType.ROW_WISE.value] if device_type == "cuda" else [])
-    sequence = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
-    constraints = {name: ParameterConstraints(sharding_types=pooled) for name in model.id_tables.embedding_bags}
-    for name in (ITEM_TABLE, CATE_TABLE, SCL_TABLE):  # SCL_TABLE is unused when replicated
-        constraints[name] = ParameterConstraints(sharding_types=sequence)
+TABLE_GROUPS = {ITEM_TABLE: "item", CATE_TABLE: "category", SCL_TABLE: "scl", schema.USER: "user"}
+"""Key under `sharding.tables` of each table; every other table is one of the small `attributes`."""
+LONG_FEATURES = frozenset({schema.HIST_ITEMS, schema.HIST_CATES, schema.SCL_LONG})
+"""Features looked up at every position of the long sequence (the others once per sample)."""
+
+
+def sharders() -> list[ModuleSharder]:
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+
+
+def planned_tables(model: MuseModel) -> list[tuple[str, ModuleSharder, BaseEmbeddingConfig]]:
+    """(module path, its sharder, table config) of every table the planner places; the replicated
+    int8 SCL table is no TorchRec module and is not among them."""
+    ebc, ec = sharders()
+    tables = [("id_tables", ebc, t) for t in model.id_tables.embedding_bag_configs()]
+    tables += [("sequence_tables", ec, t) for t in model.sequence_tables.embedding_configs()]
+    if isinstance(model.scl_table, EmbeddingCollection):
+        tables += [("scl_table", ec, t) for t in model.scl_table.embedding_configs()]
+    return tables
+
+
+def table_constraints(model: MuseModel, sharding: ShardingConfig, device_type: str, long_seq_len: int) -> dict[str, ParameterConstraints]:
+    """Each table's choices from `sharding.tables` (data_parallel is never among them: such tables
+    would lose their fused optimizer), narrowed to what its sharder supports on `device_type`
+    (on CPU, EmbeddingBagCollections shard neither row-wise nor with UVM), and its lookups per
+    sample, so the planner sizes the input/output buffers of a 1000-long sequence as such."""
+    constraints = {}
+    for _, sharder, table in planned_tables(model):
+        group = TABLE_GROUPS.get(table.name, "attributes")
+        choice: TableShardingConfig = getattr(sharding.tables, group)
+        key = f"sharding.tables.{group}"
+        sharding_types = _supported(f"{key}.sharding_types", choice.sharding_types, sharder.sharding_types(device_type), table.name, device_type)
+        kernels = {k for t in sharding_types for k in sharder.compute_kernels(t, device_type)}
+        constraints[table.name] = ParameterConstraints(
+            sharding_types=sharding_types,
+            compute_kernels=None
+            if choice.compute_kernels is None
+            else _supported(f"{key}.compute_kernels", choice.compute_kernels, kernels, table.name, device_type),
+            cache_params=None if choice.cache_load_factor is None else CacheParams(load_factor=choice.cache_load_factor),
+            pooling_factors=[float(long_seq_len) if f in LONG_FEATURES else 1.0 for f in table.feature_names],
+        )
     return constraints
+
+
+def _supported(key: str, chosen: list[str], offered: Collection[str], table: str, device_type: str) -> list[str]:
+    kept = [c for c in chosen if c in offered]
+    if not kept:
+        usable = sorted(o for o in offered if o not in (ShardingType.DATA_PARALLEL.value, "dense"))
+        raise ConfigError(f"{key}: none of {chosen} is available for table {table} on {device_type} (available: {usable})")
+    return kept
+
+
+RESERVED_SHARE = 0.15
+"""Share of each rank's memory the planner leaves free as a margin: TorchRec's default."""
+DENSE_MULTIPLIER = 6
+"""Dense memory per dense parameter byte: TorchRec's heuristic (parameter, optimizer state, DDP buckets)."""
+
+
+def make_planner(model: MuseModel, sharding: ShardingConfig, topology: Topology, data: DataConfig) -> EmbeddingShardingPlanner:
+    """The planner for `model` on `topology`, for batches of `data.batch_size` per rank. Memory every
+    rank holds outside the plan is reserved as the "dense" estimate (device memory on CUDA, host
+    memory on CPU): the dense arch, and the replicated int8 SCL table if there is one."""
+    dense = sum(t.numel() * t.element_size() for t in model.dense.parameters())
+    with warnings.catch_warnings():  # torchrec 1.8 always warns of dry runs without a dense estimate: one is given
+        warnings.filterwarnings("ignore", "HeuristicalStorageReservation", FutureWarning)
+        reservation = HeuristicalStorageReservation(RESERVED_SHARE, dense_tensor_estimate=DENSE_MULTIPLIER * dense + replicated_bytes(model))
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=data.batch_size,
+        storage_reservation=reservation,
+        constraints=table_constraints(model, sharding, topology.compute_device, data.long_seq_len),
+    )
+
+
+def replicated_bytes(model: MuseModel) -> int:
+    """Bytes of the replicated int8 SCL table on each rank (its values; row 0 is computed)."""
+    return sum((m.num_rows - 1) * schema.SCL_DIM for m in model.modules() if isinstance(m, ReplicatedInt8Table))
 
 
 @dataclass
@@ -70,17 +147,24 @@ class ShardedModel:
 
 
 def shard_model(
-    model: MuseModel, optim: OptimConfig, device: torch.device, plan: ShardingPlan | None = None
+    model: MuseModel,
+    optim: OptimConfig,
+    device: torch.device,
+    plan: ShardingPlan | None = None,
+    sharding: ShardingConfig | None = None,
+    hardware: HardwareConfig | None = None,
+    data: DataConfig | None = None,
 ) -> ShardedModel:
-    """Attach optimizers, plan collectively (unless a plan is given) and wrap in DMP."""
+    """Attach optimizers, plan collectively (unless a plan is given) and wrap in DMP. Planning
+    follows `sharding.tables` on the `hardware` profile (default: TorchRec's topology of the
+    running job) for `data`'s batch size and sequence length."""
     attach_sparse_optimizers(model, optim, device.type)
-    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if plan is None:
-        topology = Topology(world_size=world_size, compute_device=device.type)
-        planner = EmbeddingShardingPlanner(topology=topology, constraints=table_constraints(model, device.type))
-        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD) if dist.is_initialized() else planner.plan(model, sharders)
-    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+        topology = topology_from_profile(hardware or HardwareConfig(), device.type, world_size)
+        planner = make_planner(model, sharding or ShardingConfig(), topology, data or DataConfig())
+        plan = planner.collective_plan(model, sharders(), dist.GroupMember.WORLD) if dist.is_initialized() else planner.plan(model, sharders())
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.AdamW(params, lr=optim.dense_lr, betas=(0.9, 0.999), weight_decay=optim.dense_weight_decay),

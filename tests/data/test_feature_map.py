@@ -23,7 +23,7 @@ def test_remap_equals_searchsorted_definition(n, spread):
     keys = keys[keys != 0]
     hits = keys[rng.integers(0, max(len(keys), 1), 50_000)] if len(keys) else np.empty(0, np.int64)
     probes = np.concatenate(
-        [hits, rng.integers(-(2**63), 2**63 - 1, 20_000, dtype=np.int64), keys[:2] - 1, keys[-2:] + 1 if len(keys) else [],
+        [hits, rng.integers(-(2**63), 2**63 - 1, 20_000, dtype=np.int64), keys[:2] - 1, keys[-2:] + 1,
          [0, -(2**63), 2**63 - 1]]
     ).astype(np.int64)
     id_map = IdMap(keys)

@@ -1,0 +1,245 @@
+"""Offline sharding plans per hardware profile: made without a GPU or process group, within the
+profile's caps, saved and loaded exactly, refused on other hardware, and used by a real 2-rank run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from muse_rec.cli import main
+from muse_rec.config import Config
+from muse_rec.data.feature_map import FeatureMaps
+from muse_rec.data.layout import DatasetLayout
+from muse_rec.data.loader import ShardDataset
+from muse_rec.distributed.planning import (
+    PROFILES_DIR,
+    TAOBAO_MM_ITEM_ROWS,
+    TAOBAO_MM_ROWS,
+    load_config_with_profile,
+    load_plan,
+    plan_offline,
+    save_plan,
+    table_rows,
+    topology_from_profile,
+)
+from muse_rec.distributed.sharding import table_constraints
+from muse_rec.distributed.topology import GIB
+from muse_rec.errors import ConfigError, MuseRecError
+from muse_rec.model.muse import MuseModel
+from muse_rec.train.loop import Runtime, build_model
+
+PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+GB = 10**9
+
+
+def profiled(tmp_path: Path, profile: str, *overrides: str) -> Config:
+    """A job on `profile` whose data directory has no feature maps: released TAOBAO-MM sizes."""
+    return load_config_with_profile(None, profile, [f"data.root={tmp_path / 'no-data'}", *overrides])
+
+
+def test_every_profile_names_its_hardware():
+    assert set(PROFILES) >= {"cpu-2core", "h100x1", "h100x8", "a100-40gbx8", "rtx4090x8", "h100x8x2nodes"}
+    for profile in PROFILES:
+        hardware = load_config_with_profile(None, profile).hardware
+        topology = topology_from_profile(hardware)
+        assert (topology.compute_device, topology.world_size) == (hardware.device_type, hardware.world_size)
+        assert topology.local_world_size == hardware.local_world_size
+        assert topology.devices[0].storage.ddr == int(hardware.ddr_cap_gib * GIB)
+        if hardware.device_type == "cuda":
+            assert topology.devices[0].storage.hbm == int(hardware.hbm_cap_gib * GIB)
+            assert topology.hbm_mem_bw == hardware.hbm_bw_gb_s * 1e6  # bytes per ms
+
+
+def test_cpu_2core_profile_is_half_the_host_per_rank():
+    hardware = load_config_with_profile(None, "cpu-2core").hardware
+    assert (hardware.device_type, hardware.world_size, hardware.local_world_size) == ("cpu", 2, 2)
+    assert hardware.ddr_cap_gib * 2 < 24
+
+
+@pytest.mark.parametrize(
+    "profile,vocab,budget",
+    [
+        ("rtx4090x8", "full", None),  # fits 8 x 24 GB
+        ("a100-40gbx8", "full", None),  # fits 8 x 40 GB
+        ("h100x8", "full", 12 * GB),  # weights + optimizer state at most 12 GB per GPU
+        ("h100x1", "p90", None),  # fits one H100
+    ],
+)
+def test_offline_plan_meets_the_hardware_targets_without_gpu_or_process_group(tmp_path, profile, vocab, budget):
+    config = profiled(tmp_path, profile)
+    plan, memory = plan_offline(config, config.hardware, vocab)
+    assert not dist.is_initialized() and not torch.cuda.is_available()
+    assert len(memory) == config.hardware.world_size
+    for rank in memory:
+        assert rank.fits and rank.hbm <= config.hardware.hbm_cap_gib * GIB, rank
+        assert rank.weights > 0 and rank.optimizer > 0  # Adam's state is counted on CUDA
+        if budget:
+            assert rank.weights + rank.optimizer <= budget, rank
+    rows = TAOBAO_MM_ITEM_ROWS[vocab] + 1
+    item = plan.plan["sequence_tables"]["item"]
+    assert sum(s.shard_sizes[0] for s in item.sharding_spec.shards) == rows
+    assert all(str(s.placement.device()).startswith("cuda") for s in item.sharding_spec.shards)
+    table_bytes = rows * 16 * 4 + (TAOBAO_MM_ROWS["scl"] + 1) * 128 * 2
+    assert sum(m.weights for m in memory) > table_bytes  # plus the small tables
+
+
+def test_the_replicated_int8_scl_table_is_on_every_rank_outside_the_plan(tmp_path):
+    config = profiled(tmp_path, "rtx4090x8", "model.scl_storage=int8_replicated")
+    plan, memory = plan_offline(config, config.hardware, "p90")
+    assert "scl_table" not in plan.plan
+    replicated = TAOBAO_MM_ROWS["scl"] * 128
+    for rank in memory:
+        assert rank.replicated == replicated and rank.hbm >= replicated + rank.weights + rank.optimizer
+
+
+def test_full_vocabulary_does_not_fit_two_cpu_ranks_and_says_so(tmp_path):
+    config = profiled(tmp_path, "cpu-2core")
+    with pytest.raises(MuseRecError, match="the full tables do not fit 2 x cpu"):
+        plan_offline(config, config.hardware, "full")
+
+
+def test_table_sizes_come_from_the_feature_maps_when_there_are_some(synthetic_root, tmp_path):
+    rows, source = table_rows(synthetic_root, "p90")
+    assert rows == FeatureMaps.load(DatasetLayout(synthetic_root), "p90").table_rows()
+    assert "feature maps" in source and "released" not in source
+    rows, source = table_rows(tmp_path, "full")
+    assert rows["150_2_180"] == 243_363_021 and rows["129_1"] == 6_929_672 and rows["scl"] == 35_458_468
+    assert "released TAOBAO-MM sizes" in source
+
+
+def test_plan_file_round_trip_is_exact(tmp_path):
+    overrides = ("sharding.tables.item.compute_kernels=[fused_uvm_caching]", "sharding.tables.item.cache_load_factor=0.1")
+    config = profiled(tmp_path, "rtx4090x8", *overrides)
+    plan, _ = plan_offline(config, config.hardware, "full")
+    assert plan.plan["sequence_tables"]["item"].cache_params.load_factor == 0.1
+    save_plan(tmp_path / "plan.json", plan, config.hardware)
+    loaded = load_plan(tmp_path / "plan.json", "cuda", 8)
+    assert loaded == plan and str(loaded) == str(plan)
+
+
+def test_a_plan_for_other_hardware_is_refused(tmp_path):
+    config = profiled(tmp_path, "a100-40gbx8")
+    plan, _ = plan_offline(config, config.hardware, "p90")
+    path = tmp_path / "a100.json"
+    save_plan(path, plan, config.hardware)
+    with pytest.raises(ConfigError, match=r"device type 'cuda', this job 'cpu'") as error:
+        load_plan(path, "cpu", 8)
+    assert "world size" not in str(error.value)
+    with pytest.raises(ConfigError, match=r"world size 8, this job 2"):
+        load_plan(path, "cuda", 2)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_plan(tmp_path / "missing.json", "cuda", 8)
+    (tmp_path / "other.json").write_text('{"plan": {}}')
+    with pytest.raises(ConfigError, match="is not a muse-rec sharding plan"):
+        load_plan(tmp_path / "other.json", "cuda", 8)
+
+
+def test_a_plan_for_other_table_sizes_is_refused_before_dmp(tmp_path):
+    config = profiled(tmp_path, "h100x8")
+    plan, _ = plan_offline(config, config.hardware, "full")
+    save_plan(tmp_path / "full.json", plan, config.hardware)
+    rows, _ = table_rows(tmp_path, "p90")
+    p90_model = MuseModel(config.model, rows, device=torch.device("meta"))
+    with pytest.raises(MuseRecError, match=r"full.json does not fit .* sequence_tables\.item: 243,363,021 x 16 in the plan, 35,458,468 x 16 in the model"):
+        load_plan(tmp_path / "full.json", "cuda", 8, p90_model)
+
+
+def test_a_job_on_other_hardware_than_its_profile_is_refused():
+    hardware = load_config_with_profile(None, "h100x8").hardware
+    with pytest.raises(ConfigError, match="hardware.device_type is 'cuda' in the hardware profile but this job runs with 'cpu'"):
+        topology_from_profile(hardware, "cpu", 8)
+    with pytest.raises(ConfigError, match="hardware.world_size is 8 in the hardware profile but this job runs with 2"):
+        topology_from_profile(hardware, "cuda", 2)
+    with pytest.raises(ConfigError, match="hardware.device_type is not set"):
+        topology_from_profile(Config().hardware)
+
+
+def test_default_constraints_are_the_previous_ones(tmp_path):
+    """No data-parallel anywhere; pooled (EBC) tables table-wise only on CPU, row-wise too on CUDA;
+    sequence tables table- or row-wise; the long sequences sized as 1000 lookups a sample."""
+    config = Config()
+    rows, _ = table_rows(tmp_path, "p90")
+    model = MuseModel(config.model, rows, device=torch.device("meta"))
+    for device, pooled in (("cpu", ["table_wise"]), ("cuda", ["table_wise", "row_wise"])):
+        constraints = table_constraints(model, config.sharding, device, config.data.long_seq_len)
+        assert constraints["129_1"].sharding_types == pooled and constraints["213"].sharding_types == pooled
+        for table in ("item", "category", "scl"):
+            assert constraints[table].sharding_types == ["table_wise", "row_wise"]
+            assert constraints[table].compute_kernels is None and constraints[table].cache_params is None
+        assert constraints["item"].pooling_factors == [1.0, 1000.0]
+
+
+def test_a_choice_the_device_cannot_shard_with_names_the_key(tmp_path):
+    config = profiled(tmp_path, "cpu-2core", "sharding.tables.user.sharding_types=[row_wise]")
+    with pytest.raises(ConfigError, match=r"sharding.tables.user.sharding_types: none of \['row_wise'\] is available for table 129_1 on cpu"):
+        plan_offline(config, config.hardware, "p90")
+    with pytest.raises(ConfigError, match="data_parallel"):
+        profiled(tmp_path, "cpu-2core", "sharding.tables.user.sharding_types=[data_parallel]")
+
+
+def test_profiles_are_checked_and_resolved(tmp_path):
+    with pytest.raises(ConfigError, match="not a profile in .*h100x8"):
+        load_config_with_profile(None, "tpu-v5")
+    (tmp_path / "odd.yaml").write_text("data:\n  batch_size: 5\nhardware:\n  world_size: 2\n")
+    with pytest.raises(ConfigError, match="only hardware and sharding belong in a profile, found data"):
+        load_config_with_profile(None, str(tmp_path / "odd.yaml"))
+    (tmp_path / "typo.yaml").write_text("hardware:\n  hbm_cap: 5\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key hardware.hbm_cap"):
+        load_config_with_profile(None, str(tmp_path / "typo.yaml"))
+    config = load_config_with_profile(None, "h100x8", ["hardware.world_size=4", "data.batch_size=7"])
+    assert (config.hardware.world_size, config.data.batch_size, config.sharding.tables.item.sharding_types) == (4, 7, ["row_wise"])
+
+
+def test_plan_command_prints_placement_and_memory_and_writes_the_file(tmp_path, capsys):
+    assert main(["plan", "--hardware", "rtx4090x8", "--vocab", "full", "--out", str(tmp_path), f"data.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "| sequence_tables.item | row_wise | fused | 0-7 |" in out and "| rank | weights | optimizer |" in out
+    assert load_plan(tmp_path / "rtx4090x8-full.json", "cuda", 8).plan.keys() == {"id_tables", "sequence_tables", "scl_table"}
+
+
+# -- one real use: an offline plan for cpu-2core, loaded by a 2-rank gloo training run ------------
+STEPS = 3
+
+
+def run_with_plan(rank: int, root: str, plan_path: str, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    config = load_config_with_profile(
+        None, "cpu-2core", [f"data.root={root}", "data.batch_size=8", "model.keep_top=20", f"sharding.plan={plan_path}"]
+    )
+    maps = FeatureMaps.load(DatasetLayout(root), "p90")
+    sharded = build_model(config, maps, Runtime(rank, 2, torch.device("cpu")))
+    item = next(v for k, v in sharded.model.state_dict().items() if k.endswith("sequence_tables.embeddings.item.weight"))
+    before = [s.tensor.clone() for s in item.local_shards()]
+    pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, torch.device("cpu"))
+    batches = iter(ShardDataset(config.data, "train", rank, 2, maps))
+    losses = [float(pipeline.progress(batches)[0]) for _ in range(STEPS)]
+    pipeline.detach()
+    result = {
+        "plan_used": sharded.plan == load_plan(plan_path, "cpu", 2),
+        "losses": losses,
+        "item_shards": [(list(s.metadata.shard_offsets), list(s.metadata.shard_sizes)) for s in item.local_shards()],
+        "item_moved": any(not torch.equal(b, s.tensor) for b, s in zip(before, item.local_shards())),
+    }
+    torch.save(result, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_plan_made_offline_for_cpu_2core_trains_on_two_gloo_ranks(synthetic_root, tmp_path):
+    config = load_config_with_profile(None, "cpu-2core", [f"data.root={synthetic_root}", "data.batch_size=8"])
+    plan, _ = plan_offline(config, config.hardware, "p90")
+    item = plan.plan["sequence_tables"]["item"]
+    path = tmp_path / "cpu-2core-p90.json"
+    save_plan(path, plan, config.hardware)
+    out = tmp_path / "result"
+    mp.spawn(run_with_plan, args=(str(synthetic_root), str(path), str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(f"{out}.{rank}")
+        assert result["plan_used"]
+        assert len(result["losses"]) == STEPS and all(0 < loss < 10 for loss in result["losses"])
+        assert result["item_moved"]
+        expected = [(s.shard_offsets, s.shard_sizes) for s in item.sharding_spec.shards if s.placement.rank() == rank]
+        assert result["item_shards"] == expected
