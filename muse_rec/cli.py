@@ -83,17 +83,19 @@ def _config_on_hardware(args: argparse.Namespace) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from muse_rec.train.loop import train
+    from muse_rec.train.loop import shutdown_distributed, train
 
     metrics = train(_config_on_hardware(args), progress=not args.quiet)
+    shutdown_distributed()
     if metrics["rank"] == 0:
         print(format_metrics(metrics))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from muse_rec.train.loop import evaluate_checkpoint
+    from muse_rec.train.loop import evaluate_checkpoint, shutdown_distributed
 
     metrics = evaluate_checkpoint(Path(args.checkpoint), args.overrides, progress=not args.quiet)
+    shutdown_distributed()
     if metrics["rank"] == 0:
         print(format_metrics(metrics))
 

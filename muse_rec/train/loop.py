@@ -60,6 +60,14 @@ def init_distributed() -> Runtime:
     return Runtime(dist.get_rank(), dist.get_world_size(), device)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly: a gloo group torn down by interpreter exit can abort the
+    process ("terminate called without an active exception") after the work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def keep_freed_memory() -> None:
     """glibc: serve large blocks from the heap (no mmap) and never trim it, so each step's big
     temporaries (the SCL lookup alone is 512 MB at batch 1000) reuse pages instead of faulting in
