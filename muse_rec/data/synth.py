@@ -179,6 +179,7 @@ class UserBlock:
     hist_items: np.ndarray  # oldest first
     target_owner: np.ndarray  # block-local user of each impression
     target_items: np.ndarray
+    click_probability: np.ndarray  # the generative model's true P(click), the ceiling for any model
     clicks: np.ndarray  # int8
 
 
@@ -209,8 +210,20 @@ def generate_block(catalogue: Catalogue, rng: np.random.Generator, users: np.nda
     m = _same_cluster_counts(owner, hist_clusters, target_owner, target_clusters, catalogue.num_clusters)
     s = _same_cluster_counts(owner[recent], hist_clusters[recent], target_owner, target_clusters, catalogue.num_clusters)
     logit = c.click_bias + c.long_signal_weight * np.log1p(m) + c.short_signal_weight * np.log1p(s)
-    clicks = (rng.random(len(logit)) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int8)
-    return UserBlock(users, attrs, offsets, hist_items, target_owner, target_items, clicks)
+    probability = 1.0 / (1.0 + np.exp(-logit))
+    clicks = (rng.random(len(logit)) < probability).astype(np.int8)
+    return UserBlock(users, attrs, offsets, hist_items, target_owner, target_items, probability, clicks)
+
+
+def split_blocks(catalogue: Catalogue, split: str) -> Iterator[UserBlock]:
+    """The split's user blocks in order, each from its own seeded stream (so any block can be drawn
+    again without the others: the quality benchmark re-draws the test split for its oracle)."""
+    c = catalogue.config
+    num_users = c.train_users if split == "train" else c.test_users
+    first_user = 0 if split == "train" else c.train_users  # test users are new users
+    for index, begin in enumerate(range(0, num_users, BLOCK_USERS)):
+        users = np.arange(first_user + begin, first_user + min(begin + BLOCK_USERS, num_users))
+        yield generate_block(catalogue, _rng(c.seed, split, index), users)
 
 
 def _mixed_clusters(
@@ -392,7 +405,6 @@ def _write_split(
     """Generate and write one split block by block; the shard writer is left open (metadata last)."""
     c = catalogue.config
     num_users = c.train_users if split == "train" else c.test_users
-    first_user = 0 if split == "train" else c.train_users  # test users are new users
     writer = ShardWriter(
         layout, split, c.rows_per_shard, c.row_group_rows, extra_metadata={"synth": dataclasses.asdict(c)}
     )
@@ -401,9 +413,7 @@ def _write_split(
     with contextlib.ExitStack() as stack:
         raw = _raw_sinks(layout, split, c, stack)
         with tqdm(total=num_users, desc=f"synth {split}", unit="user", disable=not progress) as bar:
-            for index, begin in enumerate(range(0, num_users, BLOCK_USERS)):
-                users = np.arange(first_user + begin, first_user + min(begin + BLOCK_USERS, num_users))
-                block = generate_block(catalogue, _rng(c.seed, split, index), users)
+            for block in split_blocks(catalogue, split):
                 users_raw = user_columns(catalogue, block)
                 joined = joined_table(catalogue, block, users_raw)
                 writer.write(joined)
@@ -413,7 +423,7 @@ def _write_split(
                 stats.add(block, split)
                 rows += joined.num_rows
                 clicks += int(block.clicks.sum())
-                bar.update(len(users))
+                bar.update(len(block.users))
     seconds = time.perf_counter() - start
     log.info("%s: %d users, %d rows in %.1f s (%.0f rows/s)", split, num_users, rows, seconds, rows / max(seconds, 1e-9))
     return SplitResult(writer, rows, clicks)

@@ -87,7 +87,7 @@ def _pair_counts(
     )
 
 
-def _group_aucs(
+def group_aucs(
     groups: np.ndarray | None, scores: np.ndarray, labels: np.ndarray, tie_credit: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """AUC and row count of every group that has both a positive and a negative."""
@@ -100,7 +100,7 @@ def _group_aucs(
 
 def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC over all rows, a tie counting 1/2 (Mann-Whitney); NaN unless both classes occur."""
-    aucs, _ = _group_aucs(None, scores, labels, tie_credit=0.5)
+    aucs, _ = group_aucs(None, scores, labels, tie_credit=0.5)
     return float(aucs[0]) if aucs.size else math.nan
 
 
@@ -110,7 +110,7 @@ def exact_gauc(user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> 
     Users with only positives or only negatives have no AUC and are skipped. Returns the GAUC (NaN
     when no user counts) and the number of users counted.
     """
-    aucs, rows = _group_aucs(np.asarray(user_ids), scores, labels, tie_credit=0.5)
+    aucs, rows = group_aucs(np.asarray(user_ids), scores, labels, tie_credit=0.5)
     if not aucs.size:
         return math.nan, 0
     return float(np.dot(aucs, rows) / rows.sum()), int(aucs.size)
@@ -123,7 +123,7 @@ def reference_batch_gauc(user_ids: np.ndarray, scores: np.ndarray, labels: np.nd
     single-class users are skipped. The reference's GAUC is the sum of the first numbers over all
     batches and ranks divided by the sum of the second ones.
     """
-    aucs, rows = _group_aucs(np.asarray(user_ids), scores, labels, tie_credit=0.0)
+    aucs, rows = group_aucs(np.asarray(user_ids), scores, labels, tie_credit=0.0)
     return float(np.dot(aucs, rows)), int(rows.sum())
 
 
