@@ -71,14 +71,63 @@ class SynthConfig:
     rows_per_shard: int = option(500_000, "Rows per shard file.")
     row_group_rows: int = option(10_000, "Rows per parquet row group.")
     raw: bool = option(False, "Also write the unjoined raw tables under raw/ (the input of `muse-rec prepare`).")
+    scl_mislabel_share: float = option(
+        0.0,
+        "Share of SCL vectors drawn around a sibling cluster (same category) instead of the item's own: the image "
+        "misleads, the title does not. Clicks follow the true cluster, so content tokens carry what these vectors lack.",
+    )
+    content_vocab: int = option(8192, "Token vocabulary of the item titles in feature_map/item_content.parquet (0 = padding).")
+    title_tokens: int = option(8, "Tokens per item title (a cluster keyword, a category keyword, the rest filler).")
+
+
+@dataclass
+class LemurConfig:
+    """End-to-end content encoder with a memory bank (method `lemur`, shared/spec/lemur.md)."""
+
+    content_input: Literal["tokens", "scl"] = option(
+        "tokens",
+        "What the encoder reads: 'tokens' (title tokens from feature_map/item_content.parquet) or 'scl' (the item's "
+        "frozen SCL vector cut into `scl_chunks` tokens: TAOBAO-MM ships no raw text).",
+    )
+    vocab_size: int = option(8192, "Token vocabulary of the content table (token IDs must be below it; 0 pads, 1 separates fields).")
+    max_tokens: int = option(16, "Title tokens read per item (longer titles are cut, shorter ones padded).")
+    scl_chunks: int = option(8, "content_input=scl: the 128-d SCL vector becomes this many tokens of 128/scl_chunks values.")
+    layers: int = option(2, "Transformer layers of the content encoder.")
+    width: int = option(64, "Model width of the content encoder.")
+    heads: int = option(4, "Attention heads of the content encoder.")
+    encode_share: float = option(
+        1.0, "p: share of samples whose target runs the encoder forward (the others read their target from the bank)."
+    )
+    backward_share: float = option(
+        1.0, "q (<= p): share of samples whose target encoding also gets gradient; the rest of the p share run it without."
+    )
+    contrastive_weight: float = option(
+        0.1, "Weight of the in-batch InfoNCE between user and clicked item (other rows of the same user masked out)."
+    )
+    contrastive_scale: float = option(50.0, "Scale of the cosine logits of the contrastive loss (the paper's 50).")
+    ranking_weight: float = option(1.0, "Weight of the click loss (0 with contrastive only: the two-stage pretraining).")
+    train_encoder: bool = option(True, "Train the encoder (false: frozen, e.g. the second stage of the two-stage variant).")
+    encoder_checkpoint: str | None = option(
+        None, "Checkpoint directory whose encoder weights initialise this run's encoder (the two-stage variant)."
+    )
+    bank_dtype: Literal["fp16", "fp32"] = option("fp16", "Storage of the memory bank rows (256 B a row in fp16).")
+    history_source: Literal["bank", "encoder"] = option(
+        "bank",
+        "Where history representations come from: 'bank' (LEMUR) or 'encoder' (encode every distinct history item "
+        "each step, with gradient: the cost baseline of benchmarks/lemur.py).",
+    )
+    eval_target: Literal["encoder", "bank"] = option(
+        "encoder", "Evaluation: encode the target items, or score from the bank alone (no encoder run at all)."
+    )
 
 
 @dataclass
 class ModelConfig:
-    method: Literal["muse", "sim_soft", "sim_hard", "din"] = option(
+    method: Literal["muse", "sim_soft", "sim_hard", "din", "lemur"] = option(
         "muse",
         "GSU of the long sequence: 'muse' (SCL cosine top-K), 'sim_soft' (ID-embedding cosine top-K), "
-        "'sim_hard' (latest K of the target's category) or 'din' (no long branch: only the short sequence).",
+        "'sim_hard' (latest K of the target's category), 'din' (no long branch: only the short sequence) or 'lemur' "
+        "(cosine top-K of representations from a jointly trained content encoder and its memory bank; `model.lemur`).",
     )
     embedding_dim: int = option(16, "D: width of every ID table; the user attributes 130_3..130_5 use D/2.")
     keep_top: int = option(50, "K: positions of the long sequence the GSU keeps.")
@@ -95,6 +144,7 @@ class ModelConfig:
         "Corrected variant (off = reference semantics): padded positions are masked out of attention, mean pools "
         "and SimTier counts instead of entering them with zero vectors.",
     )
+    lemur: LemurConfig = section(LemurConfig, "Content encoder and memory bank of method 'lemur' (ignored by the others).")
 
 
 @dataclass
@@ -154,6 +204,11 @@ class ShardedTablesConfig:
     )
     user: TableShardingConfig = section(TableShardingConfig, "The user table 129_1: 6.9 M rows.")
     attributes: TableShardingConfig = section(TableShardingConfig, "The small attribute tables 130_1..130_5, 213 and 214.")
+    bank: TableShardingConfig = section(
+        TableShardingConfig,
+        "The memory bank of method 'lemur' (one 128-d row per item row). Rows are written in place: kernel 'fused' or "
+        "'fused_uvm' only (a 'fused_uvm_caching' cache would serve stale rows).",
+    )
 
 
 @dataclass

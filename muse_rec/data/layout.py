@@ -6,6 +6,7 @@ root/test/test-shard-000000.parquet ...  metadata.json
 root/feature_map/{field}_sorted_map.npy                     sorted raw IDs of each vocabulary
 root/feature_map/150_2_180_sorted_map_p90.npy               the p90 item vocabulary
 root/feature_map/scl_emb_int8_p90_keys.npy / _values.npy    SCL table: int64 [N], int8 [N, 128]
+root/feature_map/item_content.parquet                       item titles as tokens (method lemur; optional)
 root/raw/...                                                the unjoined tables (optional)
 ```
 """
@@ -85,6 +86,10 @@ class DatasetLayout:
     @property
     def scl_values_path(self) -> Path:
         return self.feature_map_dir / "scl_emb_int8_p90_values.npy"
+
+    @property
+    def item_content_path(self) -> Path:
+        return self.feature_map_dir / "item_content.parquet"
 
     # -- raw tables ----------------------------------------------------------------------------
     @property

@@ -44,6 +44,12 @@ RAW_USER_SCHEMA = pa.schema(
 RAW_ITEM_SCHEMA = pa.schema([pa.field(name, _INT) for name in (TARGET_ITEM, TARGET_CATE, *ITEM_ATTRS)])
 RAW_SCL_SCHEMA = pa.schema([pa.field(TARGET_ITEM, _INT), pa.field(SCL_TARGET, pa.list_(pa.int8()))])
 
+TITLE_TOKENS = "title_tokens"
+CONTENT_SCHEMA = pa.schema([pa.field(TARGET_ITEM, _INT), pa.field(TITLE_TOKENS, pa.list_(pa.int32()))])
+"""feature_map/item_content.parquet: one row per item (raw 205 ID, unique), its title as token IDs.
+Further list<int32> columns are extra text fields. Token 0 is padding and 1 the field separator."""
+PAD_TOKEN, SEP_TOKEN = 0, 1
+
 # Which sorted map remaps which stored column. Item and category tables are shared between the
 # target and the sequences; there is no map of 206 (it uses the category map).
 ITEM_MAP = HIST_ITEMS

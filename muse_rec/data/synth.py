@@ -19,7 +19,15 @@ normalise(CENTROID_CATEGORY_WEIGHT * g + CENTROID_OWN_WEIGHT * z), z a random un
 of one category have cosine ~0.36). An item's vector is normalise(centroid + n), n Gaussian with
 norm ~ITEM_NOISE, stored as int8 = trunc(clip(v, -1, 1) * 127) (row norms ~122, as released). Cosines
 between items: ~0.73 in one cluster, ~0.26 across clusters of one category, ~0 otherwise. As in the
-release, only the p90 items have a vector.
+release, only the p90 items have a vector. A `scl_mislabel_share` of items (a fixed hash of the item)
+get their vector drawn around a sibling cluster of their category instead of their own: the image
+misleads.
+
+Item content (feature_map/item_content.parquet, for method lemur). Every item's title is
+`title_tokens` token IDs in [2, content_vocab): its cluster's keyword and its category's keyword
+(fixed hashes of the cluster and category) at two random positions, the rest uniform filler. The
+title always names the true cluster, so it carries what the mislabelled SCL vectors lack, and it
+exists for items outside the p90 vocabulary, which have no SCL vector at all.
 
 Users. Each user has `interests_per_user` interest clusters (random clusters, may repeat) and
 attributes 130_1..130_5 drawn uniformly from vocabularies of 11, 3, 49, 493, 6 values, each missing
@@ -91,7 +99,7 @@ ITEM_ATTR_VOCAB = (542, 121)  # 213, 214
 USER_ATTR_MISSING_SHARE = 0.03
 
 # Seed streams: every generator is default_rng([seed, stream, index]).
-_STREAM = {"train": 0, "test": 1, "catalogue": 2, "scl": 3}
+_STREAM = {"train": 0, "test": 1, "catalogue": 2, "scl": 3, "content": 4}
 
 # ID slots: raw ID of index i in a field is mix64((slot << 56) + i).
 _SLOT = {
@@ -102,6 +110,9 @@ _SLOT = {
     **{name: 9 + k for k, name in enumerate(schema.ITEM_ATTRS)},
 }
 _ITEM_ATTR_HASH_SLOT = 11  # (+k) hashes choosing each item's 213/214 value
+_MISLABEL_HASH_SLOT, _SIBLING_HASH_SLOT = 13, 14  # which items get a misleading SCL vector, and which sibling
+_KEYWORD_HASH_SLOT = 15  # (+0 cluster, +1 category) keyword token of each cluster / category
+_FIRST_WORD = 2  # token IDs 0 (padding) and 1 (field separator) are reserved
 _SEQUENCES = (schema.HIST_ITEMS, schema.HIST_CATES)
 
 
@@ -164,8 +175,26 @@ class Catalogue:
 
     def item_attr(self, k: int, items: np.ndarray) -> np.ndarray:
         """Internal value of item attribute k (213, 214): a fixed hash of the item, no signal."""
-        hashed = mix64((np.int64(_ITEM_ATTR_HASH_SLOT + k) << np.int64(56)) + items).view(np.uint64)
-        return (hashed % np.uint64(ITEM_ATTR_VOCAB[k])).astype(np.int64)
+        return _hash_mod(_ITEM_ATTR_HASH_SLOT + k, items, ITEM_ATTR_VOCAB[k])
+
+    def scl_cluster_of(self, items: np.ndarray) -> np.ndarray:
+        """The cluster an item's SCL vector is drawn around: its own, or for a `scl_mislabel_share`
+        of items (a fixed hash) a sibling cluster of the same category."""
+        per = self.config.clusters_per_category
+        own = self.cluster_of(items)
+        mislabelled = _hash_mod(_MISLABEL_HASH_SLOT, items, 1 << 20) < self.config.scl_mislabel_share * (1 << 20)
+        shift = 1 + _hash_mod(_SIBLING_HASH_SLOT, items, max(per - 1, 1))
+        sibling = own - own % per + (own % per + shift) % per
+        return np.where(mislabelled & (per > 1), sibling, own)
+
+    def keyword(self, kind: int, index: np.ndarray) -> np.ndarray:
+        """The title keyword of cluster (kind 0) or category (kind 1) `index`: a fixed hash into the vocabulary."""
+        return _FIRST_WORD + _hash_mod(_KEYWORD_HASH_SLOT + kind, index, self.config.content_vocab - _FIRST_WORD)
+
+
+def _hash_mod(slot: int, index: np.ndarray, modulus: int) -> np.ndarray:
+    hashed = mix64((np.int64(slot) << np.int64(56)) + np.asarray(index, np.int64)).view(np.uint64)
+    return (hashed % np.uint64(modulus)).astype(np.int64)
 
 
 # -- users -----------------------------------------------------------------------------------------
@@ -467,6 +496,28 @@ def _write_vocabularies(layout: DatasetLayout, catalogue: Catalogue, stats: Voca
         item_table = pa.Table.from_arrays(target_columns, schema=schema.RAW_ITEM_SCHEMA)
         write_table(layout.raw_table("item_features"), item_table, c.row_group_rows)
     _write_scl(layout, catalogue, p90)
+    _write_content(layout, catalogue)
+
+
+def _write_content(layout: DatasetLayout, catalogue: Catalogue) -> None:
+    """feature_map/item_content.parquet: every catalogue item's title, `title_tokens` tokens: its
+    cluster's keyword and its category's keyword at random positions among uniform filler words.
+    The cluster keyword names the item's true cluster, which a mislabelled SCL vector hides.
+    Rows in raw-ID order, drawn in chunks of SCL_CHUNK_ITEMS rows from their own seeded streams."""
+    c = catalogue.config
+    ids = raw_ids(schema.ITEM_MAP, np.arange(c.items))
+    order = np.argsort(ids)  # internal items in raw-ID order
+    with _table_stream(layout.item_content_path, schema.CONTENT_SCHEMA, c.row_group_rows) as sink:
+        for chunk, begin in enumerate(range(0, c.items, SCL_CHUNK_ITEMS)):
+            items = order[begin : begin + SCL_CHUNK_ITEMS]
+            rng = _rng(c.seed, "content", chunk)
+            tokens = rng.integers(_FIRST_WORD, c.content_vocab, size=(len(items), c.title_tokens), dtype=np.int64)
+            slots = np.argsort(rng.random((len(items), c.title_tokens)), axis=1)[:, :2]  # two distinct positions
+            every = np.arange(len(items))
+            tokens[every, slots[:, 0]] = catalogue.keyword(0, catalogue.cluster_of(items))
+            tokens[every, slots[:, 1]] = catalogue.keyword(1, catalogue.category_of(items))
+            titles = _list_array(np.arange(len(items) + 1) * c.title_tokens, tokens.reshape(-1).astype(np.int32), pa.int32())
+            sink(pa.Table.from_arrays([ids[items], titles], schema=schema.CONTENT_SCHEMA))
 
 
 def _write_scl(layout: DatasetLayout, catalogue: Catalogue, keys: np.ndarray) -> None:
@@ -488,7 +539,7 @@ def _write_scl(layout: DatasetLayout, catalogue: Catalogue, keys: np.ndarray) ->
             shape = (min(SCL_CHUNK_ITEMS, c.items - begin), schema.SCL_DIM)
             noise = _rng(c.seed, "scl", 1 + chunk).standard_normal(shape, dtype=np.float32)
             items = internal[rows]
-            vectors = centroids[catalogue.cluster_of(items)] + noise[items - begin] * (ITEM_NOISE / np.sqrt(schema.SCL_DIM))
+            vectors = centroids[catalogue.scl_cluster_of(items)] + noise[items - begin] * (ITEM_NOISE / np.sqrt(schema.SCL_DIM))
             values[rows] = quantise(_unit(vectors))
     if c.raw:
         _write_raw_scl(layout, keys, c.row_group_rows)
@@ -535,6 +586,7 @@ def _map_paths(layout: DatasetLayout) -> list[Path]:
         layout.map_path(schema.ITEM_MAP, "p90"),
         layout.scl_keys_path,
         layout.scl_values_path,
+        layout.item_content_path,
     ]
 
 
@@ -600,6 +652,9 @@ def _check_config(config: SynthConfig) -> None:
             "a probability in [0, 1 - target_interest_share]",
         ),
         "coverage": (0.0 < config.coverage <= 1.0, "a share in (0, 1]"),
+        "scl_mislabel_share": (0.0 <= config.scl_mislabel_share <= 1.0, "a probability in [0, 1]"),
+        "content_vocab": (config.content_vocab > _FIRST_WORD, f"more than {_FIRST_WORD} (tokens 0 and 1 are reserved)"),
+        "title_tokens": (config.title_tokens >= 2, "at least 2 (a cluster and a category keyword)"),
     }
     for key, (ok, expected) in problems.items():
         if not ok:

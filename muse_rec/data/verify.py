@@ -11,12 +11,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from muse_rec.data import schema
 from muse_rec.data.checks import check_aligned, check_columns, clicks_from_labels, open_parquet
+from muse_rec.data.content import content_fields
 from muse_rec.data.feature_map import SclIndex, load_id_map
 from muse_rec.data.layout import SPLITS, DatasetLayout
 from muse_rec.errors import DataError
@@ -57,6 +59,7 @@ def verify(root: str | Path, strict: bool = False, deep: bool = False, progress:
             findings += _verify_split(layout, split, deep, progress)
     findings += _verify_feature_maps(layout)
     findings += _verify_scl(layout, strict)
+    findings += _verify_item_content(layout)
     errors = sum(f.level == ERROR for f in findings)
     log.info("verified %s: %d error(s), %d warning(s)", layout.root, errors, len(findings) - errors)
     return findings
@@ -238,6 +241,21 @@ def _verify_scl(layout: DatasetLayout, strict: bool) -> list[Finding]:
         order_problem.removesuffix("; refused because strict checking is on")
         + "; repaired at load (sorted once, the first of duplicated keys wins); strict checking makes this an error",
     )]
+
+
+def _verify_item_content(layout: DatasetLayout) -> list[Finding]:
+    """The optional item content table (method lemur): its schema, and unique item IDs."""
+    path = layout.item_content_path
+    if not path.exists():
+        return []
+    try:
+        content_fields(pq.read_schema(path), path)
+        ids = pq.read_table(path, columns=[schema.TARGET_ITEM]).column(0).to_numpy()
+    except (DataError, pa.ArrowInvalid, OSError) as e:
+        return [_finding(ERROR, path, str(e))]
+    if len(np.unique(ids)) != len(ids):
+        return [_finding(ERROR, path, f"column {schema.TARGET_ITEM} has duplicated item IDs")]
+    return []
 
 
 def _scl_finding(layout: DatasetLayout, level: str, message: str) -> Finding:

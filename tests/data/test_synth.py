@@ -17,7 +17,7 @@ from muse_rec.data import schema
 from muse_rec.data.checks import check_columns, clicks_from_labels
 from muse_rec.data.feature_map import SclIndex, load_id_map
 from muse_rec.data.layout import RAW_TABLES, SPLITS, DatasetLayout
-from muse_rec.data.synth import mix64, synthesize
+from muse_rec.data.synth import Catalogue, mix64, raw_ids, synthesize
 from muse_rec.data.vocab import coverage_vocab, sorted_vocab
 from muse_rec.errors import ConfigError
 from tests.conftest import SMALL_SYNTH
@@ -175,12 +175,13 @@ def test_same_config_gives_identical_files_and_another_seed_differs(tmp_path: Pa
     a, b, c = (file_bytes(tmp_path / name) for name in "abc")
     layout = DatasetLayout(tmp_path / "a")
     maps = [layout.map_path(f) for f in schema.FEATURE_MAPS] + [layout.map_path(schema.ITEM_MAP, "p90")]
-    scl_and_raw = [layout.scl_keys_path, layout.scl_values_path, *(layout.raw_table(name) for name in RAW_TABLES)]
+    scl_and_raw = [layout.scl_keys_path, layout.scl_values_path, layout.item_content_path, *(layout.raw_table(name) for name in RAW_TABLES)]
     shards_and_meta = [p for split in SPLITS for p in (*layout.shards(split), layout.metadata_path(split))]
     assert sorted(a) == sorted(str(p.relative_to(layout.root)) for p in maps + scl_and_raw + shards_and_meta)
     assert a == b
     differing = [name for name in a if name.endswith(".parquet") and a[name] != c.get(name)]
     assert "train/train-shard-000000.parquet" in differing and "raw/train_user_features.parquet" in differing
+    assert "feature_map/item_content.parquet" in differing
 
 
 def test_a_complete_set_is_reused_and_an_incomplete_or_different_one_rewritten(tmp_path: Path) -> None:
@@ -278,3 +279,27 @@ def test_scl_vectors_are_close_within_a_cluster_and_looser_within_a_category(tmp
     assert 0.3 < close_share < 0.7  # two clusters per category: about half the same-category pairs are close
     assert 0.15 < np.median(cosine[same & (cosine < COSINE)]) < 0.4  # the sibling cluster
     assert abs(cosine[other].mean()) < 0.05 and (cosine[other] >= COSINE).mean() < 0.01
+
+
+def test_mislabelled_scl_vectors_point_to_a_sibling_cluster_while_titles_keep_the_true_one(tmp_path: Path) -> None:
+    """With every SCL vector mislabelled, an item's vector is close to its sibling cluster's items
+    (same category), not to its own cluster's; the title still names its own cluster."""
+    config = dataclasses.replace(TINY, scl_mislabel_share=1.0, clusters_per_category=3)
+    synthesize(config, tmp_path, progress=False)
+    layout = DatasetLayout(tmp_path)
+    catalogue = Catalogue.build(config)
+    scl = SclIndex(layout.scl_keys_path, layout.scl_values_path)
+    keys = scl.map.keys[:300]
+    internal = np.argsort(raw_ids(schema.ITEM_MAP, np.arange(config.items)))
+    internal = internal[np.searchsorted(raw_ids(schema.ITEM_MAP, np.arange(config.items))[internal], keys)]
+    vectors = scl_vectors(scl, keys)
+    cosine = vectors @ vectors.T
+    own, drawn = catalogue.cluster_of(internal), catalogue.scl_cluster_of(internal)
+    assert (own != drawn).all() and (catalogue.category_of(internal) == drawn // config.clusters_per_category).all()
+    same_drawn = (drawn[:, None] == drawn[None, :]) & ~np.eye(len(keys), dtype=bool)
+    same_own_only = (own[:, None] == own[None, :]) & ~same_drawn & ~np.eye(len(keys), dtype=bool)
+    assert cosine[same_drawn].mean() >= COSINE > cosine[same_own_only].mean()
+    titles = pq.read_table(layout.item_content_path).to_pydict()
+    title_of = dict(zip(titles[schema.TARGET_ITEM], titles[schema.TITLE_TOKENS]))
+    for key, cluster in zip(keys[:50], own[:50]):
+        assert int(catalogue.keyword(0, np.array([cluster]))[0]) in title_of[int(key)]
