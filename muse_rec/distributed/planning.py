@@ -37,6 +37,7 @@ from muse_rec.data.layout import DatasetLayout
 from muse_rec.distributed.sharding import attach_sparse_optimizers, make_planner, planned_tables, replicated_bytes, sharders
 from muse_rec.distributed.topology import GIB, topology_from_profile
 from muse_rec.errors import ConfigError, MuseRecError
+from muse_rec.model.factory import make_model
 from muse_rec.model.muse import MuseModel
 
 __all__ = [  # topology_from_profile lives in muse_rec.distributed.topology (sharding.py needs it too)
@@ -139,7 +140,7 @@ def plan_offline(config: Config, hardware: HardwareConfig, vocab: str) -> tuple[
     rows, source = table_rows(config.data.root, vocab)
     log.info("table sizes (%s vocabulary) from %s", vocab, source)
     topology = topology_from_profile(hardware)
-    model = MuseModel(config.model, rows, device=torch.device("meta"))
+    model = make_model(config.model, rows, device=torch.device("meta"))
     attach_sparse_optimizers(model, config.optim, topology.compute_device)
     planner = make_planner(model, config.sharding, topology, config.data)
     try:

@@ -1,8 +1,9 @@
 """From a plain `MuseModel` to a DistributedModelParallel one: fused sparse optimizers, plan, DMP.
 
 Order matters (see shared/spec/torchrec-notes.md): the in-backward optimizers are attached to the
-(meta) model *before* planning, so the planner counts their state; the frozen SCL table gets SGD
-with lr 0, so nothing can ever update it, not even the default optimizer TorchRec would attach.
+(meta) model *before* planning, so the planner counts their state; the frozen SCL table (and
+lemur's memory bank, written in place) gets SGD with lr 0, so no optimizer can ever update it, not
+even the default one TorchRec would attach.
 Dense parameters are wrapped in DDP by DMP and optimised by the returned dense optimizer. What the
 planner may choose per table comes from the config (`sharding.tables`), the memory it plans into
 from the hardware profile (`hardware`); a saved plan (`muse_rec.distributed.planning`) skips planning.
@@ -34,6 +35,8 @@ from muse_rec.config import DataConfig, HardwareConfig, OptimConfig, ShardingCon
 from muse_rec.data import schema
 from muse_rec.distributed.topology import topology_from_profile
 from muse_rec.errors import ConfigError
+from muse_rec.model.lemur import LemurModel
+from muse_rec.model.memory_bank import BANK_TABLE
 from muse_rec.model.muse import MuseModel
 from muse_rec.model.tables import CATE_TABLE, ITEM_TABLE, SCL_TABLE, ReplicatedInt8Table
 
@@ -54,12 +57,13 @@ def attach_sparse_optimizers(model: MuseModel, config: OptimConfig, device_type:
     optimizer, kwargs = sparse_optimizer(config, device_type)
     trainable = [*model.id_tables.parameters(), *model.sequence_tables.parameters()]
     apply_optimizer_in_backward(optimizer, trainable, kwargs)
-    scl = list(model.scl_table.parameters())  # none when the table is replicated int8
-    if scl:
-        apply_optimizer_in_backward(torch.optim.SGD, scl, {"lr": 0.0})
+    frozen = list(model.scl_table.parameters())  # none when the table is replicated int8
+    frozen += list(model.bank_table.parameters()) if isinstance(model, LemurModel) else []  # written in place, never trained
+    if frozen:
+        apply_optimizer_in_backward(torch.optim.SGD, frozen, {"lr": 0.0})
 
 
-TABLE_GROUPS = {ITEM_TABLE: "item", CATE_TABLE: "category", SCL_TABLE: "scl", schema.USER: "user"}
+TABLE_GROUPS = {ITEM_TABLE: "item", CATE_TABLE: "category", SCL_TABLE: "scl", schema.USER: "user", BANK_TABLE: "bank"}
 """Key under `sharding.tables` of each table; every other table is one of the small `attributes`."""
 LONG_FEATURES = frozenset({schema.HIST_ITEMS, schema.HIST_CATES, schema.SCL_LONG})
 """Features looked up at every position of the long sequence (the others once per sample)."""
@@ -77,6 +81,8 @@ def planned_tables(model: MuseModel) -> list[tuple[str, ModuleSharder, BaseEmbed
     tables += [("sequence_tables", ec, t) for t in model.sequence_tables.embedding_configs()]
     if isinstance(model.scl_table, EmbeddingCollection):
         tables += [("scl_table", ec, t) for t in model.scl_table.embedding_configs()]
+    if isinstance(model, LemurModel):
+        tables += [("bank_table", ec, t) for t in model.bank_table.embedding_configs()]
     return tables
 
 
@@ -92,11 +98,15 @@ def table_constraints(model: MuseModel, sharding: ShardingConfig, device_type: s
         key = f"sharding.tables.{group}"
         sharding_types = _supported(f"{key}.sharding_types", choice.sharding_types, sharder.sharding_types(device_type), table.name, device_type)
         kernels = {k for t in sharding_types for k in sharder.compute_kernels(t, device_type)}
+        chosen_kernels = choice.compute_kernels
+        if group == "bank":  # written in place: a device cache in front of it would serve stale rows
+            kernels.discard("fused_uvm_caching")
+            chosen_kernels = chosen_kernels or sorted(k for k in kernels if k.startswith("fused"))
         constraints[table.name] = ParameterConstraints(
             sharding_types=sharding_types,
             compute_kernels=None
-            if choice.compute_kernels is None
-            else _supported(f"{key}.compute_kernels", choice.compute_kernels, kernels, table.name, device_type),
+            if chosen_kernels is None
+            else _supported(f"{key}.compute_kernels", chosen_kernels, kernels, table.name, device_type),
             cache_params=None if choice.cache_load_factor is None else CacheParams(load_factor=choice.cache_load_factor),
             pooling_factors=[float(long_seq_len) if f in LONG_FEATURES else 1.0 for f in table.feature_names],
         )

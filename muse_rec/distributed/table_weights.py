@@ -19,6 +19,8 @@ from muse_rec.model.tables import ReplicatedInt8Table
 
 BLOCK_ROWS = 1 << 16
 SCL_WEIGHT_SUFFIX = "scl_table.embeddings.scl.weight"
+UNTRAINED_SUFFIXES = (SCL_WEIGHT_SUFFIX, "bank_table.embeddings.bank.weight")
+"""Tables that are filled, not initialised: the SCL table (from its values file) and lemur's memory bank (zeros)."""
 
 
 def local_pieces(weight: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
@@ -46,7 +48,7 @@ def init_trainable_tables(model: nn.Module, seed: int, std: float) -> list[str]:
     """Truncated normal N(0, std) cut at 2 std for every trainable table; returns their names."""
     names = []
     for key, weight in model.state_dict().items():
-        if not key.endswith(".weight") or ("embedding_bags." not in key and "embeddings." not in key) or key.endswith(SCL_WEIGHT_SUFFIX):
+        if not key.endswith(".weight") or ("embedding_bags." not in key and "embeddings." not in key) or key.endswith(UNTRAINED_SUFFIXES):
             continue
         table_seed = zlib.crc32(f"{seed}/{key}".encode())
         width = weight.size(1)

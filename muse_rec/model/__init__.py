@@ -1,1 +1,1 @@
-"""The dense model: GSU selection, ESU modules and the Dice tower, as plain PyTorch."""
+"""Models of the MUSE family (`muse`, `sim_soft`, `sim_hard`, `din`) and `lemur`; `factory.make_model` picks one."""

@@ -95,7 +95,7 @@ class MuseDense(nn.Module):
         k, method = self.config.keep_top, self.config.method
         valid = None
         with torch.no_grad():
-            if method == "muse":
+            if method in ("muse", "lemur"):  # lemur: the encoder's representations stand in the SCL vectors' place
                 positions = gsu.top_k_positions(gsu.gsu_scores(x.target_scl, x.scl), k)
             elif method == "sim_soft":
                 positions = gsu.top_k_positions(gsu.gsu_scores(target, sequence), k)

@@ -101,6 +101,17 @@ def load(path: Path, sharded: ShardedModel, with_optimizer: bool) -> Position:
     return Position(**meta["position"])
 
 
+def load_weights(path: Path, sharded: ShardedModel, contains: str) -> list[str]:
+    """Load only the model tensors whose name contains `contains` (e.g. an encoder trained by another
+    run); returns their names. Refuses a selection that matches nothing."""
+    read_meta(path)
+    state = {k: v for k, v in sharded.model.state_dict().items() if contains in k}
+    if not state:
+        raise MuseRecError(f"no model tensor named like {contains!r} to load from {path}")
+    dcp.load({"model": state}, checkpoint_id=path)  # in place: state dict tensors share the parameters' storage
+    return sorted(state)
+
+
 def _optimizer_state(sharded: ShardedModel) -> dict:
     """Both optimizers' state dict without the frozen SCL table's empty entry (DCP drops empty
     dicts when saving, and would then miss the key when loading)."""

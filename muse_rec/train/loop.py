@@ -23,14 +23,18 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from muse_rec.config import Config, config_from_dict, to_dict
+from muse_rec.data import schema
 from muse_rec.data.atomic import write_json
+from muse_rec.data.content import load_content_tokens
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset, make_dataloader
+from muse_rec.distributed.memory_bank import bind_memory_bank, gather_bank_metrics
 from muse_rec.distributed.planning import load_plan
 from muse_rec.distributed.table_weights import init_trainable_tables, load_scl_table
 from muse_rec.distributed.sharding import ShardedModel, shard_model
-from muse_rec.model.muse import MuseModel
+from muse_rec.model.factory import make_model
+from muse_rec.model.lemur import TargetEncoding
 from muse_rec.train import checkpoint
 from muse_rec.train.metrics import EvalAccumulator
 
@@ -90,14 +94,35 @@ def _free_port() -> int:
 
 def build_model(config: Config, maps: FeatureMaps, runtime: Runtime) -> ShardedModel:
     """The model on the meta device, sharded by DMP (which materialises it) with the plan file
-    `sharding.plan` or a plan made collectively now, SCL table filled."""
+    `sharding.plan` or a plan made collectively now, SCL table filled (lemur: bank bound and empty,
+    content loaded)."""
     torch.manual_seed(config.train.seed)
-    model = MuseModel(config.model, maps.table_rows(), device=torch.device("meta"))
+    model = make_model(config.model, maps.table_rows(), device=torch.device("meta"))
     plan = load_plan(config.sharding.plan, runtime.device.type, runtime.world_size, model) if config.sharding.plan else None
     sharded = shard_model(model, config.optim, runtime.device, plan, config.sharding, config.hardware, config.data)
     init_trainable_tables(sharded.model, config.train.seed, config.model.init_std)
     load_scl_table(sharded.model, maps.scl, runtime.device)
+    _prepare_lemur(sharded, config, maps, runtime)
     return sharded
+
+
+def _prepare_lemur(sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: Runtime) -> None:
+    """Bind the memory bank to this rank's shards, load item content, seed the p/q draws per rank,
+    and take the encoder of `model.lemur.encoder_checkpoint` if set. A no-op for other methods."""
+    found = [m for m in sharded.model.modules() if isinstance(m, TargetEncoding)]
+    if not found:
+        return
+    targets = found[0]
+    lemur = config.model.lemur
+    bind_memory_bank(sharded.model)
+    if lemur.content_input == "tokens":
+        tokens = load_content_tokens(DatasetLayout(config.data.root), maps.of_column(schema.TARGET_ITEM), lemur.max_tokens)
+        targets.set_tokens(torch.from_numpy(tokens).to(runtime.device))
+    targets.seed(config.train.seed * 7919 + runtime.rank)
+    if lemur.encoder_checkpoint:
+        names = checkpoint.load_weights(Path(lemur.encoder_checkpoint), sharded, "targets.encoder.")
+        if runtime.rank == 0:
+            log.info("encoder initialised from %s (%d tensors)", lemur.encoder_checkpoint, len(names))
 
 
 def train(config: Config, progress: bool = True) -> dict:
@@ -127,10 +152,11 @@ def train(config: Config, progress: bool = True) -> dict:
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}")
         done = step + 1
         if done % config.train.log_every == 0 or done == steps:
-            writer.write({"step": done, "loss": loss.item(), "samples_per_second": rate})
+            writer.write({"step": done, "loss": loss.item(), "samples_per_second": rate, **gather_bank_metrics(sharded.model)})
         if done == steps or (config.train.checkpoint_every and done % config.train.checkpoint_every == 0):
             _checkpoint(config, sharded, runtime, out, done)
     pipeline.detach()  # restore the modules' own forwards for evaluation
+    gather_bank_metrics(sharded.model)  # evaluation reports its own bank reads
     metrics = evaluate(sharded, config, maps, runtime, progress)
     writer.write({"step": steps, "split": "test", **metrics})
     if runtime.rank == 0:
@@ -187,7 +213,13 @@ def evaluate(sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: 
         _, (_, scores, labels, weights, user_ids) = sharded.model(batch.to(runtime.device))
         accumulator.update(user_ids, scores, labels, weights)
     sharded.model.train()
-    return accumulator.compute()
+    metrics = accumulator.compute()
+    bank = gather_bank_metrics(sharded.model)
+    if bank:
+        metrics |= bank | {"lemur_targets_from": config.model.lemur.eval_target}
+        if runtime.rank == 0 and config.model.lemur.eval_target == "bank":
+            log.info("lemur: scored from the memory bank alone (targets and histories; the encoder was not run)")
+    return metrics
 
 
 class MetricsWriter:

@@ -1,0 +1,73 @@
+"""The LEMUR content encoder: a small bidirectional Transformer, CLS-pooled to a 128-d item vector.
+
+Input is either an item's title tokens (`content_input: tokens`) or, for TAOBAO-MM which ships no
+text, its frozen 128-d SCL vector cut into `scl_chunks` tokens (`content_input: scl`). A learned
+[CLS] vector is prepended, learned positions are added, padding tokens (id 0) are masked out of
+attention, and the [CLS] output goes through LayerNorm and a linear map to 128 dimensions.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from muse_rec.config import LemurConfig
+from muse_rec.data import schema
+
+OUTPUT_DIM = schema.SCL_DIM
+"""The representation replaces the SCL vector in the GSU and ESU, so it has its width."""
+
+
+class ContentEncoder(nn.Module):
+    def __init__(self, config: LemurConfig) -> None:
+        super().__init__()
+        if config.width % config.heads:
+            raise ValueError(f"model.lemur.width ({config.width}) must be a multiple of model.lemur.heads ({config.heads})")
+        self.content_input = config.content_input
+        if config.content_input == "tokens":
+            self.embed = nn.Embedding(config.vocab_size, config.width, padding_idx=schema.PAD_TOKEN)
+            positions = config.max_tokens
+        else:
+            if OUTPUT_DIM % config.scl_chunks:
+                raise ValueError(f"model.lemur.scl_chunks ({config.scl_chunks}) must divide {OUTPUT_DIM}")
+            self.chunk = OUTPUT_DIM // config.scl_chunks
+            self.embed = nn.Linear(self.chunk, config.width)
+            positions = config.scl_chunks
+        self.cls = nn.Parameter(torch.empty(config.width))
+        self.positions = nn.Parameter(torch.empty(positions + 1, config.width))
+        layer = nn.TransformerEncoderLayer(
+            config.width, config.heads, 4 * config.width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.width)
+        self.out = nn.Linear(config.width, OUTPUT_DIM)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every parameter of the subtree, MultiheadAttention's included (it has no public
+        `reset_parameters`, so DMP's meta-device materialisation would leave it uninitialised)."""
+        for module in self.modules():
+            if module is self:
+                continue
+            for name in ("reset_parameters", "_reset_parameters"):
+                if hasattr(module, name):
+                    getattr(module, name)()
+                    break
+        nn.init.normal_(self.cls, std=0.02)
+        nn.init.normal_(self.positions, std=0.02)
+
+    def forward(self, content: torch.Tensor) -> torch.Tensor:
+        """content: (N, max_tokens) int token IDs, or (N, 128) float SCL vectors. Returns (N, 128)."""
+        if content.shape[0] == 0:  # no item this step: still a graph through every parameter (zero
+            # gradients), so DDP sees the same parameters used on every rank
+            return sum(p.sum() for p in self.parameters()) * 0.0 + self.out.bias.new_zeros(0, OUTPUT_DIM)
+        if self.content_input == "tokens":
+            tokens = content.long()
+            x = self.embed(tokens)
+            padding = tokens == schema.PAD_TOKEN
+        else:
+            x = self.embed(content.float().view(content.shape[0], -1, self.chunk))
+            padding = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], dim=1) + self.positions[: x.shape[1] + 1]
+        padding = torch.cat([padding.new_zeros(padding.shape[0], 1), padding], dim=1)  # [CLS] always attends
+        x = self.layers(x, src_key_padding_mask=padding)
+        return self.out(self.norm(x[:, 0]))

@@ -1,0 +1,189 @@
+"""Method `lemur`: MUSE's GSU and ESU over item representations from a jointly trained content
+encoder and its memory bank, instead of frozen SCL vectors (shared/spec/lemur.md).
+
+Per training step, on each rank:
+1. `TargetEncoding`: a random share p (`encode_share`) of the samples encode their target item,
+   each distinct item once; a share q <= p (`backward_share`) keeps the gradient. The fresh values
+   are written to the bank (every rank's, through an all-gather) *before* anything reads it.
+2. The bank is read like any TorchRec table: the 1000-long history (no gradient, no encoder) and
+   the targets of the samples outside the p share.
+3. The representations take the SCL vectors' place in `MuseDense`: cosine top-K GSU, SimTier and
+   SA-TA. A never-written item reads as zeros: its cosine is 0, so the GSU ranks it below every
+   written item (the reference's score for zero vectors) and SimTier counts it at cosine 0.
+4. Loss = ranking_weight * click loss + contrastive_weight * in-batch InfoNCE between a user vector
+   and the clicked target's representation (`InBatchContrastive`).
+Evaluation never writes the bank; with `eval_target: bank` it runs no encoder at all.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingCollection
+
+from muse_rec.batch import Batch
+from muse_rec.config import LemurConfig, ModelConfig
+from muse_rec.data import schema
+from muse_rec.model.encoder import OUTPUT_DIM, ContentEncoder
+from muse_rec.model.memory_bank import READ_STATS, BankWriter, bank_table_config, missing
+from muse_rec.model.muse import MuseModel
+from muse_rec.model.tower import two_class_loss_and_prob
+
+
+class TargetEncoding(nn.Module):
+    """Encodes target items and writes them to the bank; optionally encodes the history too (the
+    cost baseline `history_source: encoder`). A leaf of TorchRec's pipeline tracer: it holds no
+    TorchRec module, so its data-dependent selection runs eagerly."""
+
+    def __init__(self, config: LemurConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = ContentEncoder(config)
+        self.encoder.requires_grad_(config.train_encoder)
+        self.writer = BankWriter()
+        self.register_buffer("tokens", torch.zeros(0, config.max_tokens, dtype=torch.int32), persistent=False)
+        self.generator: torch.Generator | None = None
+
+    def set_tokens(self, tokens: torch.Tensor) -> None:
+        """The (item rows, max_tokens) token matrix of `muse_rec.data.content`; content_input=tokens."""
+        too_large = int(tokens.max()) if tokens.numel() else 0
+        if too_large >= self.config.vocab_size:
+            raise ValueError(f"item content holds token ID {too_large}, but model.lemur.vocab_size is {self.config.vocab_size}")
+        self.tokens = tokens
+
+    def seed(self, seed: int) -> None:
+        """Seed of the p / q draws (give each rank its own)."""
+        self.generator = torch.Generator(device=self.tokens.device).manual_seed(seed)
+
+    def forward(
+        self, rows: torch.Tensor, scl: torch.Tensor, weights: torch.Tensor, history_rows: torch.Tensor, history_scl: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rows (B,) target item rows, scl (B, 128) their SCL vectors, weights (B,) (0 = padding row).
+        Returns the encoded targets (B, 128; zero where not encoded), which were encoded (B,) bool,
+        and with `history_source: encoder` the encoded history (B, L, 128) (else an empty tensor)."""
+        c = self.config
+        target = scl.new_zeros(rows.numel(), OUTPUT_DIM)
+        encodable = (rows != 0) & (weights > 0)
+        if not self.training:
+            encoded = encodable & (c.eval_target == "encoder")
+            if c.eval_target == "encoder":
+                target = target.index_put((encoded,), self.encode(rows[encoded], scl[encoded], grad=False))
+        else:
+            draw = torch.rand(rows.numel(), generator=self._generator(), device=self.tokens.device).to(rows.device)
+            encoded = encodable & (draw < c.encode_share)
+            with_grad = encoded & (draw < c.backward_share) & c.train_encoder
+            without = encoded & ~with_grad
+            if c.train_encoder:  # even with no row selected: DDP expects the encoder in every rank's graph
+                target = target.index_put((with_grad,), self.encode(rows[with_grad], scl[with_grad], grad=True))
+            if without.any():
+                target = target.index_put((without,), self.encode(rows[without], scl[without], grad=False))
+            self.writer(rows[encoded], target[encoded].detach())
+        history = scl.new_zeros(0)
+        if c.history_source == "encoder":
+            flat = self.encode(history_rows.reshape(-1), history_scl.reshape(-1, OUTPUT_DIM), grad=self.training and c.train_encoder)
+            history = (flat * (history_rows.reshape(-1, 1) != 0)).view(*history_rows.shape, OUTPUT_DIM)
+        return target, encoded, history
+
+    def encode(self, rows: torch.Tensor, scl: torch.Tensor, grad: bool) -> torch.Tensor:
+        """Representations (N, 128) of items `rows` (N,), each distinct item encoded once."""
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        if self.config.content_input == "tokens":
+            content = self.tokens[unique.to(self.tokens.device)].to(rows.device)
+        else:  # the SCL vector of one sample of each item (all samples of an item carry the same one)
+            first = torch.full((unique.numel(),), rows.numel(), dtype=torch.long, device=rows.device)
+            first.scatter_reduce_(0, inverse, torch.arange(rows.numel(), device=rows.device), reduce="amin")
+            content = scl[first]
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self.encoder(content)[inverse]
+
+    def _generator(self) -> torch.Generator:
+        if self.generator is None:
+            self.seed(0)
+        return self.generator
+
+
+class ReadCoverage(nn.Module):
+    """Counts history bank reads found vs looked up (non-padding), short and long; a tracer leaf."""
+
+    def __init__(self, short_len: int) -> None:
+        super().__init__()
+        self.short_len = short_len
+        self.register_buffer("stats", torch.zeros(len(READ_STATS), dtype=torch.float64), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, reads_missing: torch.Tensor, present: torch.Tensor) -> None:
+        found = present & ~reads_missing
+        short = slice(-self.short_len, None)
+        counts = [found[:, short].sum(), present[:, short].sum(), found.sum(), present.sum()]
+        self.stats += torch.stack(counts).to(self.stats)
+
+    def pop_stats(self) -> torch.Tensor:
+        out = self.stats.clone()
+        self.stats.zero_()
+        return out
+
+
+class InBatchContrastive(nn.Module):
+    """InfoNCE between a user vector and the representation of each clicked target, the other
+    clicked rows of the batch as negatives except rows of the same user (masked out)."""
+
+    def __init__(self, user_dim: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.user_tower = nn.Sequential(nn.Linear(user_dim + OUTPUT_DIM, OUTPUT_DIM), nn.ReLU(), nn.Linear(OUTPUT_DIM, OUTPUT_DIM))
+
+    def forward(
+        self, user: torch.Tensor, history: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, user_ids: torch.Tensor
+    ) -> torch.Tensor:
+        known = ~missing(history)
+        pooled = (history * known.unsqueeze(-1)).sum(dim=1) / known.sum(dim=1, keepdim=True).clamp_min(1)
+        clicked = ((labels > 0.5) & (weights > 0)).nonzero().squeeze(-1)
+        users = F.normalize(self.user_tower(torch.cat([user, pooled], dim=-1)[clicked]), dim=-1)
+        items = F.normalize(target[clicked], dim=-1)
+        logits = self.scale * users @ items.T
+        ids = user_ids[clicked]
+        diagonal = torch.eye(len(clicked), dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill((ids.unsqueeze(0) == ids.unsqueeze(1)) & ~diagonal, float("-inf"))
+        loss = F.cross_entropy(logits, torch.arange(len(clicked), device=logits.device), reduction="sum")
+        return loss / max(len(clicked), 1)  # no clicked row: 0, with every parameter still in the graph
+
+
+class LemurModel(MuseModel):
+    """`MuseModel`'s tables and dense arch, plus the content encoder, the bank table and the
+    contrastive head. Same forward contract: `(loss, (loss, scores, labels, weights, user_ids))`."""
+
+    def __init__(self, config: ModelConfig, table_rows: dict[str, int], device: torch.device | None = None) -> None:
+        super().__init__(config, table_rows, device)
+        lemur = config.lemur
+        if not 0.0 <= lemur.backward_share <= lemur.encode_share <= 1.0:
+            raise ValueError(f"model.lemur: expected 0 <= backward_share <= encode_share <= 1, found {lemur.backward_share}, {lemur.encode_share}")
+        self.bank_table = EmbeddingCollection([bank_table_config(table_rows[schema.ITEM_MAP], lemur.bank_dtype)], device=device)
+        self.targets = TargetEncoding(lemur)
+        self.read_coverage = ReadCoverage(config.short_seq_len)
+        user_dim = 3 * config.embedding_dim + 3 * config.embedding_dim // 2
+        self.contrastive = InBatchContrastive(user_dim, lemur.contrastive_scale)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        c = self.config.lemur
+        x = self.dense_inputs(batch)
+        size = batch.batch_size
+        rows = batch.sequence_features.to_dict()
+        history_rows = rows[schema.HIST_ITEMS].values().view(size, -1)
+        encoded_target, encoded, encoded_history = self.targets(rows[schema.TARGET_ITEM].values(), x.target_scl, batch.weights, history_rows, x.scl)
+        bank = self.bank_table(batch.sequence_features)  # after the write: this step's targets are in
+        bank_target = bank[schema.TARGET_ITEM].values().detach().float()
+        if c.history_source == "bank":
+            history = bank[schema.HIST_ITEMS].values().detach().float().view(size, -1, OUTPUT_DIM)
+        else:
+            history = encoded_history
+        self.read_coverage(missing(history), history_rows != 0)
+        target = torch.where(encoded.unsqueeze(-1), encoded_target, bank_target)
+        x = x._replace(target_scl=target, scl=history)
+        ranking, scores = two_class_loss_and_prob(self.dense(x), batch.labels, batch.weights)
+        contrastive = self.contrastive(x.user, history, target, batch.labels, batch.weights, batch.user_ids)
+        loss = c.ranking_weight * ranking + c.contrastive_weight * contrastive
+        return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights, batch.user_ids)
+
+    def pop_bank_stats(self) -> torch.Tensor:
+        """`BankWriter.STATS` + `READ_STATS` sums since the last call, this rank's share."""
+        return torch.cat([self.targets.writer.pop_stats(), self.read_coverage.pop_stats()])

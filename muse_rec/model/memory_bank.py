@@ -1,0 +1,138 @@
+"""The LEMUR memory bank: one 128-d row per item-table row, a TorchRec table written in place.
+
+Reads are ordinary lookups of an `EmbeddingCollection` table (`bank_table_config`), so the bank is
+sharded by the plan like every other table (row-wise over the ranks on the GPU profiles), looked
+up through TorchRec's all-to-all, saved and resharded by the checkpoint, and counted by the
+planner. It is frozen to the optimizers (SGD with lr 0, as the SCL table) and its lookups are
+detached: history reads carry no gradient. Writes go straight into the rows this rank holds:
+`BankWriter` receives every rank's freshly encoded (row, value) pairs through an exchange
+function (an all-gather; `muse_rec.distributed.memory_bank` installs it) and each rank stores
+those that fall into its own pieces of the table. Never-written rows are zero, and a zero row is
+the "missing" flag: an encoder output is never exactly zero.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
+
+from muse_rec.data import schema
+
+BANK_TABLE = "bank"
+BANK_FEATURES = (schema.TARGET_ITEM, schema.HIST_ITEMS)
+"""The bank is keyed by item row and read for the target and the sequence: the item table's
+features, consumed from the same `Batch.sequence_features` KJT."""
+
+Exchange = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def bank_table_config(num_rows: int, dtype: str) -> EmbeddingConfig:
+    return EmbeddingConfig(
+        name=BANK_TABLE,
+        num_embeddings=num_rows,
+        embedding_dim=schema.SCL_DIM,
+        feature_names=list(BANK_FEATURES),
+        data_type=DataType.FP16 if dtype == "fp16" else DataType.FP32,
+        init_fn=lambda weight: None,  # zeroed by `BankWriter.clear` once the table is materialised
+    )
+
+
+def missing(rows: torch.Tensor) -> torch.Tensor:
+    """A bank read is missing where the row is all zeros (never written)."""
+    return (rows == 0).all(dim=-1)
+
+
+def _local_exchange(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows, values
+
+
+class BankWriter(nn.Module):
+    """Writes encoded target items into this rank's pieces of the bank, and keeps the bank's
+    statistics since the last `pop_stats`: staleness and coverage (see `STATS`).
+
+    Holds no module: the pieces are plain tensor views of the (sharded) table, set by `bind`, so
+    TorchRec's pipeline tracer treats this module as a leaf.
+    """
+
+    STATS = (
+        "written_items", "target_items_known",  # distinct encoded targets; those already in the bank
+        "staleness_sum", "staleness_items",  # cosine(new value, cached value) over the known ones
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: list[tuple[int, int, torch.Tensor]] | None = None  # None until bound; [] on a rank holding none
+        self.exchange: Exchange = _local_exchange
+        self.register_buffer("stats", torch.zeros(len(self.STATS), dtype=torch.float64), persistent=False)
+
+    def bind(self, pieces: list[tuple[int, int, torch.Tensor]], exchange: Exchange | None = None) -> None:
+        """(first row, first column, tensor) of every piece of the bank this rank holds."""
+        self.pieces = pieces
+        self.exchange = exchange or _local_exchange
+
+    @torch.no_grad()
+    def clear(self) -> None:
+        for _, _, piece in self.pieces or []:
+            piece.zero_()
+
+    @torch.no_grad()
+    def forward(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Store `values` (N, 128) at bank `rows` (N,), deduplicated; collective (every rank calls it)."""
+        if self.pieces is None:
+            raise RuntimeError("BankWriter: no bank pieces bound (muse_rec.distributed.memory_bank.bind_memory_bank)")
+        rows, values = _last_of_each(rows, values)
+        rows, values = self.exchange(rows, values.float())
+        rows, values = _last_of_each(rows, values)  # an item encoded on several ranks: identical values
+        for first_row, first_column, piece in self.pieces:
+            local = (rows >= first_row) & (rows < first_row + piece.shape[0])
+            index = rows[local].to(piece.device) - first_row
+            new = values[local][:, first_column : first_column + piece.shape[1]].to(piece.device)
+            old = piece[index].float()
+            if first_column == 0:  # count each item once, on the piece holding its first columns
+                known = ~missing(old)
+                self._add("written_items", index.numel())
+                self._add("target_items_known", known.sum())
+                self._add("staleness_sum", F.cosine_similarity(new[known], old[known], dim=-1).sum())
+                self._add("staleness_items", known.sum())
+            piece[index] = new.to(piece.dtype)
+
+    def _add(self, name: str, amount: torch.Tensor | int) -> None:
+        self.stats[self.STATS.index(name)] += torch.as_tensor(amount, dtype=torch.float64, device=self.stats.device)
+
+    def pop_stats(self) -> torch.Tensor:
+        """The sums since the last call, then reset."""
+        out = self.stats.clone()
+        self.stats.zero_()
+        return out
+
+
+READ_STATS = ("short_hits", "short_lookups", "long_hits", "long_lookups")
+"""History reads found in the bank / looked up (non-padding positions), short and long."""
+
+
+def bank_metrics(sums: torch.Tensor) -> dict[str, float | None]:
+    """Coverage and staleness from the sums of `BankWriter.STATS` then `READ_STATS` (one rank's or
+    all ranks'). Target coverage: share of the distinct encoded targets already in the bank before
+    their write (what scoring targets from the bank alone would find)."""
+    s = dict(zip(BankWriter.STATS + READ_STATS, sums.tolist()))
+
+    def share(hits: str, total: str) -> float | None:
+        return s[hits] / s[total] if s[total] else None  # nothing counted (e.g. no write in evaluation)
+
+    return {
+        "bank_coverage_target": share("target_items_known", "written_items"),
+        "bank_coverage_short": share("short_hits", "short_lookups"),
+        "bank_coverage_long": share("long_hits", "long_lookups"),
+        "bank_staleness_cosine": share("staleness_sum", "staleness_items"),
+    }
+
+
+def _last_of_each(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (row, value) per distinct row: the last occurrence."""
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    last = torch.full((unique.numel(),), -1, dtype=torch.long, device=rows.device)
+    last.scatter_reduce_(0, inverse, torch.arange(rows.numel(), device=rows.device), reduce="amax")
+    return unique, values[last]

@@ -1,0 +1,138 @@
+"""lemur on one process (no DMP): where gradients go, what evaluation runs, the encoder, the
+contrastive loss, and the synthetic item content it reads."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muse_rec.config import LemurConfig, load_config
+from muse_rec.data import schema
+from muse_rec.data.content import load_content_tokens
+from muse_rec.data.feature_map import FeatureMaps
+from muse_rec.data.layout import DatasetLayout
+from muse_rec.data.loader import ShardDataset
+from muse_rec.distributed.table_weights import local_pieces
+from muse_rec.model.encoder import ContentEncoder
+from muse_rec.model.lemur import InBatchContrastive, LemurModel
+
+
+def make(synthetic_root, *overrides: str) -> tuple[LemurModel, object]:
+    config = load_config(
+        None,
+        [f"data.root={synthetic_root}", "data.batch_size=16", "data.num_workers=0", "model.method=lemur", "model.keep_top=20",
+         "model.lemur.width=16", "model.lemur.heads=2", "model.lemur.bank_dtype=fp32", *overrides],
+    )
+    layout = DatasetLayout(synthetic_root)
+    maps = FeatureMaps.load(layout, "p90")
+    torch.manual_seed(0)
+    model = LemurModel(config.model, maps.table_rows())
+    model.targets.set_tokens(torch.from_numpy(load_content_tokens(layout, maps.of_column(schema.TARGET_ITEM), config.model.lemur.max_tokens)))
+    model.targets.writer.bind(local_pieces(bank_weight(model)))
+    model.targets.writer.clear()
+    batch = next(iter(ShardDataset(config.data, "train", 0, 1, maps)))
+    return model, batch
+
+
+def bank_weight(model: LemurModel) -> torch.Tensor:
+    return model.bank_table.embeddings["bank"].weight
+
+
+def encoder_grad_norm(model: LemurModel) -> float:
+    return sum(float(p.grad.norm()) for p in model.targets.encoder.parameters() if p.grad is not None)
+
+
+def written_rows(model: LemurModel) -> int:
+    return int((bank_weight(model) != 0).any(dim=1).sum())
+
+
+def test_gradient_reaches_the_encoder_through_encoded_targets(synthetic_root):
+    model, batch = make(synthetic_root)
+    model(batch)[0].backward()
+    assert encoder_grad_norm(model) > 0
+    assert bank_weight(model).grad is None  # bank reads are detached
+    targets = batch.sequence_features[schema.TARGET_ITEM].values()
+    assert written_rows(model) == len(torch.unique(targets[targets != 0]))
+
+
+@pytest.mark.parametrize("shares", [("1.0", "0.0"), ("0.0", "0.0")], ids=["forward-only", "bank-only"])
+def test_no_gradient_through_bank_reads_or_forward_only_targets(synthetic_root, shares):
+    encode, backward = shares
+    model, batch = make(synthetic_root, f"model.lemur.encode_share={encode}", f"model.lemur.backward_share={backward}")
+    model(batch)[0].backward()  # a second step reads what the first wrote
+    model.zero_grad(set_to_none=True)
+    model(batch)[0].backward()
+    assert encoder_grad_norm(model) == 0.0
+    assert bank_weight(model).grad is None
+    assert (written_rows(model) > 0) == (encode == "1.0")
+
+
+@pytest.mark.parametrize("source", ["encoder", "bank"])
+def test_evaluation_writes_nothing_and_bank_scoring_runs_no_encoder(synthetic_root, source):
+    model, batch = make(synthetic_root, f"model.lemur.eval_target={source}")
+    model(batch)  # training step: fills the bank
+    before = bank_weight(model).detach().clone()
+    calls = []
+    model.targets.encoder.register_forward_hook(lambda *args: calls.append(1))
+    model.eval()
+    with torch.no_grad():
+        _, (_, scores, *_rest) = model(batch)
+    assert torch.equal(bank_weight(model), before)
+    assert (len(calls) > 0) == (source == "encoder")
+    assert torch.isfinite(scores).all()
+
+
+def test_history_from_the_encoder_gives_gradient_through_history(synthetic_root):
+    """The cost baseline encodes every history item with gradient: with targets encoded forward
+    only, the encoder trains through the history alone."""
+    model, batch = make(synthetic_root, "model.lemur.history_source=encoder", "model.lemur.backward_share=0.0")
+    model(batch)[0].backward()
+    assert encoder_grad_norm(model) > 0
+
+
+def test_encoder_masks_padding_and_rows_do_not_mix():
+    config = LemurConfig(width=16, heads=2, max_tokens=6, vocab_size=50)
+    encoder = ContentEncoder(config).eval()
+    one = torch.tensor([[5, 6, 7, 0, 0, 0]])
+    two = torch.tensor([[5, 6, 7, 0, 0, 0], [9, 9, 9, 9, 9, 9]])
+    torch.testing.assert_close(encoder(one)[0], encoder(two)[0])
+    assert encoder(two).shape == (2, 128)
+    scl = ContentEncoder(LemurConfig(content_input="scl", scl_chunks=8, width=16, heads=2))
+    assert scl(torch.randn(3, 128)).shape == (3, 128)
+
+
+def test_contrastive_masks_other_rows_of_the_same_user():
+    torch.manual_seed(0)
+    head = InBatchContrastive(user_dim=4, scale=5.0)
+    user, target = torch.randn(4, 4), torch.randn(4, 128)
+    history = torch.randn(4, 3, 128)
+    labels = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the unclicked row is no positive and no negative
+    ids = torch.tensor([7, 7, 8, 8])
+    loss = head(user, history, target, labels, torch.ones(4), ids)
+    u = F.normalize(head.user_tower(torch.cat([user, history.mean(1)], -1))[:3], dim=-1)
+    t = F.normalize(target[:3], dim=-1)
+    logits = 5.0 * u @ t.T
+    logits[0, 1] = logits[1, 0] = float("-inf")  # rows 0 and 1 are the same user
+    expected = F.cross_entropy(logits, torch.arange(3))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_synthetic_titles_name_the_true_cluster(synthetic_root):
+    from muse_rec.config import SynthConfig
+    from muse_rec.data.synth import Catalogue, raw_ids
+    from tests.conftest import SMALL_SYNTH
+
+    table = pq.read_table(DatasetLayout(synthetic_root).item_content_path)
+    assert table.schema == schema.CONTENT_SCHEMA
+    ids = table.column(schema.TARGET_ITEM).to_numpy()
+    assert (np.diff(ids) > 0).all() and len(ids) == SMALL_SYNTH.items
+    catalogue = Catalogue.build(SMALL_SYNTH)
+    internal = {int(r): i for i, r in enumerate(raw_ids(schema.ITEM_MAP, np.arange(SMALL_SYNTH.items)))}
+    titles = table.column(schema.TITLE_TOKENS).to_pylist()
+    for raw, title in list(zip(ids, titles))[:200]:
+        item = np.array([internal[int(raw)]])
+        assert len(title) == SynthConfig().title_tokens
+        assert int(catalogue.keyword(0, catalogue.cluster_of(item))[0]) in title
+        assert int(catalogue.keyword(1, catalogue.category_of(item))[0]) in title
