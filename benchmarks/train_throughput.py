@@ -22,7 +22,8 @@ intra-op thread per rank as torchrun sets it) and build the model exactly as `bu
    compared with the training samples/s per rank to say whether the loader is the bottleneck.
 
 Prints a table and saves benchmarks/results/train_throughput.json (one entry per run label, so
-runs of several methods sit side by side).
+runs of several methods sit side by side). benchmarks/throughput.py sweeps methods and batch
+sizes with the same `measure` and draws them.
 
 Each rank calls `keep_freed_memory` as `muse-rec train` does on CPU (glibc: no mmap for large
 blocks, no heap trimming), so the step's large temporaries (a 1000 x 1001 x 128 float32 SCL lookup
@@ -379,10 +380,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=METHODS, default="muse", help="configs/<method>.yaml is the base config")
-    parser.add_argument("--batch-size", type=int, default=1000, help="samples per batch on each rank")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of one measurement, shared with benchmarks/throughput.py (which sweeps method
+    and batch size itself)."""
     parser.add_argument("--steps", type=int, default=8, help="timed pipelined steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5, help="pipelined warm-up steps (the heap grows over the first few)")
     parser.add_argument("--split-steps", type=int, default=4, help="timed instrumented steps (after one warm-up)")
@@ -394,20 +394,22 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=RESULTS / "throughput-data", help="where the synthetic set goes")
     parser.add_argument("--default-malloc", action="store_true",
                         help="skip keep_freed_memory (glibc's default mmap/trim behaviour), to measure its effect")
-    parser.add_argument("--label", default=None, help="entry name in the JSON (default: method plus overrides)")
-    args = parser.parse_args()
 
+
+def measure(method: str, batch_size: int, args: argparse.Namespace, label: str | None = None) -> dict:
+    """One run: `method` at `batch_size` per rank with the options of `add_run_arguments`; the
+    result that `report` prints and `save_run` keeps."""
     load_before = os.getloadavg()
     busy_before = busy_processes(1.0, exclude={os.getpid()})
     synth = SynthConfig(train_users=args.users, test_users=10, full_history_share=1.0)
     synthesize(synth, args.data, progress=True)
-    overrides = [f"data.root={args.data}", f"data.batch_size={args.batch_size}", *args.set]
+    overrides = [f"data.root={args.data}", f"data.batch_size={batch_size}", *args.set]
     if args.workers is not None:
         overrides.append(f"data.num_workers={args.workers}")
-    config = load_config(ROOT / "configs" / f"{args.method}.yaml", overrides)
+    config = load_config(ROOT / "configs" / f"{method}.yaml", overrides)
     maps = FeatureMaps.load(DatasetLayout(args.data), config.data.vocab)
     world, batch = args.world_size, config.data.batch_size
-    label = args.label or " ".join([args.method, *args.set, *(["default-malloc"] if args.default_malloc else [])])
+    label = label or " ".join([method, *args.set, *(["default-malloc"] if args.default_malloc else [])])
 
     needed = args.warmup + args.steps + 2 + 1 + args.split_steps
     available = len(ShardDataset(config.data, "train", 0, world, maps))
@@ -455,7 +457,7 @@ def main() -> None:
         f"tables sized by the synthetic catalogue ({maps.scl.num_rows:,} SCL rows), far smaller than TAOBAO-MM's p90 "
         "(35.46 M): lookups hit caches more often than on the real set"
     )
-    result = {
+    return {
         "label": label,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
@@ -495,36 +497,61 @@ def main() -> None:
         "build_s": [r["build_s"] for r in ranks],
     }
 
-    print(f"{label}: {world} CPU ranks x batch {batch}, sequence {config.data.long_seq_len}, "
-          f"{config.data.num_workers} loader worker(s) and {args.threads} thread(s) per rank")
-    print(f"  end to end (TrainPipelineSparseDist, {args.steps} steps after {args.warmup} warm-up): step P50 "
-          f"{result['end_to_end']['step_ms_p50']:,.0f} ms, P90 {result['end_to_end']['step_ms_p90']:,.0f} ms -> "
-          f"{rate:,.0f} samples/s ({per_rank:,.0f} per rank; {result['end_to_end']['samples_per_second_at_p50_step']:,} at the P50 step)")
+
+def report(result: dict) -> None:
+    """Print one run's result (from `measure`) as a table."""
+    setup, e2e, split = result["setup"], result["end_to_end"], result["split_ms_per_rank"]
+    world, steps = setup["world_size"], setup["timed_steps"]
+    mean_split = {k: statistics.mean(v) for k, v in split.items()}
+    total, loader = sum(mean_split.values()), result["loader_alone"]
+    cpu = result["cpu_in_timed_window"]["cores_by_class"]
+    print(f"{result['label']}: {world} CPU ranks x batch {setup['batch_size_per_rank']}, sequence {setup['long_seq_len']}, "
+          f"{setup['loader_workers_per_rank']} loader worker(s) and {setup['threads_per_rank']} thread(s) per rank")
+    print(f"  end to end (TrainPipelineSparseDist, {steps} steps after {setup['warmup_steps']} warm-up): step P50 "
+          f"{e2e['step_ms_p50']:,.0f} ms, P90 {e2e['step_ms_p90']:,.0f} ms -> "
+          f"{e2e['samples_per_second']:,} samples/s ({e2e['samples_per_second_per_rank']:,} per rank; "
+          f"{e2e['samples_per_second_at_p50_step']:,} at the P50 step)")
     print("  CPU in that window (cores, user+sys): " + ", ".join(
         f"{k} {v['user_cores']:.2f}+{v['sys_cores']:.2f}" for k, v in cpu.items())
-        + f"; minor faults per step per rank {[r['pipelined']['minor_faults_per_step'] for r in ranks]}")
-    print(f"  split (instrumented non-pipelined step, mean of {args.split_steps}):")
+        + f"; minor faults per step per rank {[r['minor_faults_per_step'] for r in result['cpu_in_timed_window']['per_rank']]}")
+    print(f"  split (instrumented non-pipelined step, mean of {setup['split_steps']}):")
     header = "".join(f"{f'rank {r} ms':>11}" for r in range(world))
     print(f"    {'stage':<54}{header}{'share':>7}")
     for key, name in STAGES:
         print(f"    {name:<54}" + "".join(f"{v:>11,.0f}" for v in split[key]) + f"{mean_split[key] / total:>7.1%}")
-    print(f"    {'step':<54}" + "".join(f"{sum(r['split_ms'].values()):>11,.0f}" for r in ranks))
+    print(f"    {'step':<54}" + "".join(f"{sum(v[r] for v in split.values()):>11,.0f}" for r in range(world)))
     print("    separately (no grad, not in the step):")
-    for key, values in anatomy.items():
+    for key, values in result["anatomy_ms_per_rank"].items():
         print(f"      {key:<52}" + "".join(f"{v:>11,.0f}" for v in values))
     print("    (the sparse tables' optimizer is fused into backward: its update is in 'sparse backward')")
-    print(f"  loader alone: {loader_rate:,} samples/s on one core ({loader['ms_per_batch']} ms a batch)")
-    print(f"  loader is the bottleneck: {verdict}")
-    for caveat in caveats:
+    print(f"  loader alone: {loader['samples_per_second_one_core']:,} samples/s on one core ({loader['ms_per_batch']} ms a batch)")
+    print(f"  loader is the bottleneck: {result['verdict']}")
+    for caveat in result["caveats"]:
         print(f"  caveat: {caveat}")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "train_throughput.json"
+
+def save_run(result: dict, out: Path) -> None:
+    """Keep `result` as the entry of its label in `out`, beside the other runs there."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     saved = json.loads(out.read_text()) if out.exists() else {}
     saved = saved if isinstance(saved, dict) and "runs" in saved else {"runs": {}}
-    saved["runs"][label] = result
+    saved["runs"][result["label"]] = result
     out.write_text(json.dumps(saved, indent=2) + "\n")
-    print(f"saved {out} (entry {label!r})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=METHODS, default="muse", help="configs/<method>.yaml is the base config")
+    parser.add_argument("--batch-size", type=int, default=1000, help="samples per batch on each rank")
+    add_run_arguments(parser)
+    parser.add_argument("--label", default=None, help="entry name in the JSON (default: method plus overrides)")
+    args = parser.parse_args()
+
+    result = measure(args.method, args.batch_size, args, args.label)
+    report(result)
+    out = RESULTS / "train_throughput.json"
+    save_run(result, out)
+    print(f"saved {out} (entry {result['label']!r})")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ class RankMemory:
     """What one rank holds, in bytes. `weights` and `optimizer` are its shards of the planned tables
     wherever they live (device memory; host memory for UVM kernels and on CPU); `buffers` is the
     rest of the planner's estimate (lookup inputs and outputs, UVM caches); `replicated` the int8
-    SCL table outside the plan. `hbm` and `ddr` are the totals per memory with their caps."""
+    SCL table outside the plan. `hbm` and `ddr` are the totals per memory with their caps.
+    `cost_ms` is the planner's estimate of the rank's step time, by part (its shards' perf sums)."""
 
     rank: int
     weights: int
@@ -128,6 +129,7 @@ class RankMemory:
     hbm_cap: int
     ddr: int
     ddr_cap: int
+    cost_ms: dict[str, float]
 
     @property
     def fits(self) -> bool:
@@ -153,10 +155,15 @@ def plan_offline(config: Config, hardware: HardwareConfig, vocab: str) -> tuple[
     return plan, rank_memory(planner._best_plan, topology, replicated_bytes(model))
 
 
+COST_PARTS = ("fwd_compute", "fwd_comms", "bwd_compute", "bwd_comms", "prefetch_compute")
+"""The parts of TorchRec's per-shard `Perf` estimate, in ms per step."""
+
+
 def rank_memory(options: list[ShardingOption], topology: Topology, replicated: int) -> list[RankMemory]:
     """Per-rank sums over the planner's chosen shards. Optimizer state is TorchRec's own estimate
     (Adam: 2 x the weights, row-wise Adagrad: one float a row, SGD: none)."""
     totals = {rank: dict(weights=0, optimizer=0, hbm=0, ddr=0) for rank in range(topology.world_size)}
+    costs = {rank: dict.fromkeys(COST_PARTS, 0.0) for rank in range(topology.world_size)}
     for option in options:
         optimizer_class = getattr(option.tensor, "_optimizer_classes", [None])[0]
         for shard in option.shards:
@@ -166,6 +173,8 @@ def rank_memory(options: list[ShardingOption], topology: Topology, replicated: i
             total["optimizer"] += _calculate_optimizer_sizes([weights], optimizer_class, option.tensor.shape)[0]
             total["hbm"] += shard.storage.hbm
             total["ddr"] += shard.storage.ddr
+            for part in COST_PARTS:
+                costs[shard.rank][part] += getattr(shard.perf, part)
     on_cpu = topology.compute_device == "cpu"
     return [
         RankMemory(
@@ -178,6 +187,7 @@ def rank_memory(options: list[ShardingOption], topology: Topology, replicated: i
             hbm_cap=topology.devices[rank].storage.hbm,
             ddr=t["ddr"] + (replicated if on_cpu else 0),
             ddr_cap=topology.devices[rank].storage.ddr,
+            cost_ms={**costs[rank], "total": sum(costs[rank].values())},
         )
         for rank, t in totals.items()
     ]

@@ -1,0 +1,148 @@
+"""Training throughput by method and batch size: samples/s, step time P50/P90 and where a step's
+time goes, one figure for all.
+
+A sweep of benchmarks/train_throughput.py's measurement (`measure`: 2 spawned CPU gloo ranks,
+the real TrainPipelineSparseDist loop, then instrumented steps split into data, embedding lookup,
+GSU, dense forward, dense backward, sparse backward and optimizer; see its docstring) over
+--methods x --batch-sizes, on one synthetic set (made once, shared with train_throughput.py).
+P50/P90 are of the pipelined end-to-end step (the slowest rank's, as collectives end a step on
+all ranks together); samples/s is over the whole timed window.
+
+Prints a table, saves benchmarks/results/throughput.json (every run's full result under "runs")
+and throughput.png: samples/s bars by method x batch size (P50/P90 step time written on each),
+and the split of the instrumented step as stacked bars (share of the step; its length in ms on
+top). Each configuration spawns its own ranks; on a 2-core machine the default sweep takes
+about 6-10 minutes, dominated by muse and the SIM methods at batch 1000.
+
+    python benchmarks/throughput.py [--methods muse,sim_soft,sim_hard,din] [--batch-sizes 250,1000]
+        [--steps 8] [--warmup 5] [--split-steps 4] [--users 4000] [--set model.scl_storage=int8_replicated]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import plotting
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from muse_rec.config import load_config
+from muse_rec.errors import MuseRecError
+from train_throughput import METHODS, RESULTS, ROOT, STAGES, add_run_arguments, measure
+
+SHORT_STAGES = {"data": "data", "lookup": "embedding lookup", "gsu": "GSU", "dense_forward": "dense forward",
+                "dense_backward": "dense backward", "sparse_backward": "sparse backward + DDP wait",
+                "optimizer": "optimizer (dense AdamW)", "sync": "barrier waits"}
+COLUMNS = {"data": "data", "lookup": "lookup", "gsu": "GSU", "dense_forward": "dense fwd", "dense_backward": "dense bwd",
+           "sparse_backward": "sparse bwd", "optimizer": "optimizer", "sync": "sync"}
+
+
+def summary(result: dict) -> dict:
+    """The row of one run in the sweep's table: rates, step percentiles and the mean split over ranks."""
+    split = {key: round(statistics.mean(result["split_ms_per_rank"][key]), 1) for key, _ in STAGES}
+    e2e = result["end_to_end"]
+    return {"method": result["setup"]["method"], "batch_size": result["setup"]["batch_size_per_rank"],
+            "samples_per_second": e2e["samples_per_second"], "step_ms_p50": e2e["step_ms_p50"], "step_ms_p90": e2e["step_ms_p90"],
+            "split_ms": split, "split_step_ms": result["split_step_ms"], "caveats": result["caveats"]}
+
+
+def print_table(rows: list[dict], world: int) -> None:
+    stage_head = "".join(f"{COLUMNS[k]:>11}" for k, _ in STAGES)
+    print(f"\n{world} CPU ranks; split: mean ms per instrumented step over the ranks")
+    print(f"{'method':<10}{'batch':>6}{'samples/s':>11}{'P50 ms':>9}{'P90 ms':>9}{stage_head}{'split sum':>11}")
+    for r in rows:
+        print(f"{r['method']:<10}{r['batch_size']:>6}{r['samples_per_second']:>11,}{r['step_ms_p50']:>9,.0f}{r['step_ms_p90']:>9,.0f}"
+              + "".join(f"{r['split_ms'][k]:>11,.1f}" for k, _ in STAGES) + f"{r['split_step_ms']:>11,.0f}")
+    print("(data: wait for the next batch; lookup: the 3 embedding collections incl. input/output dist; sparse bwd: gradient\n"
+          " all-to-all + fused table update + DDP wait; optimizer: zero_grad + dense AdamW; sync: barrier waits between stages)")
+
+
+def draw(rows: list[dict], path: Path) -> Path:
+    """Left: samples/s, a group of bars per method, one bar per batch size. Right: each run's
+    instrumented step split into stages, as shares of the step."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    batches = sorted({r["batch_size"] for r in rows})
+    fig, (rate_ax, split_ax) = plotting.figure(1, 2, max(6.0, 0.9 * len(rows) + 3), 5.0)
+    width = 0.8 / len(batches)
+    for index, batch in enumerate(batches):
+        runs = [(methods.index(r["method"]), r) for r in rows if r["batch_size"] == batch]
+        x = [m + (index - (len(batches) - 1) / 2) * width for m, _ in runs]
+        bars = rate_ax.bar(x, [r["samples_per_second"] for _, r in runs], width * 0.9, color=plotting.COLORS[index], label=f"batch {batch} per rank")
+        for bar, (_, r) in zip(bars, runs):
+            rate_ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['samples_per_second']:,}\nP50 {r['step_ms_p50']:,.0f} ms\n"
+                         f"P90 {r['step_ms_p90']:,.0f} ms", ha="center", va="bottom", fontsize=6)
+    rate_ax.set_xticks(range(len(methods)))
+    rate_ax.set_xticklabels(methods)
+    rate_ax.set_yscale("log")
+    rate_ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    rate_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    rate_ax.yaxis.set_minor_formatter(NullFormatter())
+    rate_ax.margins(y=0.25)
+    rate_ax.set_ylabel("training samples/s (all ranks, log scale)")
+    rate_ax.set_title("throughput (pipelined step; P50/P90 of the step time)", fontsize=9)
+    rate_ax.legend(fontsize=7)
+
+    shares = {SHORT_STAGES[k]: [100 * r["split_ms"][k] / max(sum(r["split_ms"].values()), 1e-9) for r in rows] for k, _ in STAGES}
+    tops = plotting.stacked_bars(split_ax, list(range(len(rows))), shares, 0.7)
+    for x, (top, r) in enumerate(zip(tops, rows)):
+        split_ax.text(x, top, f"{r['split_step_ms']:,.0f} ms", ha="center", va="bottom", fontsize=7)
+    split_ax.set_xticks(range(len(rows)))
+    split_ax.set_xticklabels([f"{r['method']}\n{r['batch_size']}" for r in rows], fontsize=8)
+    split_ax.set_ylim(0, 112)
+    split_ax.set_ylabel("% of the instrumented step")
+    split_ax.set_title("where a step goes (instrumented, non-pipelined; step length on top)", fontsize=9)
+    split_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return plotting.save(fig, path, f"Training throughput on {rows[0]['world_size']} CPU ranks" if rows else None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods (default {','.join(METHODS)})")
+    parser.add_argument("--batch-sizes", default="250,1000", help="comma-separated samples per batch on each rank (default 250,1000)")
+    add_run_arguments(parser)
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: {', '.join(unknown)} unknown (choose from {', '.join(METHODS)})")
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--batch-sizes: {args.batch_sizes!r} is not a comma-separated list of integers")
+
+    for method in methods:  # a wrong --set fails now, not after minutes of runs
+        try:
+            load_config(ROOT / "configs" / f"{method}.yaml", args.set)
+        except MuseRecError as e:
+            parser.error(f"configs/{method}.yaml with --set {' '.join(args.set)}: {e}")
+
+    started = time.perf_counter()
+    runs, rows = [], []
+    for method in methods:
+        for batch in batch_sizes:
+            label = " ".join([method, f"batch {batch}", *args.set, *(["default-malloc"] if args.default_malloc else [])])
+            print(f"-- {label}", flush=True)
+            result = measure(method, batch, args, label)
+            runs.append(result)
+            rows.append({**summary(result), "world_size": args.world_size})
+            print(f"   {rows[-1]['samples_per_second']:,} samples/s, step P50 {rows[-1]['step_ms_p50']:,.0f} ms, "
+                  f"P90 {rows[-1]['step_ms_p90']:,.0f} ms ({result['ranks_wall_s']:.0f} s)", flush=True)
+    print_table(rows, args.world_size)
+    for r in rows:
+        for caveat in r["caveats"][:-1]:  # the last one (synthetic table sizes) is the same for all
+            print(f"caveat ({r['method']}, batch {r['batch_size']}): {caveat}")
+    if runs:
+        print(f"caveat: {runs[0]['caveats'][-1]}")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "throughput.json"
+    out.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.perf_counter() - started, 1),
+                               "methods": methods, "batch_sizes": batch_sizes, "overrides": args.set,
+                               "table": rows, "runs": runs}, indent=2) + "\n")
+    png = draw(rows, RESULTS / "throughput.png")
+    print(f"saved {out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
