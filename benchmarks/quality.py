@@ -132,8 +132,8 @@ def gauc_bootstrap_se(user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarr
 
 
 # -- training jobs ---------------------------------------------------------------------------------
-def method_overrides(args: argparse.Namespace, method: str, data_root: Path, run_dir: Path) -> list[str]:
-    """Every method gets the same overrides except its config file's method and sequence length."""
+def common_overrides(args: argparse.Namespace, data_root: Path, run_dir: Path) -> list[str]:
+    """Every method gets the same overrides (only its config file's method and sequence length differ)."""
     return [
         f"data.root={data_root}",
         f"data.batch_size={args.batch_size}",
@@ -189,7 +189,7 @@ def summarize(records: list[dict], seconds: float, run_dir: Path) -> dict:
 def run_method(args: argparse.Namespace, method: str, data_root: Path, runs: Path) -> dict:
     config_file = ROOT / "configs" / f"{method}.yaml"
     run_dir = runs / method
-    overrides = method_overrides(args, method, data_root, run_dir)
+    overrides = common_overrides(args, data_root, run_dir)
     records, seconds = run_training(config_file, overrides, run_dir, args.nproc, args.quiet, LABELS[method])
     config = load_config(config_file, overrides)
     return {"method": method, "gsu": GSU[method], "long_seq_len": config.data.long_seq_len, **summarize(records, seconds, run_dir)}
