@@ -2,7 +2,8 @@
 
 Into a directory of the released layout (`DatasetLayout`) it writes every sorted feature map (the
 full item map and the coverage map, saved under the p90 name whatever the coverage: the coverage is
-recorded in metadata.json), the SCL keys and values sorted by key, and the train/test joined shards.
+recorded in metadata.json), the SCL keys and values sorted by key, the train/test joined shards, and
+(if the raw folder has `item_content.parquet`, method lemur's item titles) the item content table.
 Vocabularies follow `muse_rec.data.vocab`, built from the train user features and the item features.
 
 Join: samples LEFT JOIN user features ON 129_1 LEFT JOIN item features ON 205 (train samples with the
@@ -41,9 +42,10 @@ from tqdm import tqdm
 from muse_rec.data import schema
 from muse_rec.data.atomic import PARTIAL_SUFFIX, npy_memmap_writer, save_npy
 from muse_rec.data.checks import check_aligned, check_columns, clicks_from_labels, open_parquet
+from muse_rec.data.content import content_fields
 from muse_rec.data.feature_map import IdMap, first_unsorted_position
 from muse_rec.data.layout import SPLITS, DatasetLayout
-from muse_rec.data.shards import ShardWriter
+from muse_rec.data.shards import ShardWriter, write_table
 from muse_rec.data.vocab import coverage_threshold, coverage_vocab, sorted_vocab
 from muse_rec.errors import ConfigError, DataError
 
@@ -465,8 +467,26 @@ def _join_split(
 def _remove_earlier_outputs(layout: DatasetLayout) -> None:
     """Delete an earlier run's maps and SCL arrays, so none can pass for this run's."""
     maps = [layout.map_path(name, "full") for name in schema.FEATURE_MAPS] + [layout.map_path(schema.ITEM_MAP, "p90")]
-    for path in [*maps, layout.scl_keys_path, layout.scl_values_path]:
+    for path in [*maps, layout.scl_keys_path, layout.scl_values_path, layout.item_content_path]:
         path.unlink(missing_ok=True)
+
+
+def _write_item_content(path: Path, layout: DatasetLayout) -> dict | None:
+    """The optional raw item content table (method lemur), checked and sorted by item ID, into
+    feature_map/item_content.parquet; None when the raw folder has none."""
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    content_fields(table.schema, path)
+    table = table.sort_by(schema.TARGET_ITEM)
+    ids = table.column(schema.TARGET_ITEM).to_numpy()
+    if len(ids) > 1 and not (np.diff(ids) > 0).all():
+        raise DataError(f"{path}: column {schema.TARGET_ITEM} has duplicated item IDs")
+    write_table(layout.item_content_path, table)
+    return {"items": len(ids), "fields": [name for name in table.column_names if name != schema.TARGET_ITEM]}
 
 
 def _remove_partials(layout: DatasetLayout) -> None:
@@ -501,6 +521,7 @@ def prepare(
     try:
         items = ItemTable.read(tables["item_features"], progress)
         scl = _write_scl(tables["scl_embedding_int8_p90"], layout, strict, progress)
+        content = _write_item_content(raw / "item_content.parquet", layout)
         counts = TrainUserCounts()
         splits = {"train": _join_split("train", tables, items, writers["train"], counts, progress)}
         vocab_sizes = _write_vocabularies(layout, counts, items, coverage)
@@ -520,6 +541,7 @@ def prepare(
         "coverage": coverage,
         "vocab_sizes": vocab_sizes,
         "scl": scl,
+        "item_content": content,
         "splits": splits,
         "seconds": round(seconds, 3),
         "rows_per_second": round(rows / max(seconds, 1e-9)),

@@ -405,3 +405,18 @@ def test_id_counter_merges_partial_counts_exactly() -> None:
     ids, counts = counter.result()
     expected = Counter(int(i) for part in parts for i in part if i != 0)
     assert dict(zip(ids.tolist(), counts.tolist())) == expected and ids.tolist() == sorted(expected)
+
+
+def test_raw_item_content_is_checked_sorted_and_carried_into_the_feature_maps(synthetic_root: Path, tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    shutil.copytree(synthetic_root / "raw", raw)
+    content = pq.read_table(DatasetLayout(synthetic_root).item_content_path)
+    shuffled = content.take(np.random.default_rng(0).permutation(content.num_rows))
+    pq.write_table(shuffled, raw / "item_content.parquet")
+    summary = prepare(raw, tmp_path / "out", progress=False)
+    assert summary["item_content"] == {"items": content.num_rows, "fields": [schema.TITLE_TOKENS]}
+    assert pq.read_table(DatasetLayout(tmp_path / "out").item_content_path).equals(content)
+
+    pq.write_table(pa.concat_tables([shuffled, shuffled.slice(0, 1)]), raw / "item_content.parquet")
+    with pytest.raises(DataError, match=r"item_content.parquet: column 205 has duplicated item IDs"):
+        prepare(raw, tmp_path / "again", progress=False)
