@@ -15,6 +15,8 @@ from muse_rec.data import schema
 
 OUTPUT_DIM = schema.SCL_DIM
 """The representation replaces the SCL vector in the GSU and ESU, so it has its width."""
+INIT_STD = 0.02
+"""Token, [CLS] and position embeddings start as N(0, 0.02), as BERT's do (not nn.Embedding's N(0, 1))."""
 
 
 class ContentEncoder(nn.Module):
@@ -52,8 +54,12 @@ class ContentEncoder(nn.Module):
                 if hasattr(module, name):
                     getattr(module, name)()
                     break
-        nn.init.normal_(self.cls, std=0.02)
-        nn.init.normal_(self.positions, std=0.02)
+        nn.init.normal_(self.cls, std=INIT_STD)
+        nn.init.normal_(self.positions, std=INIT_STD)
+        if isinstance(self.embed, nn.Embedding):  # BERT's scale: AdamW's steps of about lr move tokens from the start
+            nn.init.normal_(self.embed.weight, std=INIT_STD)
+            with torch.no_grad():
+                self.embed.weight[schema.PAD_TOKEN].zero_()
 
     def forward(self, content: torch.Tensor) -> torch.Tensor:
         """content: (N, max_tokens) int token IDs, or (N, 128) float SCL vectors. Returns (N, 128)."""
