@@ -42,7 +42,9 @@ class TargetEncoding(nn.Module):
         self.encoder.requires_grad_(config.train_encoder)
         self.writer = BankWriter()
         self.register_buffer("tokens", torch.zeros(0, config.max_tokens, dtype=torch.int32), persistent=False)
-        self.generator: torch.Generator | None = None
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # training steps drawn: checkpointed,
+        # so a resumed run draws exactly the p / q shares the uninterrupted run would have
+        self.draw_seed = 0
 
     def set_tokens(self, tokens: torch.Tensor) -> None:
         """The (item rows, max_tokens) token matrix of `muse_rec.data.content`; content_input=tokens."""
@@ -52,8 +54,8 @@ class TargetEncoding(nn.Module):
         self.tokens = tokens
 
     def seed(self, seed: int) -> None:
-        """Seed of the p / q draws (give each rank its own)."""
-        self.generator = torch.Generator(device=self.tokens.device).manual_seed(seed)
+        """Seed of the p / q draws (give each rank its own); step s draws from seed and s alone."""
+        self.draw_seed = seed
 
     def forward(
         self, rows: torch.Tensor, scl: torch.Tensor, weights: torch.Tensor, history_rows: torch.Tensor, history_scl: torch.Tensor
@@ -69,14 +71,12 @@ class TargetEncoding(nn.Module):
             if c.eval_target == "encoder":
                 target = target.index_put((encoded,), self.encode(rows[encoded], scl[encoded], grad=False))
         else:
-            draw = torch.rand(rows.numel(), generator=self._generator(), device=self.tokens.device).to(rows.device)
+            draw = self._draw(rows.numel()).to(rows.device)
             encoded = encodable & (draw < c.encode_share)
             with_grad = encoded & (draw < c.backward_share) & c.train_encoder
-            without = encoded & ~with_grad
             if c.train_encoder:  # even with no row selected: DDP expects the encoder in every rank's graph
                 target = target.index_put((with_grad,), self.encode(rows[with_grad], scl[with_grad], grad=True))
-            if without.any():
-                target = target.index_put((without,), self.encode(rows[without], scl[without], grad=False))
+            target = self._encode_the_rest(target, rows, scl, encoded, with_grad)
             self.writer(rows[encoded], target[encoded].detach())
         history = scl.new_zeros(0)
         if c.history_source == "encoder":
@@ -96,14 +96,35 @@ class TargetEncoding(nn.Module):
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return self.encoder(content)[inverse]
 
-    def _generator(self) -> torch.Generator:
-        if self.generator is None:
-            self.seed(0)
-        return self.generator
+    def _encode_the_rest(
+        self, target: torch.Tensor, rows: torch.Tensor, scl: torch.Tensor, encoded: torch.Tensor, with_grad: torch.Tensor
+    ) -> torch.Tensor:
+        """The p share outside q, without gradient: an item already encoded with gradient this step
+        takes that value (detached) instead of running the encoder a second time."""
+        without = encoded & ~with_grad
+        if not without.any():
+            return target
+        samples = with_grad.nonzero().squeeze(-1)
+        items, inverse = torch.unique(rows[samples], return_inverse=True)
+        done = torch.isin(rows, items) & without
+        if done.any():  # the value of any with-gradient sample of the same item (all are equal)
+            source = torch.empty_like(items).scatter_(0, inverse, samples)[torch.searchsorted(items, rows[done])]
+            target = target.index_put((done,), target[source].detach())
+        fresh = without & ~done
+        if fresh.any():
+            target = target.index_put((fresh,), self.encode(rows[fresh], scl[fresh], grad=False))
+        return target
+
+    def _draw(self, n: int) -> torch.Tensor:
+        """n uniforms for this training step, from (seed, step) alone; advances the step."""
+        generator = torch.Generator(device=self.tokens.device).manual_seed(self.draw_seed * 1_000_003 + int(self.steps))
+        self.steps += 1
+        return torch.rand(n, generator=generator, device=self.tokens.device)
 
 
 class ReadCoverage(nn.Module):
-    """Counts history bank reads found vs looked up (non-padding), short and long; a tracer leaf."""
+    """Counts bank reads found vs looked up (`READ_STATS`): the history (non-padding positions),
+    short and long, and the targets read from the bank instead of encoded; a tracer leaf."""
 
     def __init__(self, short_len: int) -> None:
         super().__init__()
@@ -111,10 +132,10 @@ class ReadCoverage(nn.Module):
         self.register_buffer("stats", torch.zeros(len(READ_STATS), dtype=torch.float64), persistent=False)
 
     @torch.no_grad()
-    def forward(self, reads_missing: torch.Tensor, present: torch.Tensor) -> None:
+    def forward(self, reads_missing: torch.Tensor, present: torch.Tensor, target_missing: torch.Tensor, target_read: torch.Tensor) -> None:
         found = present & ~reads_missing
         short = slice(-self.short_len, None)
-        counts = [found[:, short].sum(), present[:, short].sum(), found.sum(), present.sum()]
+        counts = [found[:, short].sum(), present[:, short].sum(), found.sum(), present.sum(), (target_read & ~target_missing).sum(), target_read.sum()]
         self.stats += torch.stack(counts).to(self.stats)
 
     def pop_stats(self) -> torch.Tensor:
@@ -150,7 +171,14 @@ class InBatchContrastive(nn.Module):
 
 class LemurModel(MuseModel):
     """`MuseModel`'s tables and dense arch, plus the content encoder, the bank table and the
-    contrastive head. Same forward contract: `(loss, (loss, scores, labels, weights, user_ids))`."""
+    contrastive head. Same forward contract: `(loss, (loss, scores, labels, weights, user_ids))`.
+
+    Beyond MUSE's tower input, the tower reads the target's representation (L2-normalised; the
+    paper's encoded target joins the ranker's features, and it gives the ranking loss a direct
+    path into the encoder), whether the target's bank read was missing, and the share of the
+    long history missing from the bank: the "missing" flags."""
+
+    TOWER_EXTRA_INPUTS = OUTPUT_DIM + 2
 
     def __init__(self, config: ModelConfig, table_rows: dict[str, int], device: torch.device | None = None) -> None:
         super().__init__(config, table_rows, device)
@@ -169,20 +197,30 @@ class LemurModel(MuseModel):
         size = batch.batch_size
         rows = batch.sequence_features.to_dict()
         history_rows = rows[schema.HIST_ITEMS].values().view(size, -1)
-        encoded_target, encoded, encoded_history = self.targets(rows[schema.TARGET_ITEM].values(), x.target_scl, batch.weights, history_rows, x.scl)
+        target_rows = rows[schema.TARGET_ITEM].values()
+        encoded_target, encoded, encoded_history = self.targets(target_rows, x.target_scl, batch.weights, history_rows, x.scl)
         bank = self.bank_table(batch.sequence_features)  # after the write: this step's targets are in
         bank_target = bank[schema.TARGET_ITEM].values().detach().float()
         if c.history_source == "bank":
             history = bank[schema.HIST_ITEMS].values().detach().float().view(size, -1, OUTPUT_DIM)
         else:
             history = encoded_history
-        self.read_coverage(missing(history), history_rows != 0)
+        target_read = ~encoded & (target_rows != 0) & (batch.weights > 0)
+        self.read_coverage(missing(history), history_rows != 0, missing(bank_target), target_read)
         target = torch.where(encoded.unsqueeze(-1), encoded_target, bank_target)
         x = x._replace(target_scl=target, scl=history)
-        ranking, scores = two_class_loss_and_prob(self.dense(x), batch.labels, batch.weights)
+        ranking, scores = two_class_loss_and_prob(self.dense(x, self._missing_flags_and_target(target, history, history_rows)), batch.labels, batch.weights)
         contrastive = self.contrastive(x.user, history, target, batch.labels, batch.weights, batch.user_ids)
         loss = c.ranking_weight * ranking + c.contrastive_weight * contrastive
         return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights, batch.user_ids)
+
+    @staticmethod
+    def _missing_flags_and_target(target: torch.Tensor, history: torch.Tensor, history_rows: torch.Tensor) -> torch.Tensor:
+        """(B, 128 + 2): normalised target, target missing, share of the non-padding history missing."""
+        present = history_rows != 0
+        history_missing = (missing(history) & present).sum(dim=1) / present.sum(dim=1).clamp_min(1)
+        flags = torch.stack([missing(target).to(target.dtype), history_missing.to(target.dtype)], dim=-1)
+        return torch.cat([F.normalize(target, dim=-1), flags], dim=-1)
 
     def pop_bank_stats(self) -> torch.Tensor:
         """`BankWriter.STATS` + `READ_STATS` sums since the last call, this rank's share."""

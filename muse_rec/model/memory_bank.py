@@ -109,21 +109,24 @@ class BankWriter(nn.Module):
         return out
 
 
-READ_STATS = ("short_hits", "short_lookups", "long_hits", "long_lookups")
-"""History reads found in the bank / looked up (non-padding positions), short and long."""
+READ_STATS = ("short_hits", "short_lookups", "long_hits", "long_lookups", "target_hits", "target_lookups")
+"""Bank reads found / looked up: history (non-padding positions), short and long, and the targets
+read from the bank instead of encoded (outside the p share, or all of them with eval_target bank)."""
 
 
 def bank_metrics(sums: torch.Tensor) -> dict[str, float | None]:
     """Coverage and staleness from the sums of `BankWriter.STATS` then `READ_STATS` (one rank's or
-    all ranks'). Target coverage: share of the distinct encoded targets already in the bank before
-    their write (what scoring targets from the bank alone would find)."""
+    all ranks'). Target coverage: the share of target lookups the bank could answer: the distinct
+    encoded targets already in it before their write, and the targets read from it."""
     s = dict(zip(BankWriter.STATS + READ_STATS, sums.tolist()))
+    s["target_found"] = s["target_items_known"] + s["target_hits"]
+    s["target_total"] = s["written_items"] + s["target_lookups"]
 
     def share(hits: str, total: str) -> float | None:
         return s[hits] / s[total] if s[total] else None  # nothing counted (e.g. no write in evaluation)
 
     return {
-        "bank_coverage_target": share("target_items_known", "written_items"),
+        "bank_coverage_target": share("target_found", "target_total"),
         "bank_coverage_short": share("short_hits", "short_lookups"),
         "bank_coverage_long": share("long_hits", "long_lookups"),
         "bank_staleness_cosine": share("staleness_sum", "staleness_items"),

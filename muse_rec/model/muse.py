@@ -48,9 +48,10 @@ class DenseInputs(NamedTuple):
 
 
 class MuseDense(nn.Module):
-    """GSU (no gradient), ESU and the Dice tower: plain PyTorch, replicated by DDP."""
+    """GSU (no gradient), ESU and the Dice tower: plain PyTorch, replicated by DDP. `extra_inputs`
+    features (none in the MUSE family) follow the reference's tower input."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, extra_inputs: int = 0) -> None:
         super().__init__()
         self.config = config
         width = 2 * config.embedding_dim
@@ -58,9 +59,9 @@ class MuseDense(nn.Module):
         self.long_attention = SelfAttentiveTargetAttention(width)
         self.simtier_short = SimTier()
         self.simtier_long = SimTier()
-        self.tower = Tower(tower_input_dim(config.embedding_dim))
+        self.tower = Tower(tower_input_dim(config.embedding_dim) + extra_inputs)
 
-    def forward(self, x: DenseInputs) -> torch.Tensor:
+    def forward(self, x: DenseInputs, extra: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         target = torch.cat([x.target_item, x.target_cate], dim=-1)
         sequence = torch.cat([x.items, x.cates], dim=-1)
@@ -86,7 +87,7 @@ class MuseDense(nn.Module):
             simtier_short=self.simtier_short(short_similarity, short_mask),
             simtier_long=simtier_long,
         )
-        return self.tower(features)
+        return self.tower(features if extra is None else torch.cat([features, extra], dim=-1))
 
     def _retrieve(
         self, x: DenseInputs, target: torch.Tensor, sequence: torch.Tensor
@@ -114,6 +115,9 @@ class MuseDense(nn.Module):
 class MuseModel(nn.Module):
     """Sparse arch (three TorchRec collections) + `MuseDense`."""
 
+    TOWER_EXTRA_INPUTS = 0
+    """Features a subclass adds after the reference's tower input (see `LemurModel`)."""
+
     def __init__(self, config: ModelConfig, table_rows: dict[str, int], device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
@@ -123,7 +127,7 @@ class MuseModel(nn.Module):
             self.scl_table = EmbeddingCollection([scl_table_config(table_rows["scl"])], device=device)
         else:
             self.scl_table = ReplicatedInt8Table(table_rows["scl"])
-        self.dense = MuseDense(config)
+        self.dense = MuseDense(config, self.TOWER_EXTRA_INPUTS)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         logits = self.dense(self.dense_inputs(batch))

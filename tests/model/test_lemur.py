@@ -16,7 +16,8 @@ from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset
 from muse_rec.distributed.table_weights import local_pieces
 from muse_rec.model.encoder import ContentEncoder
-from muse_rec.model.lemur import InBatchContrastive, LemurModel
+from muse_rec.model.lemur import InBatchContrastive, LemurModel, TargetEncoding
+from muse_rec.model.memory_bank import bank_metrics
 
 
 def make(synthetic_root, *overrides: str) -> tuple[LemurModel, object]:
@@ -82,6 +83,58 @@ def test_evaluation_writes_nothing_and_bank_scoring_runs_no_encoder(synthetic_ro
     assert torch.equal(bank_weight(model), before)
     assert (len(calls) > 0) == (source == "encoder")
     assert torch.isfinite(scores).all()
+
+
+def test_partial_shares_encode_each_distinct_item_once(synthetic_root):
+    """p = 0.6, q = 0.3: the encoder sees every distinct encoded target exactly once, however the
+    samples of one item split between the with- and without-gradient shares."""
+    model, batch = make(synthetic_root, "data.batch_size=64", "model.lemur.encode_share=0.6", "model.lemur.backward_share=0.3")
+    inputs, outputs = [], []
+    model.targets.encoder.register_forward_hook(lambda module, args, out: inputs.append(args[0].shape[0]))
+    model.targets.register_forward_hook(lambda module, args, out: outputs.append(out))
+    model(batch)[0].backward()
+    rows = batch.sequence_features[schema.TARGET_ITEM].values()
+    encoded = outputs[0][1]
+    assert sum(inputs) == len(torch.unique(rows[encoded]))
+    assert written_rows(model) == len(torch.unique(rows[encoded]))
+    assert 0 < int(encoded.sum()) < int((rows != 0).sum())  # both shares are drawn in this batch
+    assert encoder_grad_norm(model) > 0
+
+
+def test_share_draws_depend_on_seed_and_step_alone_so_resume_draws_the_same(synthetic_root):
+    config = LemurConfig(width=16, heads=2, encode_share=0.5, backward_share=0.5)
+    run = TargetEncoding(config)
+    run.seed(5)
+    draws = [run._draw(32) for _ in range(3)]
+    assert "steps" in run.state_dict() and int(run.state_dict()["steps"]) == 3
+    resumed = TargetEncoding(config)
+    resumed.seed(5)
+    resumed.load_state_dict({**run.state_dict(), "steps": torch.tensor(2)})
+    assert torch.equal(resumed._draw(32), draws[2])
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_target_coverage_counts_targets_read_from_the_bank(synthetic_root):
+    model, batch = make(synthetic_root, "model.lemur.encode_share=0.0", "model.lemur.backward_share=0.0")
+    model(batch)
+    assert bank_metrics(model.pop_bank_stats())["bank_coverage_target"] == 0.0  # an empty bank answers nothing
+    model.config.lemur.encode_share = model.targets.config.encode_share = 1.0
+    model(batch)  # writes every target
+    model.pop_bank_stats()
+    model.config.lemur.encode_share = model.targets.config.encode_share = 0.0
+    model(batch)
+    assert bank_metrics(model.pop_bank_stats())["bank_coverage_target"] == 1.0
+
+
+def test_tower_reads_the_normalised_target_and_the_missing_flags():
+    target = torch.tensor([[3.0, 4.0] + [0.0] * 126, [0.0] * 128])
+    history = torch.zeros(2, 4, 128)
+    history[0, 1:, 0] = 1.0  # row 0: positions 1..3 found, position 0 missing; row 1: all missing
+    rows = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 9]])
+    extra = LemurModel._missing_flags_and_target(target, history, rows)
+    torch.testing.assert_close(extra[:, :2], torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
+    torch.testing.assert_close(extra[:, 128:], torch.tensor([[0.0, 0.25], [1.0, 1.0]]))
+    assert LemurModel.TOWER_EXTRA_INPUTS == extra.shape[1]
 
 
 def test_history_from_the_encoder_gives_gradient_through_history(synthetic_root):
