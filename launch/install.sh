@@ -21,7 +21,7 @@ fi
 echo "muse_rec: installing into $venv for $device" >&2
 python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-"${pip[@]}" install -r launch/requirements.txt pytest
+"${pip[@]}" install -r launch/requirements.txt "pytest>=8,<10"
 # torchrec and the fbgemm build for this device, without their declared dependencies
 grep -E '^torchrec==' launch/requirements-torchrec.txt | cut -d' ' -f1 > "$venv/torchrec-pins.txt"
 grep -E "#[[:space:]]*$device\$" launch/requirements-torchrec.txt | cut -d' ' -f1 >> "$venv/torchrec-pins.txt"
