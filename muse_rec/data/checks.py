@@ -1,13 +1,16 @@
-"""Validation shared by every reader (loader, prepare, verify): one wording for each kind of bad input."""
+"""Validation shared by every reader (loader, prepare, verify): one wording for each kind of bad input,
+and one reading of nulls (a null ID is 0, 'missing'; a null list an empty sequence)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from muse_rec.data import schema
+from muse_rec.data.layout import DatasetLayout
 from muse_rec.errors import DataError
 
 
@@ -71,4 +74,35 @@ def check_aligned(items: pa.ListArray, cates: pa.ListArray, where: str) -> None:
         raise DataError(
             f"{where}, row {row}: {schema.HIST_ITEMS!r} has {item_lengths[row]} behaviours but "
             f"{schema.HIST_CATES!r} has {cate_lengths[row]} (they must be aligned position by position)"
+        )
+
+
+def dense_list(column: pa.ListArray) -> pa.ListArray:
+    """The list column with a null list read as empty (a missing sequence) and a null ID as 0 ('missing')."""
+    values = column.flatten()
+    if not column.null_count and not values.null_count:
+        return column
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pc.fill_null(values, 0))
+
+
+def check_total_rows(layout: DatasetLayout, split: str, footer_rows: int, num_shards: int) -> None:
+    """metadata.json exists and its total_rows equals the footers' rows: only then is the split complete.
+
+    Writers put metadata.json last, so its absence marks an interrupted run whose finished shards
+    already carry their final names; a different count marks shards of another run.
+    """
+    path = layout.metadata_path(split)
+    directory = layout.split_dir(split)
+    if not path.exists():
+        raise DataError(
+            f"{directory}: metadata.json is missing but {num_shards} shard file(s) hold {footer_rows} rows; a split "
+            "without it is incomplete (an interrupted prepare, synth or download?): re-run the command that wrote it"
+        )
+    total = layout.read_metadata(split)["total_rows"]
+    if total != footer_rows:
+        raise DataError(
+            f"{path}: total_rows is {total} but the {num_shards} shard footers in {directory} hold {footer_rows} rows "
+            "(shards missing, or mixed with another run's): re-run the command that wrote the split"
         )

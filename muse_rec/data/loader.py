@@ -12,8 +12,12 @@ Decoding. A row group is read once with pyarrow and handled as whole columns: li
 through their offsets/values arrays, never row by row. Rows are denormalised (each impression of
 a user repeats the user's 1000-long sequence), so runs of consecutive rows holding the same
 sequence are found first (same user, same length, equal contents) and each distinct sequence is
-truncated, remapped and left-padded once. `decode_reference` is the plain per-row definition of
-the same output, and the tests hold the two equal.
+truncated, remapped and left-padded once. A null ID reads as 0 ('missing') and a null list as an
+empty sequence, exactly as `prepare` writes them. `decode_reference` is the plain per-row
+definition of the same output, and the tests hold the two equal.
+
+Opening a split checks that its metadata.json exists and that its total_rows equals the rows in
+the parquet footers, so an interrupted or mixed write is refused instead of read in part.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
 from muse_rec.config import DataConfig
 from muse_rec.data import schema
-from muse_rec.data.checks import check_aligned, check_columns, clicks_from_labels, open_parquet
+from muse_rec.data.checks import check_aligned, check_columns, check_total_rows, clicks_from_labels, dense_list, open_parquet
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.errors import DataError
@@ -67,13 +71,14 @@ class RankPlan:
 
 
 def list_row_groups(layout: DatasetLayout, split: str) -> tuple[RowGroup, ...]:
-    """Every row group of the split, from the parquet footers (no data is read)."""
+    """Every row group of the split, from the parquet footers (no data is read).
+
+    The footers must hold the rows metadata.json promises: a split without one is incomplete (a
+    killed prepare or synth), and one whose count differs mixes shards of different runs.
+    """
     paths = layout.shards(split)
     if not paths:
-        raise DataError(
-            f"{layout.split_dir(split)}: no shards found (expected {split}-shard-NNNNNN.parquet files); "
-            "fetch a data set with `muse-rec download`, build one with `muse-rec prepare` or `muse-rec synth`"
-        )
+        raise _no_shards(layout, split)
     groups, first_row = [], 0
     for path in paths:
         meta = open_parquet(path).metadata
@@ -82,7 +87,22 @@ def list_row_groups(layout: DatasetLayout, split: str) -> tuple[RowGroup, ...]:
             num_rows = meta.row_group(index).num_rows
             groups.append(RowGroup(path, index, first_row, num_rows))
             first_row += num_rows
+    check_total_rows(layout, split, first_row, len(paths))
+    if not first_row:
+        raise DataError(f"{layout.split_dir(split)}: the {len(paths)} shard file(s) hold no rows (expected at least one row)")
     return tuple(groups)
+
+
+def _no_shards(layout: DatasetLayout, split: str) -> DataError:
+    """The error for a split without shard files; an empty or missing data directory is named as such."""
+    advice = "fetch a data set with `muse-rec download`, build one with `muse-rec prepare` or `muse-rec synth`"
+    if not layout.root.is_dir():
+        return DataError(f"{layout.root}: data directory missing; {advice}")
+    if not any(layout.root.iterdir()):
+        return DataError(f"{layout.root}: empty data directory ({split}/ and feature_map/ are missing); {advice}")
+    return DataError(
+        f"{layout.split_dir(split)}: no shards found (expected {split}-shard-NNNNNN.parquet files); {advice}"
+    )
 
 
 def plan_rank(row_groups: tuple[RowGroup, ...], batch_size: int, rank: int, world_size: int) -> RankPlan:
@@ -93,7 +113,8 @@ def plan_rank(row_groups: tuple[RowGroup, ...], batch_size: int, rank: int, worl
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     total = sum(g.num_rows for g in row_groups)
     if total < world_size:
-        raise DataError(f"{row_groups[0].path.parent}: {total} rows cannot give each of {world_size} ranks a row")
+        where = f"{row_groups[0].path.parent}: " if row_groups else ""
+        raise DataError(f"{where}{total} rows in {len(row_groups)} row group(s) cannot give each of {world_size} ranks a row")
     start, stop = total * rank // world_size, total * (rank + 1) // world_size
     most_rows = -(-total // world_size)  # the largest rank's row count
     steps = -(-most_rows // batch_size)
@@ -144,6 +165,11 @@ def _lists(table: pa.Table, column: str) -> pa.ListArray:
     return table.column(column).combine_chunks()
 
 
+def _sequence(table: pa.Table, column: str) -> pa.ListArray:
+    """A behaviour column with a null list read as empty and a null ID as 0, as `prepare` writes them."""
+    return dense_list(_lists(table, column))
+
+
 def _sequence_runs(user: np.ndarray, items: pa.ListArray, cates: pa.ListArray) -> np.ndarray:
     """Index of the first row of each run of consecutive rows that hold the same sequence."""
     offsets = items.offsets.to_numpy()
@@ -174,7 +200,7 @@ def _last_padded(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, leng
 
 def decode_row_group(table: pa.Table, maps: FeatureMaps, long_len: int, where: str) -> DecodedRows:
     """Remap, truncate and pad one row group (see the module doc)."""
-    items, cates = _lists(table, schema.HIST_ITEMS), _lists(table, schema.HIST_CATES)
+    items, cates = _sequence(table, schema.HIST_ITEMS), _sequence(table, schema.HIST_CATES)
     check_aligned(items, cates, where)
     clicks = clicks_from_labels(_lists(table, schema.LABEL), where)
     user = _ints(table, schema.USER)
@@ -201,8 +227,8 @@ def decode_reference(table: pa.Table, maps: FeatureMaps, long_len: int) -> Decod
     rows = table.to_pylist()
     n = len(rows)
 
-    def padded(values: list[int]) -> list[int]:
-        last = values[-long_len:] if values else []
+    def padded(values: list[int | None]) -> list[int]:
+        last = [0 if v is None else v for v in values[-long_len:]] if values else []
         return [0] * (long_len - len(last)) + last
 
     def remap(index, values) -> np.ndarray:
@@ -289,8 +315,9 @@ class ShardDataset(IterableDataset):
             raise DataError(f"data.long_seq_len must be positive, got {config.long_seq_len}")
         layout = DatasetLayout(config.root)
         self.config, self.split = config, split
+        row_groups = list_row_groups(layout, split)  # first: an empty directory is named as such, not by a missing map
         self.maps = maps or FeatureMaps.load(layout, config.vocab, strict=config.strict)
-        self.plan = plan_rank(list_row_groups(layout, split), config.batch_size, rank, world_size)
+        self.plan = plan_rank(row_groups, config.batch_size, rank, world_size)
         if not 0 <= start_step <= len(self.plan.batches):
             raise ValueError(f"start_step {start_step} is outside 0..{len(self.plan.batches)}")
         self.start_step = start_step

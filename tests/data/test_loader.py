@@ -3,6 +3,8 @@ over ranks and workers, resuming, and each kind of bad input."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
 from muse_rec.config import DataConfig
 from muse_rec.data import schema
-from muse_rec.data.atomic import save_npy
+from muse_rec.data.atomic import save_npy, write_json
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import (
@@ -29,7 +31,7 @@ from muse_rec.data.loader import (
     list_row_groups,
 )
 from muse_rec.errors import DataError
-from tests.data.handmade import make_dataset, make_rows, write_split
+from tests.data.handmade import make_dataset, make_rows, write_maps
 
 L = 8  # short sequences keep hand checks readable; rows have up to 12 behaviours (truncation)
 
@@ -140,11 +142,12 @@ def test_rows_of_one_user_with_different_sequences_are_kept_apart(tmp_path):
     np.testing.assert_array_equal(got[schema.HIST_ITEMS], want[schema.HIST_ITEMS])
 
 
-def test_synthetic_round_trip_of_every_field(synthetic_root):
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_synthetic_round_trip_of_every_field(synthetic_root, split):
     layout = DatasetLayout(synthetic_root)
-    rows = [r for path in layout.shards("test") for r in pq.read_table(path).to_pylist()]
+    rows = [r for path in layout.shards(split) for r in pq.read_table(path).to_pylist()]
     cfg = dataclasses.replace(config(synthetic_root, batch_size=64), long_seq_len=1000)
-    got = flatten(list(ShardDataset(cfg, "test")))
+    got = flatten(list(ShardDataset(cfg, split)))
     global L
     saved, L = L, 1000
     try:
@@ -153,19 +156,35 @@ def test_synthetic_round_trip_of_every_field(synthetic_root):
         L = saved
     for key, expected in want.items():
         np.testing.assert_array_equal(got[key], expected, err_msg=key)
+    if split == "train":  # train users are in the vocabulary: the user rows are real lookups, not all OOV
+        assert (want[schema.USER] > 0).all()
 
 
 # -- work split ------------------------------------------------------------------------------------
 def uneven_dataset(root: Path) -> list[dict]:
-    """Three shards of 7, 61 and 23 rows, in row groups of 5, 16 and 23 rows."""
-    rows = make_rows(30, seed=5, impressions=(1, 6))[:91]
-    make_dataset(root, rows[:7], rows_per_shard=7, row_group_rows=5)
+    """90 rows in three shards of 7, 61 and 22 rows, in row groups of 5, 16 and 22 rows.
+
+    The maps cover every row's target and targets are unique, so the targets read identify the
+    rows: one row read twice and another dropped would change them.
+    """
+    rows = make_rows(30, seed=5, impressions=(1, 6))
+    assert len(rows) == 90
+    write_maps(root, rows)
     layout = DatasetLayout(root)
-    parts = [(rows[:7], 5), (rows[7:68], 16), (rows[68:], 23)]
+    layout.split_dir("train").mkdir()
+    parts = [(rows[:7], 5), (rows[7:68], 16), (rows[68:], 22)]
     for i, (part, group) in enumerate(parts):
-        write_split(root / f"part{i}", "train", part, rows_per_shard=len(part), row_group_rows=group)
-        (root / f"part{i}" / "train" / "train-shard-000000.parquet").rename(layout.shard_path("train", i))
+        table = pa.Table.from_pylist(part, schema=schema.JOINED_SCHEMA)
+        pq.write_table(table, layout.shard_path("train", i), row_group_size=group)
+    write_json(layout.metadata_path("train"), {"total_rows": len(rows), "num_shards": len(parts)})
     return rows
+
+
+def unique_targets(root: Path, rows: list[dict]) -> list[int]:
+    """The target item row of each row, checked to tell the rows apart (none OOV, none repeated)."""
+    targets = expected_rows(root, rows, "p90")[schema.TARGET_ITEM].tolist()
+    assert 0 not in targets and len(set(targets)) == len(rows)
+    return targets
 
 
 @pytest.mark.parametrize("world_size,num_workers,batch_size", [(2, 2, 7), (2, 2, 45), (3, 2, 5), (2, 0, 46)])
@@ -180,8 +199,7 @@ def test_uneven_shards_give_every_rank_the_same_steps_and_lose_no_row(tmp_path, 
     sizes = [[b.batch_size for b in batches] for batches in per_rank]
     assert all(s == sizes[0] for s in sizes), sizes  # same steps, same size at every step
     targets = np.concatenate([flatten(batches)[schema.TARGET_ITEM] for batches in per_rank])
-    expected = expected_rows(tmp_path, rows, "p90")[schema.TARGET_ITEM]
-    assert sorted(targets.tolist()) == sorted(expected.tolist())  # every row exactly once
+    assert sorted(targets.tolist()) == sorted(unique_targets(tmp_path, rows))  # every row exactly once
     padded = [flatten(batches, real_only=False) for batches in per_rank]
     assert all(((p["weights"] == 0) <= (p["labels"] == 0)).all() for p in padded)
 
@@ -209,9 +227,10 @@ def test_batch_order_interleaves_worker_blocks():
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resuming_at_a_step_yields_exactly_the_rest_in_order(tmp_path, num_workers):
-    uneven_dataset(tmp_path)
+    rows = uneven_dataset(tmp_path)
     cfg = config(tmp_path, batch_size=6)
     full = [flatten([b])[schema.TARGET_ITEM].tolist() for b in make_dataloader(ShardDataset(cfg, "train"), num_workers)]
+    assert sorted(itertools.chain(*full)) == sorted(unique_targets(tmp_path, rows))  # batches tell rows apart
     for start in (1, 5, len(full) - 1):
         resumed = make_dataloader(ShardDataset(cfg, "train", start_step=start), num_workers)
         assert [flatten([b])[schema.TARGET_ITEM].tolist() for b in resumed] == full[start:]
@@ -293,6 +312,72 @@ def test_empty_data_directory(tmp_path, handmade):
         read_all(tmp_path)
 
 
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_truly_empty_or_missing_data_directory_is_named(tmp_path, exists):
+    root = tmp_path / "data"
+    if exists:
+        root.mkdir()
+    words = "empty data directory" if exists else "data directory missing"
+    with pytest.raises(DataError, match=rf"{root}: {words}.*muse-rec download"):
+        read_all(root)
+
+
+def test_shards_without_row_groups_are_refused(tmp_path, handmade):
+    shutil.copytree(handmade[0] / "feature_map", tmp_path / "feature_map")
+    layout = DatasetLayout(tmp_path)
+    layout.split_dir("train").mkdir()
+    pq.ParquetWriter(layout.shard_path("train", 0), schema.JOINED_SCHEMA).close()  # a footer, no row group
+    write_json(layout.metadata_path("train"), {"total_rows": 0})
+    assert pq.ParquetFile(layout.shard_path("train", 0)).num_row_groups == 0
+    with pytest.raises(DataError, match=rf"{layout.split_dir('train')}: the 1 shard file\(s\) hold no rows"):
+        read_all(tmp_path)
+    with pytest.raises(DataError, match=r"0 rows in 0 row group\(s\) cannot give each of 2 ranks a row"):
+        plan_rank((), 5, 0, 2)
+
+
+def test_a_split_without_metadata_is_refused_as_incomplete(copy):
+    layout = DatasetLayout(copy)
+    layout.metadata_path("train").unlink()  # what a killed prepare or synth leaves: renamed shards, no metadata
+    shards = len(layout.shards("train"))
+    with pytest.raises(DataError, match=rf"{layout.split_dir('train')}: metadata.json is missing but {shards} shard file\(s\) hold \d+ rows"):
+        read_all(copy)
+
+
+def test_metadata_row_count_disagreeing_with_the_footers_is_refused(copy):
+    layout = DatasetLayout(copy)
+    meta = layout.read_metadata("train")
+    footers = sum(pq.ParquetFile(p).metadata.num_rows for p in layout.shards("train"))
+    assert meta["total_rows"] == footers
+    layout.metadata_path("train").write_text(json.dumps(meta | {"total_rows": footers + 3}))
+    with pytest.raises(DataError, match=(
+        rf"{layout.metadata_path('train')}: total_rows is {footers + 3} but the {len(layout.shards('train'))} "
+        rf"shard footers in {layout.split_dir('train')} hold {footers} rows"
+    )):
+        read_all(copy)
+
+
+def test_null_ids_inside_sequences_read_as_0_like_prepare_writes_them(copy, handmade):
+    """A null behaviour ID is 'missing' (0) and a null list an empty sequence, in the fast and the reference decode."""
+    rows = [dict(r) for r in handmade[1]]
+    long = [i for i, r in enumerate(rows[:40]) if len(r[schema.HIST_ITEMS]) >= 3]  # shard 0 holds rows 0..39
+    rows[long[0]][schema.HIST_ITEMS] = [None, *rows[long[0]][schema.HIST_ITEMS][1:]]
+    rows[long[1]][schema.HIST_CATES] = [*rows[long[1]][schema.HIST_CATES][:-1], None]
+    rows[long[2]][schema.HIST_ITEMS] = rows[long[2]][schema.HIST_CATES] = None
+    path = rewrite_shard(copy, lambda t: pa.Table.from_pylist(rows[: t.num_rows], schema=schema.JOINED_SCHEMA))
+    assert pq.read_table(path).column(schema.HIST_ITEMS).combine_chunks().flatten().null_count == 1
+    as_prepared = [
+        r | {c: [0 if x is None else x for x in r[c] or []] for c in (schema.HIST_ITEMS, schema.HIST_CATES)} for r in rows
+    ]
+    got, want = flatten(read_all(copy)), expected_rows(copy, as_prepared, "p90")
+    for key, expected in want.items():
+        np.testing.assert_array_equal(got[key], expected, err_msg=key)
+    table = pq.ParquetFile(path).read_row_group(0)
+    maps = FeatureMaps.load(DatasetLayout(copy), "p90")
+    fast, slow = decode_row_group(table, maps, L, "x"), decode_reference(table, maps, L)
+    np.testing.assert_array_equal(fast.items[fast.sequence_of_row], slow.items[slow.sequence_of_row])
+    np.testing.assert_array_equal(fast.cates[fast.sequence_of_row], slow.cates[slow.sequence_of_row])
+
+
 def test_unsorted_feature_map_is_refused(copy):
     path = DatasetLayout(copy).map_path(schema.CATE_MAP)
     keys = np.load(path)
@@ -312,8 +397,25 @@ def test_unsorted_duplicated_scl_keys_are_repaired_or_refused(copy, handmade, ca
     save_npy(layout.scl_values_path, bad_values)
     with caplog.at_level(logging.WARNING):
         maps = FeatureMaps.load(layout, "p90")
-    assert "not sorted and unique" in caplog.text and "1 duplicated key(s)" in caplog.text
+    assert "not sorted, unique and non-zero" in caplog.text and "1 duplicated key(s)" in caplog.text
     rows = maps.scl.remap(keys)  # every key finds its own vector; the duplicate's first occurrence wins
     np.testing.assert_array_equal(bad_values[rows - 1], values)
-    with pytest.raises(DataError, match="SCL keys are not sorted and unique.*refused because strict"):
+    with pytest.raises(DataError, match="SCL keys are not sorted, unique and non-zero.*refused because strict"):
+        read_all(copy, strict=True)
+
+
+def test_scl_key_0_is_dropped_so_missing_items_read_the_zero_row(copy, caplog):
+    """0 means 'missing': a vector keyed 0 must not reach a missing target or behaviour."""
+    layout = DatasetLayout(copy)
+    before = flatten(read_all(copy))
+    keys, values = np.load(layout.scl_keys_path), np.load(layout.scl_values_path)
+    save_npy(layout.scl_keys_path, np.concatenate([[0], keys]))  # still sorted: only the 0 is wrong
+    save_npy(layout.scl_values_path, np.concatenate([np.full((1, schema.SCL_DIM), 99, np.int8), values]))
+    with caplog.at_level(logging.WARNING):
+        after = flatten(read_all(copy))
+    assert "1 key(s) 0" in caplog.text and "keys 0 are dropped" in caplog.text
+    for key in SCL_FEATURES:  # every vector row moved down by the one in front; the zero row stays 0
+        np.testing.assert_array_equal(after[key], np.where(before[key] > 0, before[key] + 1, 0), err_msg=key)
+    assert (before[schema.SCL_LONG] == 0).any()
+    with pytest.raises(DataError, match=r"0 duplicated key\(s\), 1 key\(s\) 0\); refused because strict"):
         read_all(copy, strict=True)
