@@ -20,14 +20,18 @@ Memory is bounded by the vocabularies and the samples, never by the user tables 
 - the item table is held as arrays (4 M rows); the SCL values (4.5 GB) are streamed into a
   memory-mapped .npy, each row scattered straight to its sorted position (no staging copy).
 
-Every file is written under a temporary name and renamed; a run first deletes an earlier run's maps
-and split metadata, and metadata.json of both splits is written last, so a directory is complete
-exactly when both splits have one.
+A run writes everything into a staging directory inside the output (`.prepare.partial/`) and only
+when every file is complete swaps it in: it deletes the earlier run's metadata.json, maps, SCL
+arrays and shards, moves the new files into place by rename, and the two metadata.json last. So a
+run that fails (bad input found midway, or killed) leaves an earlier data set as it was, and a
+directory is complete exactly when both splits have a metadata.json. A re-run needs disk room for
+both copies until the swap.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +45,7 @@ from tqdm import tqdm
 
 from muse_rec.data import schema
 from muse_rec.data.atomic import PARTIAL_SUFFIX, npy_memmap_writer, save_npy
-from muse_rec.data.checks import check_aligned, check_columns, clicks_from_labels, open_parquet
+from muse_rec.data.checks import check_aligned, check_columns, clicks_from_labels, dense_list, open_parquet
 from muse_rec.data.content import content_fields
 from muse_rec.data.feature_map import IdMap, first_unsorted_position
 from muse_rec.data.layout import SPLITS, DatasetLayout
@@ -375,19 +379,9 @@ class Samples:
         return positions[np.argsort(self.file_rows[positions], kind="stable")]
 
 
-def _dense_list(column: pa.ListArray) -> pa.ListArray:
-    """The list column with a null list read as empty (a missing sequence) and a null ID as 0."""
-    values = column.flatten()
-    if not column.null_count and not values.null_count:
-        return column
-    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pc.fill_null(values, 0))
-
-
 def _checked_users(batch: pa.RecordBatch, where: str) -> pa.RecordBatch:
     """A slice of a user table with dense sequences, after checking they are aligned."""
-    sequences = {name: _dense_list(batch.column(name)) for name in (schema.HIST_ITEMS, schema.HIST_CATES)}
+    sequences = {name: dense_list(batch.column(name)) for name in (schema.HIST_ITEMS, schema.HIST_CATES)}
     check_aligned(sequences[schema.HIST_ITEMS], sequences[schema.HIST_CATES], where)
     names = schema.RAW_USER_SCHEMA.names
     return pa.RecordBatch.from_arrays([sequences.get(name, batch.column(name)) for name in names], schema=schema.RAW_USER_SCHEMA)
@@ -464,11 +458,30 @@ def _join_split(
 
 
 # -- the command -----------------------------------------------------------------------------------
-def _remove_earlier_outputs(layout: DatasetLayout) -> None:
-    """Delete an earlier run's maps and SCL arrays, so none can pass for this run's."""
+STAGING_DIR = f".prepare{PARTIAL_SUFFIX}"
+"""Where a run writes inside the output directory until it swaps its files in (a hidden name: no reader looks there)."""
+
+
+def _publish(staging: DatasetLayout, layout: DatasetLayout) -> None:
+    """Swap a finished run's files in: delete the earlier run's, then move the new ones, metadata last.
+
+    Deleting starts with both metadata.json, so until the last rename the directory never looks
+    complete. Renames within one file system copy nothing.
+    """
     maps = [layout.map_path(name, "full") for name in schema.FEATURE_MAPS] + [layout.map_path(schema.ITEM_MAP, "p90")]
-    for path in [*maps, layout.scl_keys_path, layout.scl_values_path, layout.item_content_path]:
+    stale = [layout.metadata_path(split) for split in SPLITS]
+    stale += [*maps, layout.scl_keys_path, layout.scl_values_path, layout.item_content_path]
+    for split in SPLITS:
+        stale += layout.shards(split)
+    for path in stale:
         path.unlink(missing_ok=True)
+    metadata = [staging.metadata_path(split) for split in SPLITS]
+    files = sorted(path for path in staging.root.rglob("*") if path.is_file() and path not in metadata)
+    for path in [*files, *metadata]:
+        target = layout.root / path.relative_to(staging.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+    shutil.rmtree(staging.root)
 
 
 def _write_item_content(path: Path, layout: DatasetLayout) -> dict | None:
@@ -489,13 +502,6 @@ def _write_item_content(path: Path, layout: DatasetLayout) -> dict | None:
     return {"items": len(ids), "fields": [name for name in table.column_names if name != schema.TARGET_ITEM]}
 
 
-def _remove_partials(layout: DatasetLayout) -> None:
-    """After a failure: delete temporary files (shards the writers left open) so only complete files remain."""
-    for directory in (layout.feature_map_dir, *(layout.split_dir(split) for split in SPLITS)):
-        for partial in directory.glob(f".*{PARTIAL_SUFFIX}"):
-            partial.unlink()
-
-
 def prepare(
     raw: str | Path,
     out: str | Path,
@@ -507,7 +513,8 @@ def prepare(
 ) -> dict:
     """Rebuild the released data set in `out` from the raw tables in `raw`; returns a summary.
 
-    Every input is opened and its columns checked before anything is written or deleted.
+    Every input is opened and its columns checked before anything is written; nothing of an
+    earlier run in `out` is deleted before this run has written all its files (see the module doc).
     """
     if not 0.0 < coverage <= 1.0:
         raise ConfigError(f"coverage: expected a share of history interactions in (0, 1], found {coverage!r}")
@@ -515,24 +522,26 @@ def prepare(
     raw = Path(raw)
     tables = {name: RawTable.open(raw / f"{name}.parquet", expected) for name, expected in RAW_SCHEMAS.items()}
     layout = DatasetLayout(out)
+    staging = DatasetLayout(layout.root / STAGING_DIR)
+    shutil.rmtree(staging.root, ignore_errors=True)  # an interrupted run's leftovers: start clean
     extra = {"coverage": coverage, "source": str(raw.resolve()), "prepared_by": "muse-rec prepare"}
-    writers = {split: ShardWriter(layout, split, rows_per_shard, row_group_rows, dict(extra)) for split in SPLITS}
-    _remove_earlier_outputs(layout)
     try:
+        writers = {split: ShardWriter(staging, split, rows_per_shard, row_group_rows, dict(extra)) for split in SPLITS}
         items = ItemTable.read(tables["item_features"], progress)
-        scl = _write_scl(tables["scl_embedding_int8_p90"], layout, strict, progress)
-        content = _write_item_content(raw / "item_content.parquet", layout)
+        scl = _write_scl(tables["scl_embedding_int8_p90"], staging, strict, progress)
+        content = _write_item_content(raw / "item_content.parquet", staging)
         counts = TrainUserCounts()
         splits = {"train": _join_split("train", tables, items, writers["train"], counts, progress)}
-        vocab_sizes = _write_vocabularies(layout, counts, items, coverage)
+        vocab_sizes = _write_vocabularies(staging, counts, items, coverage)
         del counts
         splits["test"] = _join_split("test", tables, items, writers["test"], None, progress)
-        for split, writer in writers.items():  # metadata last: its presence means the data set is complete
+        for split, writer in writers.items():
             writer.extra_metadata |= {"users": splits[split]["users"], "click_rate": splits[split]["click_rate"]}
             splits[split]["shards"] = writer.close()["num_shards"]
     except BaseException:
-        _remove_partials(layout)
+        shutil.rmtree(staging.root, ignore_errors=True)
         raise
+    _publish(staging, layout)
     seconds = time.perf_counter() - start
     rows = sum(s["rows"] for s in splits.values())
     summary = {

@@ -19,10 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
+from muse_rec.config import DataConfig
 from muse_rec.data import schema
 from muse_rec.data.atomic import PARTIAL_SUFFIX
 from muse_rec.data.layout import SPLITS, DatasetLayout
 from muse_rec.data import prepare as prepare_module
+from muse_rec.data.loader import ShardDataset
 from muse_rec.data.prepare import RAW_SCHEMAS, IdCounter, RawTable, prepare
 from muse_rec.errors import ConfigError, DataError
 from tests.conftest import SMALL_SYNTH
@@ -155,7 +158,8 @@ def test_demo_tables_give_the_maps_scl_and_rows_computed_by_hand(demo_dir: Path,
 def make_matching_raw(demo_dir: Path, raw: Path) -> Path:
     """Demo rows re-keyed so the joins hit: user rows carry the sample users (out of sample order, each
     repeated: in the same row group and in a later one), items the sample targets (one repeated), two
-    samples' users are absent; small row groups."""
+    samples' users are absent, SCL vectors key two targets and two recent behaviours (the keys stay
+    unsorted); small row groups."""
     copy_raw(demo_dir, raw)
     train_targets = [r[schema.TARGET_ITEM] for r in raw_rows(raw, "train_samples")]
     test_targets = [r[schema.TARGET_ITEM] for r in raw_rows(raw, "test_samples")]
@@ -172,6 +176,10 @@ def make_matching_raw(demo_dir: Path, raw: Path) -> Path:
     edit_rows(raw, "train_samples", rekey(schema.USER, dict(zip((1, 4), ABSENT_USERS))), row_group_size=4)
     items = dict(enumerate(train_targets[:6] + test_targets[:3] + train_targets[:1]))
     edit_rows(raw, "item_features", rekey(schema.TARGET_ITEM, items), row_group_size=4)
+    users = {split: raw_rows(raw, f"{split}_user_features") for split in SPLITS}
+    behaviours = [users["train"][4][schema.HIST_ITEMS][-1], users["test"][3][schema.HIST_ITEMS][-2]]
+    scl_keys = dict(zip((1, 4, 6, 8), [train_targets[2], test_targets[0], *behaviours]))
+    edit_rows(raw, "scl_embedding_int8_p90", rekey(schema.TARGET_ITEM, scl_keys), row_group_size=4)
     return raw
 
 
@@ -205,17 +213,100 @@ def test_matching_demo_rows_join_users_and_items_first_row_winning(matching_raw:
     assert [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)] == [3, 1]
 
 
+@pytest.fixture(scope="module")
+def prepared_matching(matching_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared-matching")
+    prepare(matching_raw, out, coverage=0.5, rows_per_shard=4, row_group_rows=3, progress=False)
+    return out
+
+
+def loaded_by_hand(raw: Path, split: str, vocab: str, coverage: float, long_len: int) -> dict[str, np.ndarray]:
+    """What the loader must yield for `prepare(raw)`, from the raw tables: the joined rows by brute
+    force, each ID's row by searchsorted on its hand-built map (row i + 1 on a hit, else 0), the
+    last `long_len` behaviours left-padded with 0, the SCL rows from the first vector of each key."""
+    maps = {name: np.array(keys, np.int64) for name, keys in expected_maps(raw).items()}
+    if vocab == "p90":
+        maps[schema.ITEM_MAP] = np.array(expected_coverage_map(raw, coverage), np.int64)
+    scl_keys = np.array(sorted(expected_scl(raw)), np.int64)
+
+    def rows_of(keys: np.ndarray, ids: list[int]) -> list[int]:
+        ids = np.array(ids, np.int64)
+        at = np.searchsorted(keys, ids)
+        hit = (at < len(keys)) & (keys[np.minimum(at, len(keys) - 1)] == ids)
+        return np.where(hit, at + 1, 0).tolist()
+
+    def padded(keys: np.ndarray, sequence: list[int]) -> list[int]:
+        kept = sequence[-long_len:]
+        return [0] * (long_len - len(kept)) + rows_of(keys, kept)
+
+    out: dict[str, list] = {key: [] for key in (*ID_FEATURES, *SEQUENCE_FEATURES, *SCL_FEATURES, "labels", "user_ids")}
+    for r in brute_force_join(raw, split):
+        for column in (*ID_FEATURES, schema.TARGET_ITEM, schema.TARGET_CATE):
+            out[column] += rows_of(maps[schema.MAP_OF_COLUMN[column]], [r[column]])
+        out[schema.HIST_ITEMS].append(padded(maps[schema.ITEM_MAP], r[schema.HIST_ITEMS]))
+        out[schema.HIST_CATES].append(padded(maps[schema.CATE_MAP], r[schema.HIST_CATES]))
+        out[schema.SCL_TARGET] += rows_of(scl_keys, [r[schema.TARGET_ITEM]])
+        out[schema.SCL_LONG].append(padded(scl_keys, r[schema.HIST_ITEMS]))
+        out["labels"].append(r[schema.LABEL][1])
+        out["user_ids"].append(r[schema.USER])
+    return {key: np.array(values) for key, values in out.items()}
+
+
+def loaded(root: Path, split: str, vocab: str, long_len: int) -> dict[str, np.ndarray]:
+    """Every field the loader yields for the split, as (rows, ...) arrays."""
+    config = DataConfig(root=str(root), vocab=vocab, long_seq_len=long_len, batch_size=4, num_workers=0)
+    batches = list(ShardDataset(config, split))
+    assert all((b.weights > 0).all() for b in batches)  # one rank: no padding rows
+    fields: dict[str, list] = {}
+    for b in batches:
+        for kjt, keys in ((b.id_features, ID_FEATURES), (b.sequence_features, SEQUENCE_FEATURES), (b.scl_features, SCL_FEATURES)):
+            for key in keys:
+                values = Batch.sequence(kjt, key).numpy()
+                fields.setdefault(key, []).append(values[:, 0] if values.shape[1] == 1 else values)
+        fields.setdefault("labels", []).append(b.labels.numpy())
+        fields.setdefault("user_ids", []).append(b.user_ids.numpy())
+    return {key: np.concatenate(values) for key, values in fields.items()}
+
+
+@pytest.mark.parametrize("vocab, long_len", [("p90", 1000), ("full", 1200), ("p90", 300)])
+@pytest.mark.parametrize("split", SPLITS)
+def test_prepared_demo_rows_load_as_computed_by_hand_from_the_raw_tables(
+    matching_raw: Path, prepared_matching: Path, split: str, vocab: str, long_len: int
+) -> None:
+    got, want = loaded(prepared_matching, split, vocab, long_len), loaded_by_hand(matching_raw, split, vocab, 0.5, long_len)
+    for key, expected in want.items():
+        np.testing.assert_array_equal(got[key], expected, err_msg=key)
+    history = [r[schema.HIST_ITEMS] for r in brute_force_join(matching_raw, split)]
+    lacking = [max(long_len - len(sequence), 0) for sequence in history]
+    items = got[schema.HIST_ITEMS]
+    assert all((items[row, :n] == 0).all() for row, n in enumerate(lacking))  # left padding: what the sequence lacks
+    short = loaded_by_hand(matching_raw, split, vocab, 0.5, 50)  # the reference's short sequence: the last 50 behaviours
+    np.testing.assert_array_equal(items[:, -50:], short[schema.HIST_ITEMS])
+    np.testing.assert_array_equal(got[schema.SCL_LONG][:, -50:], short[schema.SCL_LONG])
+    # the demo rows exercise what they should: histories (train: also samples without a user row),
+    # hits, OOV IDs read as 0 (test users; under p90, rare history items), SCL vectors found
+    assert all(history) if split == "test" else any(history) and not all(history)
+    assert (want[schema.USER] > 0).any() if split == "train" else (want[schema.USER] == 0).all()
+    assert (want[schema.HIST_ITEMS] > 0).any() and (want[schema.TARGET_ITEM] > 0).any()
+    oov = [(items[row, n:] == 0).any() for row, n in enumerate(lacking) if history[row]]  # raw demo IDs are never 0
+    assert any(oov) == (vocab == "p90" or split == "test")  # test histories hold items train never saw
+    assert (want[schema.SCL_TARGET] > 0).any() and (want[schema.SCL_LONG][:, -50:] > 0).any()
+
+
 def test_a_rerun_starts_clean_and_writes_the_same_files(matching_raw: Path, tmp_path: Path) -> None:
     prepare(matching_raw, tmp_path / "a", rows_per_shard=4, row_group_rows=3, progress=False)
     out = tmp_path / "b"
     prepare(matching_raw, out, rows_per_shard=100, row_group_rows=50, progress=False)
+    killed = DatasetLayout(out / prepare_module.STAGING_DIR)  # what a killed run leaves: its staged files
+    killed.split_dir("train").mkdir(parents=True)
+    shutil.copyfile(DatasetLayout(out).shards("train")[0], killed.shard_path("train", 7))
     prepare(matching_raw, out, rows_per_shard=4, row_group_rows=3, progress=False)
     first, second = DatasetLayout(tmp_path / "a"), DatasetLayout(out)
     for split in SPLITS:
         assert [p.name for p in second.shards(split)] == [p.name for p in first.shards(split)]
         assert joined_rows(out, split) == joined_rows(first.root, split)
     assert sorted(p.name for p in second.feature_map_dir.iterdir()) == sorted(p.name for p in first.feature_map_dir.iterdir())
-    assert not list(out.rglob(f"*{PARTIAL_SUFFIX}"))
+    assert not list(out.rglob(f"*{PARTIAL_SUFFIX}")) and not killed.root.exists()
 
 
 # -- round trip of the synthetic set ---------------------------------------------------------------
@@ -352,16 +443,6 @@ def test_a_corrupt_page_is_named_by_file_and_row_group(raw: Path, tmp_path: Path
     assert_nothing_looks_complete(tmp_path / "out")
 
 
-def test_a_run_failing_midway_leaves_nothing_that_looks_complete(raw: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    prepare(raw, out, progress=False)
-    edit_rows(raw, "test_user_features", set_cell(9, schema.HIST_ITEMS, []), 4)
-    with pytest.raises(DataError, match="test_user_features.parquet, row group 2, row 1"):
-        # both splits' first shard is open (row groups written, not closed) when the test split fails
-        prepare(raw, out, rows_per_shard=100, row_group_rows=3, progress=False)
-    assert_nothing_looks_complete(out)
-
-
 def write_scl(raw: Path, keys: list[int]) -> np.ndarray:
     vectors = np.random.default_rng(0).integers(-127, 128, (len(keys), schema.SCL_DIM)).astype(np.int8)
     rows = [{schema.TARGET_ITEM: k, schema.SCL_TARGET: v.tolist()} for k, v in zip(keys, vectors)]
@@ -380,15 +461,38 @@ def test_repeated_and_unsorted_scl_keys_are_sorted_first_row_winning(raw: Path, 
     assert any("2 repeated key(s) and 1 key(s) 0" in r.getMessage() for r in caplog.records)
 
 
-def test_strict_refuses_repeated_scl_keys_and_leaves_no_scl_files(raw: Path, tmp_path: Path) -> None:
-    prepare(raw, tmp_path, progress=False)
-    write_scl(raw, [10, 20, 20, 30])
-    with pytest.raises(DataError, match="1 repeated key.*refused because strict checking is on"):
-        prepare(raw, tmp_path, strict=True, progress=False)
-    layout = DatasetLayout(tmp_path)
-    assert not layout.scl_keys_path.exists() and not layout.scl_values_path.exists()
-    assert not layout.map_path(schema.USER).exists()
-    assert_nothing_looks_complete(tmp_path)
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file under `out` by relative path, with its bytes."""
+    return {str(path.relative_to(out)): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize(
+    "damage, message, options",
+    [
+        (  # found while reading the samples, after the SCL arrays are written
+            lambda raw: edit_rows(raw, "train_samples", set_cell(6, schema.LABEL, [1, 1]), 4),
+            "train_samples.parquet, row group 1, row 2: column 'label_0' must be a 2-element one-hot", {},
+        ),
+        (
+            lambda raw: write_scl(raw, [10, 20, 20, 30]),
+            "1 repeated key.*refused because strict checking is on", {"strict": True},
+        ),
+        (  # found midway through the test join: both splits' first shard is open, the train maps written
+            lambda raw: edit_rows(raw, "test_user_features", set_cell(9, schema.HIST_ITEMS, []), 4),
+            "test_user_features.parquet, row group 2, row 1", {"rows_per_shard": 100, "row_group_rows": 3},
+        ),
+    ],
+    ids=["bad-label", "strict-scl", "bad-sequence-midway"],
+)
+def test_a_failing_rerun_leaves_the_earlier_data_set_intact(raw: Path, tmp_path: Path, damage, message: str, options: dict) -> None:
+    out = tmp_path / "out"
+    prepare(raw, out, progress=False)
+    before = snapshot(out)
+    damage(raw)
+    with pytest.raises(DataError, match=message):
+        prepare(raw, out, progress=False, **options)
+    assert snapshot(out) == before  # every file as it was, and no staging or temporary file left
+    assert len(list(ShardDataset(DataConfig(root=str(out), batch_size=4, num_workers=0), "train"))) == 3
 
 
 def test_a_coverage_outside_zero_one_is_refused(raw: Path, tmp_path: Path) -> None:
