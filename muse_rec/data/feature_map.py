@@ -118,6 +118,11 @@ def load_id_map(path: Path, name: str) -> IdMap:
     return IdMap(keys, name)
 
 
+def _count_zeros(ascending: np.ndarray) -> int:
+    """How many keys of an ascending array are 0 (two binary searches, no scan)."""
+    return int(np.searchsorted(ascending, 0, side="right") - np.searchsorted(ascending, 0, side="left"))
+
+
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
@@ -130,10 +135,11 @@ def _load_npy(path: Path) -> np.ndarray:
 class SclIndex:
     """Raw item ID -> row of the frozen SCL table, whose row `i + 1` is `values[i]` (row 0 = zeros).
 
-    The released keys are not guaranteed sorted or unique. Sorted unique keys are used as they are;
-    otherwise (unless `strict`) the index is built once over a stable sort, and of duplicated keys
-    the first one in file order wins, with a warning. The values file is never reordered, so the
-    table can be filled from it by a straight chunked copy.
+    The released keys are not guaranteed sorted or unique. Sorted unique non-zero keys are used as
+    they are; otherwise (unless `strict`) the index is built once over a stable sort, with a
+    warning: of duplicated keys the first one in file order wins, and a key 0 is dropped (0 means
+    'missing', so a missing target must read the zero row, never a real vector). The values file is
+    never reordered, so the table can be filled from it by a straight chunked copy.
     """
 
     def __init__(self, keys_path: Path, values_path: Path, strict: bool = False) -> None:
@@ -150,23 +156,22 @@ class SclIndex:
         self.values_path = values_path
         self._value_rows: np.ndarray | None = None  # sorted-key position -> values row, when reordered
         bad = first_unsorted_position(keys)
-        if bad is None:
+        if bad is None and not _count_zeros(keys):
             self.map = IdMap(keys, "scl")
             return
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         first = np.ones(len(keys), bool)
         first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        duplicates = int(len(keys) - first.sum())
-        problem = (
-            f"{keys_path}: SCL keys are not sorted and unique (first at index {bad}: {keys[bad]} then "
-            f"{keys[bad + 1]}; {duplicates} duplicated key(s))"
-        )
+        duplicates, zeros = int(len(keys) - first.sum()), _count_zeros(sorted_keys)
+        problem = f"{keys_path}: SCL keys are not sorted, unique and non-zero ({duplicates} duplicated key(s), {zeros} key(s) 0"
+        problem += f"; first out of order at index {bad}: {keys[bad]} then {keys[bad + 1]})" if bad is not None else ")"
         if strict:
             raise DataError(problem + "; refused because strict checking is on")
-        log.warning("%s; using a sorted index, the first occurrence of a duplicated key wins", problem)
-        self.map = IdMap(np.ascontiguousarray(sorted_keys[first]), "scl")
-        self._value_rows = order[first]
+        log.warning("%s; using a sorted index: the first occurrence of a duplicated key wins, keys 0 are dropped", problem)
+        kept = first & (sorted_keys != 0)
+        self.map = IdMap(np.ascontiguousarray(sorted_keys[kept]), "scl")
+        self._value_rows = order[kept]
 
     @property
     def num_rows(self) -> int:

@@ -47,7 +47,7 @@ def _finding(level: str, path: Path, message: str) -> Finding:
 def verify(root: str | Path, strict: bool = False, deep: bool = False, progress: bool = True) -> list[Finding]:
     """All findings about the data directory `root`; no errors means training can read it.
 
-    `strict` makes repairable problems (unsorted or duplicated SCL keys) errors; `deep` also scans
+    `strict` makes repairable problems (unsorted, duplicated or 0 SCL keys) errors; `deep` also scans
     every row group of every shard (labels one-hot, sequences aligned).
     """
     layout = DatasetLayout(root)
@@ -217,9 +217,9 @@ def _verify_map(path: Path, field: str) -> list[Finding]:
 
 
 def _verify_scl(layout: DatasetLayout, strict: bool) -> list[Finding]:
-    """The SCL table as training loads it. Missing or mis-shaped files are errors; unsorted or
-    duplicated keys are repaired at load, so they are warnings (errors when `strict`, as loading
-    then refuses them). SclIndex tells the two apart: only the order problem depends on `strict`."""
+    """The SCL table as training loads it. Missing or mis-shaped files are errors; unsorted,
+    duplicated or 0 keys are repaired at load, so they are warnings (errors when `strict`, as loading
+    then refuses them). SclIndex tells the two apart: only the key problem depends on `strict`."""
     if not layout.feature_map_dir.is_dir():
         return []  # already reported with the feature maps
     missing = [path for path in (layout.scl_keys_path, layout.scl_values_path) if not path.exists()]
@@ -239,7 +239,8 @@ def _verify_scl(layout: DatasetLayout, strict: bool) -> list[Finding]:
     return [_scl_finding(
         layout, WARNING,
         order_problem.removesuffix("; refused because strict checking is on")
-        + "; repaired at load (sorted once, the first of duplicated keys wins); strict checking makes this an error",
+        + "; repaired at load (sorted once, the first of duplicated keys wins, keys 0 are dropped); "
+        "strict checking makes this an error",
     )]
 
 

@@ -166,8 +166,18 @@ def test_duplicated_scl_keys_warn_and_are_errors_when_strict(layout: DatasetLayo
     np.save(layout.scl_keys_path, keys)
     findings = verify(layout.root, progress=False)
     assert errors(findings) == []
-    the_finding(findings, WARNING, layout.scl_keys_path, "not sorted and unique", "1 duplicated key(s)", "repaired at load")
+    the_finding(findings, WARNING, layout.scl_keys_path, "not sorted, unique and non-zero", "1 duplicated key(s)", "repaired at load")
     the_finding(verify(layout.root, strict=True, progress=False), ERROR, layout.scl_keys_path, "1 duplicated key(s)", "strict")
+
+
+def test_an_scl_key_0_warns_and_is_an_error_when_strict(layout: DatasetLayout) -> None:
+    keys, values = np.load(layout.scl_keys_path), np.load(layout.scl_values_path)
+    np.save(layout.scl_keys_path, np.concatenate([[0], keys]))  # sorted and unique, but 0 means 'missing'
+    np.save(layout.scl_values_path, np.concatenate([values[:1], values]))
+    findings = verify(layout.root, progress=False)
+    assert errors(findings) == []
+    the_finding(findings, WARNING, layout.scl_keys_path, "1 key(s) 0", "keys 0 are dropped", "repaired at load")
+    the_finding(verify(layout.root, strict=True, progress=False), ERROR, layout.scl_keys_path, "1 key(s) 0", "strict")
 
 
 def test_bad_rows_are_found_only_by_the_deep_scan(layout: DatasetLayout) -> None:
