@@ -204,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub_parser("download", "fetch TAOBAO-MM (or a selection of it) from the Hugging Face hub")
     p.add_argument("--dest", required=True, help="local directory (downloads resume there)")
     p.add_argument("--vocab", choices=("p90", "full"), default="p90", help="which item vocabulary's maps to fetch")
-    p.add_argument("--splits", default="train,test", help="comma-separated splits to fetch (may be empty)")
+    p.add_argument(
+        "--splits", default="train,test",
+        help="comma-separated splits to fetch; empty (--splits '') fetches no split, only the maps, SCL table and --raw tables",
+    )
     p.add_argument("--max-shards", type=int, help="fetch only the first N shards of each split")
     p.add_argument("--raw", action="store_true", help="also fetch the raw (unjoined) tables")
     p.set_defaults(run=cmd_download)

@@ -49,12 +49,13 @@ def select_files(
 
     Pure over the repo listing, so the choice is testable without network. The first
     `max_shards` shards of each split (in name order) are taken when given; raw/ only if `raw`.
+    No splits select no split files: a user who only prepares or inspects wants the maps (and raw).
     """
     if vocab not in schema.VOCABS:
         raise DataError(f"unknown vocabulary {vocab!r}: expected one of {', '.join(schema.VOCABS)}")
     unknown = [split for split in splits if split not in SPLITS]
-    if unknown or not splits:
-        raise DataError(f"unknown split(s) {unknown or list(splits)}: expected one or more of {', '.join(SPLITS)}")
+    if unknown:
+        raise DataError(f"unknown split(s) {unknown}: expected any of {', '.join(SPLITS)} (or none, for the maps only)")
     if max_shards is not None and max_shards < 1:
         raise DataError(f"max_shards must be at least 1, found {max_shards}")
     listed = set(repo_files)

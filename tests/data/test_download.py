@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from muse_rec.cli import main
 from muse_rec.data import schema
 from muse_rec.data.download import HUB_METADATA, PARTIAL_KEY, download, restore_hub_metadata, select_files, write_partial_metadata
 from muse_rec.data.layout import RAW_TABLES, DatasetLayout
@@ -71,7 +72,6 @@ def test_raw_adds_every_raw_table() -> None:
     [
         ({"vocab": "p80"}, "unknown vocabulary 'p80'"),
         ({"splits": ("train", "valid")}, "unknown split(s) ['valid']"),
-        ({"splits": ()}, "unknown split(s) []"),
         ({"max_shards": 0}, "max_shards must be at least 1"),
     ],
 )
@@ -79,6 +79,19 @@ def test_bad_options_are_data_errors(kwargs: dict, words: str) -> None:
     with pytest.raises(DataError) as error:
         select_files(hub_listing(), **kwargs)
     assert words in str(error.value)
+
+
+def test_no_splits_select_the_maps_only_and_raw_if_asked() -> None:
+    maps = sorted([*OTHER_MAPS, P90_ITEM_MAP, *SCL])
+    assert select_files(hub_listing(), splits=()) == maps
+    assert select_files(hub_listing(), splits=(), raw=True) == sorted(maps + RAW)
+
+
+def test_cli_empty_splits_reach_download_as_no_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr("muse_rec.data.download.download", lambda dest, **kwargs: calls.append(kwargs) or {})
+    assert main(["download", "--quiet", "--dest", str(tmp_path), "--splits", "", "--raw"]) == 0
+    assert calls[0]["splits"] == () and calls[0]["raw"] is True
 
 
 @pytest.mark.parametrize("lacking", ["feature_map/213_sorted_map.npy", P90_ITEM_MAP, SCL[1], "test/metadata.json"])
