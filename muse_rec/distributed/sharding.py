@@ -11,6 +11,7 @@ from the hardware profile (`hardware`); a saved plan (`muse_rec.distributed.plan
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import Adam as TorchRecAdam
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from muse_rec.config import DataConfig, HardwareConfig, OptimConfig, ShardingConfig, TableShardingConfig
 from muse_rec.data import schema
-from muse_rec.distributed.topology import topology_from_profile
+from muse_rec.distributed.topology import running_hardware, topology_from_profile
 from muse_rec.errors import ConfigError
 from muse_rec.model.lemur import LemurModel
 from muse_rec.model.memory_bank import BANK_TABLE
@@ -45,9 +47,16 @@ log = logging.getLogger(__name__)
 
 def sparse_optimizer(config: OptimConfig, device_type: str) -> tuple[type[torch.optim.Optimizer], dict]:
     """Adam on CUDA (the reference's lazy Adam); on CPU, where fbgemm has no fused Adam, the
-    documented fallback `optim.sparse_cpu` (row-wise Adagrad by default)."""
+    documented fallback `optim.sparse_cpu` (row-wise Adagrad by default).
+
+    The kwargs are fbgemm's, not torch's: TorchRec renames only `lr` (to `learning_rate`) and hands
+    every other key as is to fbgemm's `SplitTableBatchedEmbeddingBagsCodegen`, which takes
+    `beta1`/`beta2` (torch's `betas` is a TypeError there). `torch.optim.Adam` itself would refuse
+    `beta1` when the optimizer is attached, so CUDA uses TorchRec's placeholder `torchrec.optim.Adam`
+    (it accepts fbgemm's kwargs and maps to the same fused EmbOptimType.ADAM, with the planner
+    counting the same 2 x the weights of state), in torchrec 1.6.1 and 1.8.0 alike."""
     if device_type == "cuda":
-        return torch.optim.Adam, {"lr": config.sparse_lr, "betas": (0.9, 0.999), "eps": 1e-8}
+        return TorchRecAdam, {"lr": config.sparse_lr, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
     if config.sparse_cpu == "rowwise_adagrad":
         return RowWiseAdagrad, {"lr": config.sparse_cpu_lr, "eps": 1e-8}
     return torch.optim.SGD, {"lr": config.sparse_cpu_lr}
@@ -166,12 +175,16 @@ def shard_model(
     data: DataConfig | None = None,
 ) -> ShardedModel:
     """Attach optimizers, plan collectively (unless a plan is given) and wrap in DMP. Planning
-    follows `sharding.tables` on the `hardware` profile (default: TorchRec's topology of the
-    running job) for `data`'s batch size and sequence length."""
+    follows `sharding.tables` on the `hardware` profile for `data`'s batch size and sequence
+    length; what the profile leaves unset is the running job's (on CUDA: the GPU's memory and
+    LOCAL_WORLD_SIZE, `running_hardware`; otherwise TorchRec's defaults)."""
     attach_sparse_optimizers(model, optim, device.type)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if plan is None:
-        topology = topology_from_profile(hardware or HardwareConfig(), device.type, world_size)
+        hardware = hardware or HardwareConfig()
+        if device.type == "cuda":  # what the profile leaves out: this GPU's memory, torchrun's ranks per host
+            hardware = running_hardware(hardware, device.type, torch.cuda.get_device_properties(device).total_memory, os.environ)
+        topology = topology_from_profile(hardware, device.type, world_size)
         planner = make_planner(model, sharding or ShardingConfig(), topology, data or DataConfig())
         plan = planner.collective_plan(model, sharders(), dist.GroupMember.WORLD) if dist.is_initialized() else planner.plan(model, sharders())
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())

@@ -9,6 +9,9 @@ flag gives the same topology on both. Building `Topology(...)` directly instead 
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+
 from torchrec.distributed.planner.types import HardwareConfig as MeasuredHardware
 from torchrec.distributed.planner.types import KernelConfig, Topology, TopologyFactory, TrainerConfig
 
@@ -41,6 +44,27 @@ def topology_from_profile(hardware: HardwareConfig, device_type: str | None = No
     )
     kernel = KernelConfig(compute_device=device, use_hardware_based_bandwidth=True)
     return TopologyFactory.create_topology(trainer_config=trainer, hardware_config=measured, kernel_config=kernel)
+
+
+def running_hardware(hardware: HardwareConfig, device_type: str, device_memory_bytes: int | None, env: Mapping[str, str]) -> HardwareConfig:
+    """`hardware` with what a running CUDA job knows filled in where the profile leaves it unset:
+    the device memory of its GPU (`device_memory_bytes`, torch.cuda.get_device_properties().total_memory)
+    as `hbm_cap_gib`, and torchrun's LOCAL_WORLD_SIZE (from `env`) as `local_world_size`. The cap is
+    the card's whole memory, as the profiles give it (h100x1: 79.6 GiB): the planner keeps its own
+    reserve (RESERVED_SHARE of it, besides the dense estimate), which also covers the CUDA context.
+    Without this, TorchRec would plan into its default 32 GiB on any card. Profile values win; on
+    CPU (host memory, processes per host) nothing changes."""
+    if device_type != "cuda":
+        return hardware
+    filled = {}
+    if hardware.hbm_cap_gib is None and device_memory_bytes:
+        filled["hbm_cap_gib"] = device_memory_bytes / GIB
+    if hardware.local_world_size is None and env.get("LOCAL_WORLD_SIZE"):
+        value = env["LOCAL_WORLD_SIZE"]
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"LOCAL_WORLD_SIZE={value!r} is not a positive number of ranks per host")
+        filled["local_world_size"] = int(value)
+    return dataclasses.replace(hardware, **filled) if filled else hardware
 
 
 def _agree(key: str, profile, running):

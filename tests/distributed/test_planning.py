@@ -11,7 +11,9 @@ import torch.multiprocessing as mp
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from muse_rec.cli import main
-from muse_rec.config import Config
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+from muse_rec.config import Config, HardwareConfig
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset
@@ -27,7 +29,7 @@ from muse_rec.distributed.planning import (
     topology_from_profile,
 )
 from muse_rec.distributed.sharding import table_constraints
-from muse_rec.distributed.topology import GIB
+from muse_rec.distributed.topology import GIB, running_hardware
 from muse_rec.errors import ConfigError, MuseRecError
 from muse_rec.model.muse import MuseModel
 from muse_rec.train.loop import Runtime, build_model
@@ -243,3 +245,77 @@ def test_a_plan_made_offline_for_cpu_2core_trains_on_two_gloo_ranks(synthetic_ro
         assert result["item_moved"]
         expected = [(s.shard_offsets, s.shard_sizes) for s in item.sharding_spec.shards if s.placement.rank() == rank]
         assert result["item_shards"] == expected
+
+
+# -- what a CUDA job hands fbgemm, checked on CPU ----------------------------------------------------
+@pytest.mark.parametrize(
+    "optimizer_of,trained",
+    [("cuda", (EmbOptimType.ADAM, 2e-3)), ("cpu", (EmbOptimType.EXACT_ROWWISE_ADAGRAD, 0.01))],
+)
+def test_fused_optimizer_kwargs_are_what_fbgemm_takes(synthetic_root, tmp_path, monkeypatch, optimizer_of, trained):
+    """The fused params TorchRec builds from the attached optimizers (lr -> learning_rate, the
+    optimizer class -> EmbOptimType, every other key as is) reach fbgemm's kernel constructor as
+    keyword arguments: each must be one of its parameters. The CUDA optimizer is attached and the
+    model sharded by the real DMP on one CPU rank; the kernel class is replaced by a subclass that
+    records its kwargs (and runs the CPU kernel with a CPU-capable optimizer, as fbgemm has no CPU Adam)."""
+    import inspect
+
+    import torchrec.distributed.batched_embedding_kernel as kernels
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    from muse_rec.config import DataConfig, HardwareConfig, OptimConfig, ShardingConfig
+    from muse_rec.distributed.sharding import attach_sparse_optimizers, make_planner, sharders
+
+    accepted = set(inspect.signature(SplitTableBatchedEmbeddingBagsCodegen.__init__).parameters) - {"self"}
+    assert not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(SplitTableBatchedEmbeddingBagsCodegen.__init__).parameters.values())
+    recorded: list[dict] = []
+
+    class Recording(SplitTableBatchedEmbeddingBagsCodegen):
+        def __init__(self, *args, **kwargs):
+            recorded.append(dict(kwargs))
+            runnable = {k: v for k, v in kwargs.items() if k in accepted}
+            if runnable.get("optimizer") not in (EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD):
+                runnable["optimizer"] = EmbOptimType.EXACT_ROWWISE_ADAGRAD
+            super().__init__(*args, **runnable)
+
+    monkeypatch.setattr(kernels, "SplitTableBatchedEmbeddingBagsCodegen", Recording)
+    config = Config()
+    model = MuseModel(config.model, FeatureMaps.load(DatasetLayout(synthetic_root), "p90").table_rows(), device=torch.device("meta"))
+    attach_sparse_optimizers(model, OptimConfig(), optimizer_of)
+    topology = topology_from_profile(HardwareConfig(), "cpu", 1)
+    plan = make_planner(model, ShardingConfig(), topology, DataConfig(batch_size=8)).plan(model, sharders())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders())
+    finally:
+        dist.destroy_process_group()
+
+    by_table = {name: kwargs for kwargs in recorded for name in kwargs["table_names"]}
+    assert {"item", "category", "scl", "129_1"} <= by_table.keys()
+    for kwargs in recorded:
+        unknown = sorted(set(kwargs) - accepted)
+        assert not unknown, f"fbgemm's SplitTableBatchedEmbeddingBagsCodegen takes no {unknown} (tables {kwargs['table_names']})"
+    for name, kwargs in by_table.items():
+        expected = (EmbOptimType.EXACT_SGD, 0.0) if name == "scl" else trained  # the frozen SCL table: SGD, lr 0
+        assert (kwargs["optimizer"], kwargs["learning_rate"]) == expected, name
+        assert "lr" not in kwargs and "betas" not in kwargs
+    if optimizer_of == "cuda":
+        assert (by_table["item"]["beta1"], by_table["item"]["beta2"], by_table["item"]["eps"]) == (0.9, 0.999, 1e-8)
+
+
+def test_a_cuda_job_without_a_profile_plans_into_its_gpu_and_hosts():
+    """Unset caps come from the running job on CUDA (the card's memory, LOCAL_WORLD_SIZE), not
+    TorchRec's 32 GiB default; a profile's values win; CPU jobs are unchanged."""
+    h100 = 85_029_158_912  # torch.cuda.get_device_properties(0).total_memory of an H100 80 GB (79.19 GiB)
+    hardware = running_hardware(HardwareConfig(), "cuda", h100, {"LOCAL_WORLD_SIZE": "8"})
+    assert (hardware.hbm_cap_gib, hardware.local_world_size) == (h100 / GIB, 8)
+    topology = topology_from_profile(hardware, "cuda", 16)
+    assert topology.devices[0].storage.hbm == int(h100 / GIB * GIB) and topology.local_world_size == 8
+    assert topology_from_profile(HardwareConfig(), "cuda", 16).devices[0].storage.hbm == 32 * GIB  # what it was before
+    assert running_hardware(HardwareConfig(), "cuda", h100, {}).local_world_size is None
+    profile = load_config_with_profile(None, "h100x1").hardware
+    assert running_hardware(profile, "cuda", 2 * h100, {"LOCAL_WORLD_SIZE": "4"}) == profile
+    assert running_hardware(HardwareConfig(), "cpu", h100, {"LOCAL_WORLD_SIZE": "2"}) == HardwareConfig()
+    with pytest.raises(ConfigError, match="LOCAL_WORLD_SIZE='eight'"):
+        running_hardware(HardwareConfig(), "cuda", h100, {"LOCAL_WORLD_SIZE": "eight"})
