@@ -43,31 +43,17 @@ import torch
 import torch.multiprocessing as mp
 
 import plotting
-from loader import inflate_maps
-from muse_rec.config import Config, SynthConfig
+from muse_rec.config import Config
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset
-from muse_rec.data.synth import synthesize
 from muse_rec.distributed.planning import load_config_with_profile, plan_offline, save_plan, table_rows
 from muse_rec.distributed.sharding import DENSE_MULTIPLIER
 from muse_rec.errors import MuseRecError
-from train_throughput import METHODS, batches_forever, plan_summary, save_run
+from train_throughput import ESTIMATE, METHODS, batches_forever, plan_summary, prepare_data, save_run, status_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-ESTIMATE = ("weights", "optimizer", "buffers", "replicated")
-
-
-def status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; ru_maxrss where there is no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(rank: int, world: int, config: Config, port: int, out_dir: str, opts: dict) -> None:
@@ -90,7 +76,7 @@ def worker(rank: int, world: int, config: Config, port: int, out_dir: str, opts:
     device = {"after_build": torch.cuda.memory_allocated(runtime.device)} if cuda else {}
 
     restarts = [0]
-    batches = batches_forever(ShardDataset(config.data, "train", rank, world, maps), config.data.num_workers, restarts)
+    batches = batches_forever(ShardDataset(config.data, "train", rank, world, maps), config.data.num_workers, restarts, pin_memory=cuda)
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, runtime.device, execute_all_batches=True)
     sharded.model.train()
     losses = []
@@ -119,17 +105,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare_data(args: argparse.Namespace) -> Path:
-    """The synthetic set (made once; with --map-rows, in a folder of its own, its maps padded)."""
-    data = args.data if not args.map_rows else args.data.with_name(f"{args.data.name}-{args.map_rows}")
-    synthesize(SynthConfig(train_users=args.users, test_users=10, full_history_share=1.0), data, progress=True)
-    if args.map_rows:
-        inflate_maps(data, args.map_rows)
-    return data
-
-
 def measure(args: argparse.Namespace) -> dict:
-    data = prepare_data(args)
+    data = prepare_data(args.data, args.users, args.map_rows)
     overrides = [f"data.root={data}", f"data.batch_size={args.batch_size}", *args.set]
     config = load_config_with_profile(ROOT / "configs" / f"{args.method}.yaml", args.hardware, overrides)
     hardware = config.hardware

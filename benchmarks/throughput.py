@@ -1,9 +1,10 @@
 """Training throughput by method and batch size: samples/s, step time P50/P90 and where a step's
 time goes, one figure for all.
 
-A sweep of benchmarks/train_throughput.py's measurement (`measure`: 2 spawned CPU gloo ranks,
-the real TrainPipelineSparseDist loop, then instrumented steps split into data, embedding lookup,
-GSU, dense forward, dense backward, sparse backward and optimizer; see its docstring) over
+A sweep of benchmarks/train_throughput.py's measurement (`measure`: 2 spawned CPU gloo ranks, or
+those of a `--hardware` profile such as h100x1 on NCCL; the real TrainPipelineSparseDist loop,
+then instrumented steps split into data, embedding lookup, GSU, dense forward, dense backward,
+sparse backward and optimizer; see its docstring) over
 --methods x --batch-sizes, on one synthetic set (made once, shared with train_throughput.py).
 P50/P90 are of the pipelined end-to-end step (the slowest rank's, as collectives end a step on
 all ranks together); samples/s is over the whole timed window.
@@ -42,14 +43,22 @@ def summary(result: dict) -> dict:
     """The row of one run in the sweep's table: rates, step percentiles and the mean split over ranks."""
     split = {key: round(statistics.mean(result["split_ms_per_rank"][key]), 1) for key, _ in STAGES}
     e2e = result["end_to_end"]
-    return {"method": result["setup"]["method"], "batch_size": result["setup"]["batch_size_per_rank"],
+    setup = result["setup"]
+    return {"method": setup["method"], "batch_size": setup["batch_size_per_rank"], "world_size": setup["world_size"],
+            "device_type": setup.get("device_type", "cpu"),
             "samples_per_second": e2e["samples_per_second"], "step_ms_p50": e2e["step_ms_p50"], "step_ms_p90": e2e["step_ms_p90"],
             "split_ms": split, "split_step_ms": result["split_step_ms"], "caveats": result["caveats"]}
 
 
-def print_table(rows: list[dict], world: int) -> None:
+def ranks_name(rows: list[dict]) -> str:
+    """'2 CPU ranks', '1 CUDA rank' (of the sweep's first run: all share the options)."""
+    world, kind = (rows[0]["world_size"], rows[0]["device_type"].upper()) if rows else (0, "CPU")
+    return f"{world} {kind} rank{'s' if world != 1 else ''}"
+
+
+def print_table(rows: list[dict]) -> None:
     stage_head = "".join(f"{COLUMNS[k]:>11}" for k, _ in STAGES)
-    print(f"\n{world} CPU ranks; split: mean ms per instrumented step over the ranks")
+    print(f"\n{ranks_name(rows)}; split: mean ms per instrumented step over the ranks")
     print(f"{'method':<10}{'batch':>6}{'samples/s':>11}{'P50 ms':>9}{'P90 ms':>9}{stage_head}{'split sum':>11}")
     for r in rows:
         print(f"{r['method']:<10}{r['batch_size']:>6}{r['samples_per_second']:>11,}{r['step_ms_p50']:>9,.0f}{r['step_ms_p90']:>9,.0f}"
@@ -93,7 +102,7 @@ def draw(rows: list[dict], path: Path) -> Path:
     split_ax.set_ylabel("% of the instrumented step")
     split_ax.set_title("where a step goes (instrumented, non-pipelined; step length on top)", fontsize=9)
     split_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return plotting.save(fig, path, f"Training throughput on {rows[0]['world_size']} CPU ranks" if rows else None)
+    return plotting.save(fig, path, f"Training throughput on {ranks_name(rows)}" if rows else None)
 
 
 def main() -> None:
@@ -121,14 +130,19 @@ def main() -> None:
     runs, rows = [], []
     for method in methods:
         for batch in batch_sizes:
-            label = " ".join([method, f"batch {batch}", *args.set, *(["default-malloc"] if args.default_malloc else [])])
+            label = " ".join([method, f"batch {batch}", *([args.hardware] if args.hardware else []),
+                              *([f"map-rows {args.map_rows}"] if args.map_rows else []), *args.set,
+                              *(["default-malloc"] if args.default_malloc else [])])
             print(f"-- {label}", flush=True)
-            result = measure(method, batch, args, label)
+            try:
+                result = measure(method, batch, args, label)
+            except MuseRecError as e:  # a profile this machine cannot run, a plan that does not fit
+                parser.error(str(e))
             runs.append(result)
-            rows.append({**summary(result), "world_size": args.world_size})
+            rows.append(summary(result))
             print(f"   {rows[-1]['samples_per_second']:,} samples/s, step P50 {rows[-1]['step_ms_p50']:,.0f} ms, "
                   f"P90 {rows[-1]['step_ms_p90']:,.0f} ms ({result['ranks_wall_s']:.0f} s)", flush=True)
-    print_table(rows, args.world_size)
+    print_table(rows)
     for r in rows:
         for caveat in r["caveats"][:-1]:  # the last one (synthetic table sizes) is the same for all
             print(f"caveat ({r['method']}, batch {r['batch_size']}): {caveat}")

@@ -1,37 +1,59 @@
-"""End-to-end training throughput on CPU ranks (gloo), and where a training step's time goes.
+"""End-to-end training throughput on CPU ranks (gloo) or GPUs (NCCL), and where a training step's time goes.
 
 Reference dimensions: batch 1000 per rank, 1000-long sequences (the method's configs/<method>.yaml,
 so `--method din` reads its 50-long sequence). A synthetic set is made once under
-benchmarks/results/throughput-data. The ranks are spawned here (gloo, file:// rendezvous, one
-intra-op thread per rank as torchrun sets it) and build the model exactly as `build_model` does.
+benchmarks/results/throughput-data (with `--map-rows N`, under throughput-data-N, its item and SCL
+maps padded to N keys as benchmarks/loader.py does: tables of N rows with synthetic weights). The
+ranks are spawned here (file:// rendezvous; gloo and one intra-op thread per rank on CPU as torchrun
+sets it, NCCL and one GPU per rank on CUDA) and build the model exactly as `build_model` does.
+
+Without `--hardware`, `--world-size` CPU ranks (default 2) plan collectively at start-up, as before.
+With `--hardware PROFILE` (configs/hardware/), the device type and world size are the profile's;
+the plan is made offline for it first (as `muse-rec plan`), the ranks train with that plan, and
+the measured peak memory is set against the planner's estimate of it (CUDA:
+torch.cuda.max_memory_allocated; CPU: peak RSS). On CUDA the sparse tables use fbgemm's CUDA
+kernels with fused (in-backward) Adam, the batches are pinned and copied by the pipeline, and a
+verdict against `--target` (25,000 samples/s, issue 4's figure for one H100) is printed.
 
 1. End-to-end: the real `TrainPipelineSparseDist.progress` loop with the real DataLoader, timed per
-   step after warm-up steps; samples/s = world * batch / step time. CPU time of the rank processes,
+   step after warm-up steps; samples/s = world * batch / window. CPU time of the rank processes,
    their loader workers and everything else on the machine is read from /proc over the timed window.
+   On CUDA nothing synchronises inside the window (losses are read after it); it starts and ends
+   with one torch.cuda.synchronize, and the per-step times (P50/P90) are CUDA events recorded on
+   the compute stream between steps (the host-side times are kept too).
 2. Split: after `pipeline.detach()`, instrumented non-pipelined steps through DMP (so DDP still
    all-reduces the dense gradients) with barriers between stages (their waits are reported apart):
-   data (`next()` on the loader), embedding lookup (the three collections incl. input and output
-   dist: DMP entry to the dense module's input), GSU (`MuseDense._retrieve`: scores, top-K,
-   gather), dense forward (ESU + tower + loss), dense backward (to the last gradient reaching a
-   lookup output), sparse backward (gradient all-to-all and the fused in-backward table update,
-   plus DDP's all-reduce wait), optimizer (zero_grad + step: the dense AdamW; the sparse tables
-   were already updated inside backward). A separate pass times each collection and the GSU's
-   scores and top-K alone. The pipelined step overlaps the next batch's input dist and the loader
-   with compute, so it can be shorter than the instrumented one.
+   data (`next()` on the loader; on CUDA plus the host-to-device copy), embedding lookup (the three
+   collections incl. input and output dist: DMP entry to the dense module's input), GSU
+   (`MuseDense._retrieve`: scores, top-K, gather), dense forward (ESU + tower + loss), dense
+   backward (to the last gradient reaching a lookup output), sparse backward (gradient all-to-all
+   and the fused in-backward table update, plus DDP's all-reduce wait), optimizer (zero_grad +
+   step: the dense AdamW; the sparse tables were already updated inside backward). On CUDA every
+   mark is taken after torch.cuda.synchronize (only here). A separate pass times each collection
+   and the GSU's scores and top-K alone. The pipelined step overlaps the next batch's input dist
+   and the loader with compute, so it can be shorter than the instrumented one.
 3. The loader alone: samples/s of rank 0's batches on one core in this process (workers=0),
    compared with the training samples/s per rank to say whether the loader is the bottleneck.
 
-Prints a table and saves benchmarks/results/train_throughput.json (one entry per run label, so
-runs of several methods sit side by side). benchmarks/throughput.py sweeps methods and batch
-sizes with the same `measure` and draws them.
+Prints a table and saves benchmarks/results/train_throughput.json (`--out`; one entry per run
+label, so runs of several methods sit side by side). benchmarks/throughput.py sweeps methods and
+batch sizes with the same `measure` and draws them.
 
-Each rank calls `keep_freed_memory` as `muse-rec train` does on CPU (glibc: no mmap for large
+Each CPU rank calls `keep_freed_memory` as `muse-rec train` does on CPU (glibc: no mmap for large
 blocks, no heap trimming), so the step's large temporaries (a 1000 x 1001 x 128 float32 SCL lookup
 is 512 MB) reuse heap pages; `--default-malloc` measures without it (2.7-4x slower for muse).
 `--set` passes config overrides.
 
     python benchmarks/train_throughput.py [--method muse] [--batch-size 1000] [--steps 8] [--users 4000]
         [--default-malloc] [--set model.scl_storage=int8_replicated]
+
+On the GPU host (one H100, issue 4: p90-size tables of 35.46 M item and 35.46 M SCL rows, batch
+1000, 1000-long sequences, NCCL, fused Adam, data loading included; export PYTHONPATH as
+shared/gpu/README.md says first). 8 loader workers of 16 cores; 6000 users are about 66 batches,
+enough for the warm-up, timed and split steps without the loader starting over:
+
+    python benchmarks/train_throughput.py --hardware h100x1 --map-rows 35460000 --users 6000 \
+        --workers 8 --warmup 10 --steps 40 --split-steps 5
 """
 from __future__ import annotations
 
@@ -39,6 +61,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -50,18 +73,26 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from loader import inflate_maps
 from muse_rec.config import Config, SynthConfig, load_config
 from muse_rec.data import schema
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset, make_dataloader
 from muse_rec.data.synth import synthesize
+from muse_rec.distributed.planning import load_config_with_profile, plan_offline, save_plan
+from muse_rec.distributed.sharding import DENSE_MULTIPLIER, RESERVED_SHARE
+from muse_rec.errors import MuseRecError
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("muse", "sim_soft", "sim_hard", "din")
+TARGET_SAMPLES_PER_SECOND = 25_000
+"""Issue 4's target for one H100: training samples/s, data loading included."""
+ESTIMATE = ("weights", "optimizer", "buffers", "replicated")
+"""The parts of the planner's per-rank estimate (muse_rec.distributed.planning.RankMemory)."""
 STAGES = (
-    ("data", "data (wait for next batch)"),
+    ("data", "data (wait for next batch; CUDA: + host-to-device copy)"),
     ("lookup", "embedding lookup (3 collections, in/out dist)"),
     ("gsu", "GSU (scores + top-K + gather)"),
     ("dense_forward", "dense forward (ESU + tower + loss)"),
@@ -135,11 +166,44 @@ def busy_processes(seconds: float = 1.0, exclude: set[int] = frozenset()) -> lis
     return sorted(busy, key=lambda p: -p["cores"])
 
 
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; ru_maxrss where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def prepare_data(data: Path, users: int, map_rows: int = 0) -> Path:
+    """The synthetic set (made once; with `map_rows`, in a folder of its own, its item and SCL maps
+    padded to that many keys as benchmarks/loader.py does, so the tables weigh what that many rows weigh)."""
+    data = data if not map_rows else data.with_name(f"{data.name}-{map_rows}")
+    synthesize(SynthConfig(train_users=users, test_users=10, full_history_share=1.0), data, progress=True)
+    if map_rows:
+        inflate_maps(data, map_rows)
+    return data
+
+
+def planned_offline(config: Config, directory: str) -> list:
+    """Plan `config` for its hardware profile as `muse-rec plan` does, save the plan in `directory`
+    and point `config.sharding.plan` at it (the ranks train with exactly this plan); the planner's
+    per-rank memory (RankMemory) of that plan."""
+    plan, estimate = plan_offline(config, config.hardware, config.data.vocab)
+    path = Path(directory) / "plan.json"
+    save_plan(path, plan, config.hardware)
+    config.sharding.plan = str(path)
+    return estimate
+
+
 # -- the rank processes -----------------------------------------------------------------------------
-def batches_forever(dataset: ShardDataset, workers: int, restarts: list[int]):
-    """The rank's batches, starting over (a new DataLoader) when they run out; counts the restarts."""
+def batches_forever(dataset: ShardDataset, workers: int, restarts: list[int], pin_memory: bool = False):
+    """The rank's batches, starting over (a new DataLoader) when they run out; counts the restarts.
+    On CUDA pinned, as `muse-rec train` makes them (the pipeline copies them without blocking)."""
     while True:
-        yield from make_dataloader(dataset, num_workers=workers)
+        yield from make_dataloader(dataset, num_workers=workers, pin_memory=pin_memory)
         restarts[0] += 1
 
 
@@ -173,10 +237,25 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     from muse_rec.train.loop import Runtime, build_model, keep_freed_memory
 
     torch.set_num_threads(opts["threads"])
-    if not opts["default_malloc"]:
-        keep_freed_memory()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    device = torch.device("cpu")
+    cuda = opts["device_type"] == "cuda"
+    if cuda:  # as init_distributed: NCCL, one GPU per rank (LOCAL_RANK = rank: one host)
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if not opts["default_malloc"]:
+            keep_freed_memory()
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+    def now() -> float:
+        """perf_counter, after the GPU has finished what was queued (instrumented split only)."""
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def barrier() -> None:
+        dist.barrier(device_ids=[device.index]) if cuda else dist.barrier()
+
     rank_pids = [None] * world
     dist.all_gather_object(rank_pids, os.getpid())
     result: dict = {"rank": rank, "pid": os.getpid()}
@@ -185,12 +264,15 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab, strict=config.data.strict)
     sharded = build_model(config, maps, Runtime(rank, world, device))
     result["build_s"] = round(time.perf_counter() - start, 2)
+    if cuda:
+        result["device_memory"] = {"after_build": torch.cuda.memory_allocated(device)}
+    result["peak_rss_after_build"] = status_bytes("VmHWM")
     if rank == 0:
         result["plan"] = plan_summary(sharded.plan)
     dataset = ShardDataset(config.data, "train", rank, world, maps)
     result["batches_per_rank"] = len(dataset)
     restarts = [0]
-    batches = batches_forever(dataset, config.data.num_workers, restarts)
+    batches = batches_forever(dataset, config.data.num_workers, restarts, pin_memory=cuda)
     model = sharded.model
     model.train()
 
@@ -198,7 +280,10 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     pipeline = TrainPipelineSparseDist(model, sharded.optimizer, device, execute_all_batches=True)
     for _ in range(opts["warmup"]):
         pipeline.progress(batches)
-    dist.barrier()
+    barrier()
+    if cuda:  # the window starts with an idle GPU; no synchronize inside it
+        torch.cuda.synchronize(device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(opts["steps"] + 1)]
     restarts_before = restarts[0]
     procs0 = proc_snapshot() if rank == 0 else None
     busy0 = machine_ticks()
@@ -206,12 +291,23 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     faults0 = proc_snapshot()[os.getpid()][3]
     step_ms, losses = [], []
     window = time.perf_counter()
-    for _ in range(opts["steps"]):
+    for step in range(opts["steps"]):
+        if cuda:
+            events[step].record()
         t = time.perf_counter()
         loss = pipeline.progress(batches)[0]
         step_ms.append(1e3 * (time.perf_counter() - t))
-        losses.append(float(loss))
+        losses.append(loss.detach())  # read after the window: float() would wait for the GPU every step
+    if cuda:
+        events[-1].record()
+        torch.cuda.synchronize(device)  # the window ends when the GPU has done its queued work
     window = time.perf_counter() - window
+    losses = [float(v) for v in losses]
+    if cuda:  # the step as the GPU's compute stream ran it (no host sync); host-side times kept apart
+        result["host_step_ms"] = [round(t, 1) for t in step_ms]
+        step_ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+        result["device_memory"]["peak_pipelined"] = torch.cuda.max_memory_allocated(device)
+    result["peak_rss_pipelined"] = status_bytes("VmHWM")
     times1, busy1 = os.times(), machine_ticks()
     faults1 = proc_snapshot()[os.getpid()][3]
     if rank == 0:
@@ -233,34 +329,34 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     dense = inner.dense
     marks: dict = {}
 
-    def barrier() -> None:
-        t = time.perf_counter()
-        dist.barrier()
-        marks["sync"] = marks.get("sync", 0.0) + time.perf_counter() - t
+    def stage_barrier() -> None:
+        t = now()
+        barrier()
+        marks["sync"] = marks.get("sync", 0.0) + now() - t
 
     def grad_arrived(grad):
-        marks["dense_backward_end"] = max(marks.get("dense_backward_end", 0.0), time.perf_counter())
+        marks["dense_backward_end"] = max(marks.get("dense_backward_end", 0.0), now())
 
     def before_dense(module, args):
-        marks["lookup_end"] = time.perf_counter()
+        marks["lookup_end"] = now()
         (x,) = args
         marks["inputs"] = x
-        barrier()
-        marks["dense_start"] = time.perf_counter()
+        stage_barrier()
+        marks["dense_start"] = now()
         if torch.is_grad_enabled():
             for tensor in x:
                 if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
                     tensor.register_hook(grad_arrived)
 
     def after_dense(module, args, output):
-        marks["dense_end"] = time.perf_counter()
+        marks["dense_end"] = now()
 
     original_retrieve = dense._retrieve
 
     def timed_retrieve(*args, **kwargs):
-        t = time.perf_counter()
+        t = now()
         out = original_retrieve(*args, **kwargs)
-        marks["gsu"] = marks.get("gsu", 0.0) + time.perf_counter() - t
+        marks["gsu"] = marks.get("gsu", 0.0) + now() - t
         return out
 
     hooks = [dense.register_forward_pre_hook(before_dense), dense.register_forward_hook(after_dense)]
@@ -271,22 +367,22 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     faults0 = proc_snapshot()[os.getpid()][3]
     for step in range(opts["split_warmup"] + opts["split_steps"]):
         marks.clear()
-        barrier()
-        t0 = time.perf_counter()
+        stage_barrier()
+        t0 = now()
         sharded.optimizer.zero_grad()
-        t1 = time.perf_counter()
-        batch = next(batches)
-        t2 = time.perf_counter()
-        barrier()
-        t3 = time.perf_counter()
+        t1 = now()
+        batch = next(batches).to(device, non_blocking=True)  # a no-op on CPU
+        t2 = now()
+        stage_barrier()
+        t3 = now()
         loss, _ = model(batch)
-        t4 = time.perf_counter()
-        barrier()
-        t5 = time.perf_counter()
+        t4 = now()
+        stage_barrier()
+        t5 = now()
         loss.backward()
-        t6 = time.perf_counter()
+        t6 = now()
         sharded.optimizer.step()
-        t7 = time.perf_counter()
+        t7 = now()
         gsu_s = marks.get("gsu", 0.0)
         dense_backward_end = marks.get("dense_backward_end", t5)
         stage = {
@@ -304,24 +400,24 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
         anatomy = {}
         with torch.no_grad():
             for name, kjt in (("id_tables", batch.id_features), ("sequence_tables", batch.sequence_features), ("scl_table", batch.scl_features)):
-                dist.barrier()
-                f, c, t = proc_snapshot()[os.getpid()][3], os.times(), time.perf_counter()
+                barrier()
+                f, c, t = proc_snapshot()[os.getpid()][3], os.times(), now()
                 materialize(getattr(inner, name)(kjt))
-                anatomy[f"lookup_{name}"] = time.perf_counter() - t
+                anatomy[f"lookup_{name}"] = now() - t
                 c2 = os.times()
                 anatomy_counts.setdefault(name, []).append(
                     {"user_ms": 1e3 * (c2.user - c.user), "sys_ms": 1e3 * (c2.system - c.system), "minor_faults": proc_snapshot()[os.getpid()][3] - f}
                 )
             method, k = config.model.method, config.model.keep_top
             if method in ("muse", "sim_soft"):
-                t = time.perf_counter()
+                t = now()
                 if method == "muse":
                     scores = gsu.gsu_scores(x.target_scl, x.scl)
                 else:
                     scores = gsu.sim_soft_scores(x.target_item, x.target_cate, x.items, x.cates)
-                t_mid = time.perf_counter()
+                t_mid = now()
                 gsu.top_k_positions(scores, k)
-                anatomy["gsu_scores"], anatomy["gsu_top_k"] = t_mid - t, time.perf_counter() - t_mid
+                anatomy["gsu_scores"], anatomy["gsu_top_k"] = t_mid - t, now() - t_mid
         del x, batch, loss
         if step >= opts["split_warmup"]:
             split_steps.append({k: 1e3 * v for k, v in stage.items()})
@@ -339,8 +435,11 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     }
     result["split_minor_faults_per_step"] = round((faults1 - faults0) / (opts["split_warmup"] + opts["split_steps"]))
     result["loader_restarts"] = restarts[0]
+    if cuda:
+        result["device_memory"]["peak"] = torch.cuda.max_memory_allocated(device)
+    result["peak_rss"] = status_bytes("VmHWM")
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
 
 
@@ -376,6 +475,34 @@ def bytes_per_sample(config: Config) -> dict:
     }
 
 
+def memory_against_estimate(ranks: list[dict], estimate: list, cuda: bool) -> dict:
+    """Per rank: the planner's estimate of the plan the ranks trained with (its parts, and the total
+    in the memory it planned: device memory on CUDA, host memory on CPU, with the cap) against the
+    measured peak: torch.cuda.max_memory_allocated over build and pipelined steps on CUDA (the
+    instrumented split's peak apart), the rank's peak RSS (VmHWM, Python and torch included) on CPU."""
+    per_rank = []
+    for m, r in zip(estimate, ranks):
+        planned, cap = (m.hbm, m.hbm_cap) if cuda else (m.ddr, m.ddr_cap)
+        if cuda:
+            measured = {"after_build": r["device_memory"]["after_build"], "peak_pipelined": r["device_memory"]["peak_pipelined"],
+                        "peak_with_split": r["device_memory"]["peak"]}
+        else:
+            measured = {"peak_rss_after_build": r["peak_rss_after_build"], "peak_pipelined": r["peak_rss_pipelined"], "peak_with_split": r["peak_rss"]}
+        per_rank.append({
+            "rank": m.rank, "estimate_bytes": {**{k: getattr(m, k) for k in ESTIMATE}, "planned_memory": planned}, "cap_bytes": cap,
+            "usable_bytes": round((1 - RESERVED_SHARE) * cap), "measured_bytes": measured,
+            "ratio": round(measured["peak_pipelined"] / planned, 3) if planned else None,
+        })
+    return {
+        "measured": "device memory, torch.cuda.max_memory_allocated" if cuda else "host memory, peak RSS (VmHWM) of the rank process",
+        "ratio_note": "peak in the pipelined steps / the planner's estimate of that memory"
+                      + ("" if cuda else " (RSS includes Python and torch: benchmarks/memory.py measures its baseline apart)"),
+        "reservation_note": f"the planner also reserves {DENSE_MULTIPLIER} x the dense parameters' bytes and {RESERVED_SHARE:.0%} of "
+                            "each rank's cap outside the estimate ('usable' is the cap less that share)",
+        "ranks": per_rank,
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q))
 
@@ -387,11 +514,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="pipelined warm-up steps (the heap grows over the first few)")
     parser.add_argument("--split-steps", type=int, default=4, help="timed instrumented steps (after one warm-up)")
     parser.add_argument("--users", type=int, default=4000, help="train users of the synthetic set (about 11 rows each)")
-    parser.add_argument("--world-size", type=int, default=2, help="CPU ranks")
+    parser.add_argument("--world-size", type=int, default=None, help="CPU ranks without --hardware (default 2); with it, the profile's")
+    parser.add_argument("--hardware", default=None,
+                        help="hardware profile (configs/hardware/, e.g. h100x1): its device type (NCCL on CUDA) and world size, "
+                             "planned offline for it and trained with that plan, peak memory against the planner's estimate")
+    parser.add_argument("--map-rows", type=int, default=0,
+                        help="pad the item and SCL maps to this many keys (35460000: the p90 tables; 0: the synthetic sizes)")
+    parser.add_argument("--target", type=float, default=TARGET_SAMPLES_PER_SECOND, help="samples/s the verdict of a CUDA run is against")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank (torchrun sets OMP_NUM_THREADS=1)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the method config's data.num_workers)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides, e.g. model.scl_storage=int8_replicated")
-    parser.add_argument("--data", type=Path, default=RESULTS / "throughput-data", help="where the synthetic set goes")
+    parser.add_argument("--data", type=Path, default=RESULTS / "throughput-data", help="where the synthetic set goes (with --map-rows N: beside it, -N)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="skip keep_freed_memory (glibc's default mmap/trim behaviour), to measure its effect")
 
@@ -401,15 +534,25 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
     result that `report` prints and `save_run` keeps."""
     load_before = os.getloadavg()
     busy_before = busy_processes(1.0, exclude={os.getpid()})
-    synth = SynthConfig(train_users=args.users, test_users=10, full_history_share=1.0)
-    synthesize(synth, args.data, progress=True)
-    overrides = [f"data.root={args.data}", f"data.batch_size={batch_size}", *args.set]
+    data = prepare_data(args.data, args.users, args.map_rows)
+    overrides = [f"data.root={data}", f"data.batch_size={batch_size}", *args.set]
     if args.workers is not None:
         overrides.append(f"data.num_workers={args.workers}")
-    config = load_config(ROOT / "configs" / f"{method}.yaml", overrides)
-    maps = FeatureMaps.load(DatasetLayout(args.data), config.data.vocab)
-    world, batch = args.world_size, config.data.batch_size
-    label = label or " ".join([method, *args.set, *(["default-malloc"] if args.default_malloc else [])])
+    base = ROOT / "configs" / f"{method}.yaml"
+    config = load_config_with_profile(base, args.hardware, overrides) if args.hardware else load_config(base, overrides)
+    if args.hardware:
+        device_type, world = config.hardware.device_type, config.hardware.world_size
+        if args.world_size not in (None, world):
+            raise MuseRecError(f"--world-size {args.world_size}: profile {args.hardware} runs {world} rank(s)")
+        if device_type == "cuda" and torch.cuda.device_count() < world:
+            raise MuseRecError(f"profile {args.hardware} needs {world} GPU(s), this machine has {torch.cuda.device_count()}")
+    else:
+        device_type, world = "cpu", args.world_size or 2
+    cuda = device_type == "cuda"
+    maps = FeatureMaps.load(DatasetLayout(data), config.data.vocab)
+    batch = config.data.batch_size
+    label = label or " ".join([method, *([args.hardware] if args.hardware else []), *([f"map-rows {args.map_rows}"] if args.map_rows else []),
+                               *args.set, *(["default-malloc"] if args.default_malloc else [])])
 
     needed = args.warmup + args.steps + 2 + 1 + args.split_steps
     available = len(ShardDataset(config.data, "train", 0, world, maps))
@@ -418,8 +561,9 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
     loader = loader_alone(config, maps, world, min(available, max(1, -(-20_000 // batch))))  # two row groups or more
 
     opts = {"steps": args.steps, "warmup": args.warmup, "split_steps": args.split_steps, "split_warmup": 1,
-            "threads": args.threads, "default_malloc": args.default_malloc}
+            "threads": args.threads, "default_malloc": args.default_malloc, "device_type": device_type}
     with tempfile.TemporaryDirectory() as tmp:
+        estimate = planned_offline(config, tmp) if args.hardware else None
         started = time.perf_counter()
         mp.spawn(worker, args=(world, config, str(Path(tmp) / "init"), tmp, opts), nprocs=world, join=True)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
@@ -443,6 +587,16 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
         f"{per_rank / loader_rate:.0%} of a core per rank), and the training loop waits {mean_split['data']:.0f} ms "
         f"of a {total:.0f} ms step ({data_share:.1%}) for its next batch"
     )
+    memory = memory_against_estimate(ranks, estimate, cuda) if estimate else None
+    largest = max((k for k, _ in STAGES if k != "sync"), key=lambda k: mean_split[k])
+    target_verdict = None
+    if cuda:
+        target_verdict = (
+            f"{'meets' if rate >= args.target else 'misses'} the target: {rate:,.0f} samples/s on {world} GPU(s) against "
+            f"{args.target:,.0f} ({rate / args.target:.0%}); the largest part of the instrumented {total:.0f} ms step is "
+            f"{largest} ({mean_split[largest]:.0f} ms, {mean_split[largest] / total:.0%}); at the target a step may take "
+            f"{1e3 * world * batch / args.target:.0f} ms"
+        )
     cpu = ranks[0]["cpu_cores_in_window"]
     caveats = []
     other = cpu["other_processes"]["user_cores"] + cpu["other_processes"]["sys_cores"]
@@ -453,29 +607,41 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
         )
     if any(r["pipelined"]["loader_restarts_in_window"] for r in ranks):
         caveats.append("the loader started over inside the timed window (too few --users for the steps)")
-    caveats.append(
-        f"tables sized by the synthetic catalogue ({maps.scl.num_rows:,} SCL rows), far smaller than TAOBAO-MM's p90 "
-        "(35.46 M): lookups hit caches more often than on the real set"
-    )
+    if args.map_rows:
+        caveats.append(
+            f"tables padded to {maps.scl.num_rows:,} SCL and {maps.of_column(schema.HIST_ITEMS).num_rows:,} item rows (synthetic weights), "
+            "but the lookups touch only the synthetic catalogue's rows: they hit caches more often than on the real set"
+        )
+    else:
+        caveats.append(
+            f"tables sized by the synthetic catalogue ({maps.scl.num_rows:,} SCL rows), far smaller than TAOBAO-MM's p90 "
+            "(35.46 M): lookups hit caches more often than on the real set"
+        )
     return {
         "label": label,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "load_average_before": [round(v, 2) for v in load_before], "busy_processes_before": busy_before,
                     "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "LD_PRELOAD", "GLIBC_TUNABLES"))}},
-        "setup": {"method": config.model.method, "world_size": world, "batch_size_per_rank": batch,
+        "setup": {"method": config.model.method, "device_type": device_type, "hardware": args.hardware, "world_size": world,
+                  "batch_size_per_rank": batch, "map_rows": args.map_rows, "table_rows": maps.table_rows(),
                   "long_seq_len": config.data.long_seq_len, "keep_top": config.model.keep_top,
                   "scl_storage": config.model.scl_storage, "loader_workers_per_rank": config.data.num_workers,
                   "threads_per_rank": args.threads, "default_malloc": args.default_malloc, "warmup_steps": args.warmup, "timed_steps": args.steps,
-                  "split_steps": args.split_steps, "overrides": args.set, "sparse_optimizer_cpu": config.optim.sparse_cpu,
+                  "split_steps": args.split_steps, "overrides": args.set, "sparse_optimizer": "fused Adam (fbgemm)" if cuda else config.optim.sparse_cpu,
                   "plan": ranks[0]["plan"], "bytes_per_sample": bytes_per_sample(config)},
-        "data": {"root": str(args.data), "train_users": args.users, "batches_per_rank": ranks[0]["batches_per_rank"],
+        "data": {"root": str(data), "train_users": args.users, "batches_per_rank": ranks[0]["batches_per_rank"],
                  "loader_restarts": max(r["loader_restarts"] for r in ranks)},
         "end_to_end": {"step_ms_p50": round(percentile(steps, 50), 1), "step_ms_p90": round(percentile(steps, 90), 1),
                        "step_ms_mean": round(1e3 * window / args.steps, 1), "samples_per_second": round(rate),
                        "samples_per_second_per_rank": round(per_rank),
                        "samples_per_second_at_p50_step": round(world * batch / (percentile(steps, 50) / 1e3)), "step_ms": [round(s, 1) for s in steps],
+                       "step_ms_from": "CUDA events on each rank's compute stream (no synchronize in the window but at its ends)" if cuda
+                                       else "wall time of each pipeline.progress call",
+                       **({"host_step_ms_rank0": ranks[0]["host_step_ms"]} if cuda else {}),
                        "losses_rank0": ranks[0]["pipelined"]["losses"]},
+        "target": {"samples_per_second": args.target, "verdict": target_verdict} if cuda else None,
+        "memory": memory,
         "cpu_in_timed_window": {"cores_by_class": cpu, "machine_busy_cores": ranks[0]["machine_busy_cores_in_window"],
                                 "per_rank": [{"user_s": r["pipelined"]["user_s"], "sys_s": r["pipelined"]["sys_s"],
                                               "minor_faults_per_step": r["pipelined"]["minor_faults_per_step"]} for r in ranks]},
@@ -505,7 +671,8 @@ def report(result: dict) -> None:
     mean_split = {k: statistics.mean(v) for k, v in split.items()}
     total, loader = sum(mean_split.values()), result["loader_alone"]
     cpu = result["cpu_in_timed_window"]["cores_by_class"]
-    print(f"{result['label']}: {world} CPU ranks x batch {setup['batch_size_per_rank']}, sequence {setup['long_seq_len']}, "
+    kind = setup.get("device_type", "cpu").upper()
+    print(f"{result['label']}: {world} {kind} rank(s) x batch {setup['batch_size_per_rank']}, sequence {setup['long_seq_len']}, "
           f"{setup['loader_workers_per_rank']} loader worker(s) and {setup['threads_per_rank']} thread(s) per rank")
     print(f"  end to end (TrainPipelineSparseDist, {steps} steps after {setup['warmup_steps']} warm-up): step P50 "
           f"{e2e['step_ms_p50']:,.0f} ms, P90 {e2e['step_ms_p90']:,.0f} ms -> "
@@ -526,8 +693,20 @@ def report(result: dict) -> None:
     print("    (the sparse tables' optimizer is fused into backward: its update is in 'sparse backward')")
     print(f"  loader alone: {loader['samples_per_second_one_core']:,} samples/s on one core ({loader['ms_per_batch']} ms a batch)")
     print(f"  loader is the bottleneck: {result['verdict']}")
+    memory = result.get("memory")
+    if memory:
+        mib = 1 << 20
+        print(f"  memory ({memory['measured']}) against the planner's estimate of this plan, MiB:")
+        print(f"    {'rank':<6}" + "".join(f"{h:>13}" for h in (*ESTIMATE, "estimate", "cap", "peak", "with split", "ratio")))
+        for r in memory["ranks"]:
+            e, m = r["estimate_bytes"], r["measured_bytes"]
+            cells = [*(e[k] for k in ESTIMATE), e["planned_memory"], r["cap_bytes"], m["peak_pipelined"], m["peak_with_split"]]
+            print(f"    {r['rank']:<6}" + "".join(f"{c / mib:>13,.0f}" for c in cells) + f"{r['ratio']:>12.2f}x")
+        print(f"    ratio: {memory['ratio_note']}; {memory['reservation_note']}")
     for caveat in result["caveats"]:
         print(f"  caveat: {caveat}")
+    if result.get("target"):
+        print(f"  verdict: {result['target']['verdict']}")
 
 
 def save_run(result: dict, out: Path) -> None:
@@ -544,12 +723,16 @@ def main() -> None:
     parser.add_argument("--method", choices=METHODS, default="muse", help="configs/<method>.yaml is the base config")
     parser.add_argument("--batch-size", type=int, default=1000, help="samples per batch on each rank")
     add_run_arguments(parser)
-    parser.add_argument("--label", default=None, help="entry name in the JSON (default: method plus overrides)")
+    parser.add_argument("--label", default=None, help="entry name in the JSON (default: method, profile, map rows, overrides)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json", help="the JSON (one entry per label)")
     args = parser.parse_args()
 
-    result = measure(args.method, args.batch_size, args, args.label)
+    try:
+        result = measure(args.method, args.batch_size, args, args.label)
+    except MuseRecError as e:  # a wrong --set or profile, a plan that does not fit
+        parser.error(str(e))
     report(result)
-    out = RESULTS / "train_throughput.json"
+    out = args.out
     save_run(result, out)
     print(f"saved {out} (entry {result['label']!r})")
 

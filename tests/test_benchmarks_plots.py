@@ -33,3 +33,35 @@ def test_plans_script_writes_per_rank_memory_costs_and_a_figure(tmp_path):
 
     png = (out / "plans.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+TRAIN_THROUGHPUT = SCRIPT.with_name("train_throughput.py")
+
+
+def test_train_throughput_trains_with_the_profiles_offline_plan_and_sets_memory_against_it(tmp_path):
+    """The path a GPU run takes (`--hardware h100x1`), on the CPU profile: the plan made offline for
+    the profile, the ranks trained with it, measured peak against the planner's estimate, in the JSON."""
+    out = tmp_path / "tt.json"
+    done = subprocess.run(
+        [sys.executable, str(TRAIN_THROUGHPUT), "--hardware", "cpu-2core", "--batch-size", "16", "--steps", "2", "--warmup", "1",
+         "--split-steps", "1", "--users", "80", "--data", str(tmp_path / "data"), "--out", str(out),
+         "--set", "data.long_seq_len=100", "model.keep_top=20"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "against the planner's estimate of this plan" in done.stdout and "verdict:" not in done.stdout  # the target is for CUDA runs
+    (run,) = json.loads(out.read_text())["runs"].values()
+    assert (run["setup"]["device_type"], run["setup"]["world_size"], run["setup"]["hardware"]) == ("cpu", 2, "cpu-2core")
+    assert run["target"] is None and run["end_to_end"]["samples_per_second"] > 0 and len(run["end_to_end"]["step_ms"]) == 2
+    ranks = run["memory"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert 0 < r["estimate_bytes"]["planned_memory"] <= r["usable_bytes"] < r["cap_bytes"]
+        assert r["measured_bytes"]["peak_pipelined"] > 0 and r["ratio"] > 0
+    assert set(run["split_ms_per_rank"]) >= {"data", "lookup", "gsu", "dense_forward", "dense_backward", "optimizer"}
+
+
+def test_train_throughput_refuses_a_gpu_profile_without_the_gpus(tmp_path):
+    done = subprocess.run([sys.executable, str(TRAIN_THROUGHPUT), "--hardware", "h100x1", "--users", "20", "--data", str(tmp_path / "data"),
+                           "--out", str(tmp_path / "tt.json")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "profile h100x1 needs 1 GPU(s), this machine has 0" in done.stderr
