@@ -167,7 +167,12 @@ class TrainConfig:
     eval_batch_size: int = option(1000, "Samples per evaluation batch on each rank.")
     checkpoint_every: int = option(0, "Steps between checkpoints (0: only at the end). A checkpoint is always written at the end.")
     keep_checkpoints: int = option(2, "Checkpoints kept in <out>/checkpoints (the newest ones).")
-    resume: bool = option(True, "Resume from the newest checkpoint in <out> if there is one (same world size and batch size).")
+    resume: bool = option(
+        True,
+        "Resume from the newest checkpoint in <out> if there is one. It must be this run's (model.method, data.root, "
+        "data.vocab, table sizes) with the same world size, data.batch_size and data.num_workers, else the run stops "
+        "with the key that differs: false starts fresh (another train.out keeps the old run).",
+    )
 
 
 ShardingTypeName = Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"]

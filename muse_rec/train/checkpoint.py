@@ -5,20 +5,24 @@ Every rank writes its own shards; the directory is written under a temporary nam
 rank 0 once all ranks are done, then `latest` (a one-line file, replaced atomically) points to it.
 A run killed at any moment therefore finds either the previous complete checkpoint or the new
 one, never half of one. DCP reshards on load, so a checkpoint loads into another world size or
-sharding plan; resuming *training* exactly additionally needs the same world size and batch size
-(the data position is a step count of that split), which `load` checks.
+sharding plan. Resuming *training* is stricter, and `check_resumable` refuses a mismatch before
+anything is loaded: the checkpoint must be this run's (`RunIdentity`: method, data, vocabulary,
+table sizes), and the data position is a step count that only means the same batches under the
+same world size, batch size and loader worker count.
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from muse_rec.config import Config
 from muse_rec.data.atomic import atomic_path
 from muse_rec.distributed.sharding import ShardedModel
 from muse_rec.errors import MuseRecError
@@ -27,15 +31,36 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 META = "meta.json"
+FRESH_START = "start fresh with another train.out or train.resume=false"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Position:
-    """Where training stands: optimizer steps taken on the train split, and how it was split."""
+    """Where training stands: optimizer steps taken on the train split, and the batching that
+    gives those steps their meaning (the split over ranks, and the loader workers, which fix the
+    order batches come in: `muse_rec.data.loader.batch_order`)."""
 
     step: int
     world_size: int
     batch_size: int
+    num_workers: int
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What makes a checkpoint this run's: runs share `train.out` by default, and resuming another
+    run's weights (the quickstart's synthetic ones, say) would silently train the wrong model."""
+
+    method: str
+    data_root: str  # resolved: the same directory however it was spelled
+    vocab: str
+    table_rows: dict[str, int]  # from the feature maps: other data behind the same path shows here
+
+
+def run_identity(config: Config, table_rows: dict[str, int]) -> RunIdentity:
+    """This run's identity; `table_rows` from its feature maps (`FeatureMaps.table_rows`)."""
+    return RunIdentity(config.model.method, str(Path(config.data.root).resolve()), config.data.vocab, dict(table_rows))
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -53,7 +78,7 @@ def latest(run_dir: Path) -> Path | None:
     return path
 
 
-def save(run_dir: Path, sharded: ShardedModel, position: Position, config: dict, keep: int) -> Path:
+def save(run_dir: Path, sharded: ShardedModel, position: Position, run: RunIdentity, config: dict, keep: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     root = checkpoint_root(run_dir)
     final = root / f"step-{position.step:08d}"
@@ -65,7 +90,7 @@ def save(run_dir: Path, sharded: ShardedModel, position: Position, config: dict,
     dist.barrier()
     dcp.save({"model": sharded.model.state_dict(), "optimizer": _optimizer_state(sharded)}, checkpoint_id=staging)
     if rank == 0:
-        (staging / META).write_text(json.dumps({"position": position.__dict__, "config": config}, indent=2) + "\n")
+        write_meta(staging, position, run, config)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         with atomic_path(root / LATEST) as tmp:
@@ -78,6 +103,11 @@ def save(run_dir: Path, sharded: ShardedModel, position: Position, config: dict,
     return final
 
 
+def write_meta(path: Path, position: Position, run: RunIdentity, config: dict) -> None:
+    """What `check_resumable` and `muse-rec eval` read back: the position, the run, the resolved config."""
+    (Path(path) / META).write_text(json.dumps({"position": asdict(position), "run": asdict(run), "config": config}, indent=2) + "\n")
+
+
 def read_meta(path: Path) -> dict:
     try:
         return json.loads((Path(path) / META).read_text())
@@ -87,7 +117,7 @@ def read_meta(path: Path) -> dict:
 
 def load(path: Path, sharded: ShardedModel, with_optimizer: bool) -> Position:
     """Load weights (and optimizer states) into however this model is sharded; returns the position."""
-    meta = read_meta(path)
+    position = read_record(read_meta(path), "position", Position, path)
     state = {"model": sharded.model.state_dict()}
     if with_optimizer:
         sharded.dense_optimizer.init_state()  # materialise AdamW's lazy state so DCP can load into it
@@ -98,7 +128,16 @@ def load(path: Path, sharded: ShardedModel, with_optimizer: bool) -> Position:
         full = sharded.optimizer.state_dict()
         full["state"].update(state["optimizer"]["state"])
         sharded.optimizer.load_state_dict({**state["optimizer"], "state": full["state"]})
-    return Position(**meta["position"])
+    return position
+
+
+def read_record(meta: dict, key: str, cls: type[T], path: Path) -> T:
+    """`meta[key]` as a `cls`, or an error naming the fields an older muse_rec did not write."""
+    record = meta.get(key, {})
+    missing = [f"{key}.{f.name}" for f in fields(cls) if f.name not in record]
+    if missing:
+        raise MuseRecError(f"{path}: {META} has no {', '.join(missing)} (an older muse_rec's checkpoint); {FRESH_START}")
+    return cls(**{f.name: record[f.name] for f in fields(cls)})
 
 
 def load_weights(path: Path, sharded: ShardedModel, contains: str) -> list[str]:
@@ -119,9 +158,43 @@ def _optimizer_state(sharded: ShardedModel) -> dict:
     return {**state, "state": {key: value for key, value in state["state"].items() if value}}
 
 
-def check_resumable(position: Position, world_size: int, batch_size: int, path: Path) -> None:
-    if (position.world_size, position.batch_size) != (world_size, batch_size):
+def check_resumable(path: Path, run: RunIdentity, world_size: int, batch_size: int, num_workers: int) -> None:
+    """Refuse to resume training from `path` unless it is this run's and its step count means the
+    same batches here. Called before loading, so a mismatch is this error, not a shape error."""
+    meta = read_meta(path)
+    _check_same_run(path, read_record(meta, "run", RunIdentity, path), run)
+    saved: Position = read_record(meta, "position", Position, path)
+    if (saved.world_size, saved.batch_size) != (world_size, batch_size):
         raise MuseRecError(
-            f"{path}: saved with {position.world_size} rank(s) x batch {position.batch_size}; resuming training "
-            f"exactly needs the same, this run has {world_size} x {batch_size} (evaluating it works at any size)"
+            f"{path}: saved with {saved.world_size} rank(s) x batch {saved.batch_size} (data.batch_size); resuming training "
+            f"exactly needs the same, this run has {world_size} x {batch_size} (evaluating it works at any size), or "
+            f"{FRESH_START}"
         )
+    if _readers(saved.num_workers) != _readers(num_workers):
+        raise MuseRecError(
+            f"{path}: saved with data.num_workers={saved.num_workers}, this run has data.num_workers={num_workers}; the "
+            f"workers fix the order of the batches, so step {saved.step} would replay or skip some: resume with "
+            f"data.num_workers={saved.num_workers}, or {FRESH_START}"
+        )
+
+
+def _check_same_run(path: Path, saved: RunIdentity, here: RunIdentity) -> None:
+    for key, there, now in (
+        ("model.method", saved.method, here.method),
+        ("data.root", saved.data_root, here.data_root),
+        ("data.vocab", saved.vocab, here.vocab),
+    ):
+        if there != now:
+            raise MuseRecError(f"{path}: another run's checkpoint ({key} is {there!r} there, {now!r} here); {FRESH_START}")
+    for table in sorted(saved.table_rows.keys() | here.table_rows.keys()):
+        there, now = saved.table_rows.get(table), here.table_rows.get(table)
+        if there != now:
+            raise MuseRecError(
+                f"{path}: another run's checkpoint (table {table} has {there} rows there, {now} here: the feature maps "
+                f"of data.root differ); {FRESH_START}"
+            )
+
+
+def _readers(num_workers: int) -> int:
+    """Processes reading batches: 0 workers (the training process reads) orders them like 1."""
+    return max(num_workers, 1)

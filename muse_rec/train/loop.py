@@ -28,7 +28,7 @@ from muse_rec.data.atomic import write_json
 from muse_rec.data.content import load_content_tokens
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
-from muse_rec.data.loader import ShardDataset, make_dataloader
+from muse_rec.data.loader import ShardDataset, batch_order, make_dataloader, plan_rank
 from muse_rec.distributed.memory_bank import bind_memory_bank, gather_bank_metrics
 from muse_rec.distributed.planning import load_plan
 from muse_rec.distributed.table_weights import init_trainable_tables, load_scl_table
@@ -132,7 +132,8 @@ def train(config: Config, progress: bool = True) -> dict:
     out = Path(config.train.out)
     maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab, strict=config.data.strict)
     sharded = build_model(config, maps, runtime)
-    start_step = _resume(config, sharded, runtime, out)
+    run = checkpoint.run_identity(config, maps.table_rows())
+    start_step = _resume(config, sharded, runtime, out, run)
     if runtime.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -144,17 +145,18 @@ def train(config: Config, progress: bool = True) -> dict:
     batches = iter(make_dataloader(dataset, pin_memory=runtime.device.type == "cuda"))
     sharded.model.train()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="train", unit="step", disable=not progress or runtime.rank != 0)
+    real_rows = real_rows_per_step(dataset, runtime.world_size)
     start, samples = time.perf_counter(), 0
     for step in bar:
-        loss, _, _, weights, _ = pipeline.progress(batches)
-        samples += int(weights.numel()) * runtime.world_size
+        loss = pipeline.progress(batches)[0]
+        samples += real_rows[step]
         rate = samples / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}")
         done = step + 1
         if done % config.train.log_every == 0 or done == steps:
             writer.write({"step": done, "loss": loss.item(), "samples_per_second": rate, **gather_bank_metrics(sharded.model)})
         if done == steps or (config.train.checkpoint_every and done % config.train.checkpoint_every == 0):
-            _checkpoint(config, sharded, runtime, out, done)
+            _checkpoint(config, sharded, runtime, out, run, done)
     pipeline.detach()  # restore the modules' own forwards for evaluation
     gather_bank_metrics(sharded.model)  # evaluation reports its own bank reads
     metrics = evaluate(sharded, config, maps, runtime, progress)
@@ -164,21 +166,31 @@ def train(config: Config, progress: bool = True) -> dict:
     return {**metrics, "rank": runtime.rank}
 
 
-def _resume(config: Config, sharded: ShardedModel, runtime: Runtime, out: Path) -> int:
-    """Steps already done: 0, or the position of the run's newest checkpoint (loaded here)."""
+def real_rows_per_step(dataset: ShardDataset, world_size: int) -> list[int]:
+    """Samples all ranks train on at each step, in the order the loader yields the batches: the
+    weight-0 rows that pad a rank's last batch are not samples. Every rank's plan follows from the
+    row groups, so no step waits on a collective to count."""
+    plans = [plan_rank(dataset.plan.row_groups, dataset.config.batch_size, r, world_size) for r in range(world_size)]
+    rows = [sum(p.batches[b].stop - p.batches[b].start for p in plans) for b in range(len(dataset.plan.batches))]
+    return [rows[b] for b in batch_order(len(rows), dataset.config.num_workers)]
+
+
+def _resume(config: Config, sharded: ShardedModel, runtime: Runtime, out: Path, run: checkpoint.RunIdentity) -> int:
+    """Steps already done: 0, or the position of the run's newest checkpoint, checked to be this
+    run's and to mean the same batches here, then loaded."""
     path = checkpoint.latest(out) if config.train.resume else None
     if path is None:
         return 0
+    checkpoint.check_resumable(path, run, runtime.world_size, config.data.batch_size, config.data.num_workers)
     position = checkpoint.load(path, sharded, with_optimizer=True)
-    checkpoint.check_resumable(position, runtime.world_size, config.data.batch_size, path)
     if runtime.rank == 0:
         log.info("resuming from %s at step %d", path, position.step)
     return position.step
 
 
-def _checkpoint(config: Config, sharded: ShardedModel, runtime: Runtime, out: Path, step: int) -> None:
-    position = checkpoint.Position(step=step, world_size=runtime.world_size, batch_size=config.data.batch_size)
-    checkpoint.save(out, sharded, position, to_dict(config), keep=config.train.keep_checkpoints)
+def _checkpoint(config: Config, sharded: ShardedModel, runtime: Runtime, out: Path, run: checkpoint.RunIdentity, step: int) -> None:
+    position = checkpoint.Position(step, runtime.world_size, config.data.batch_size, config.data.num_workers)
+    checkpoint.save(out, sharded, position, run, to_dict(config), keep=config.train.keep_checkpoints)
 
 
 def evaluate_checkpoint(path: Path, overrides: list[str], progress: bool = True) -> dict:

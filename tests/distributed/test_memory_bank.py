@@ -78,12 +78,14 @@ def run(rank: int, root: str, init_file: str, out: str) -> None:
         for parameter in dense_module(sharded.model).targets.encoder.parameters():
             parameter.add_(0.5)
     # checkpoint round trip into a fresh model (its bank starts empty)
-    path = checkpoint.save(Path(out + "-run"), sharded, checkpoint.Position(0, WORLD, 8), {}, keep=1)
+    dense_module(sharded.model).targets.steps.fill_(7)  # p / q draws resume at the saved step
+    path = checkpoint.save(Path(out + "-run"), sharded, checkpoint.Position(0, WORLD, 8, 0), checkpoint.run_identity(config, maps.table_rows()), {}, keep=1)
     fresh = build_model(config, maps, runtime)
     results["fresh"] = read(fresh.model, looked_up)
     initial_encoder = {k: v.clone() for k, v in dense_module(fresh.model).targets.encoder.state_dict().items()}
     checkpoint.load(path, fresh, with_optimizer=False)
     results["reloaded"] = read(fresh.model, looked_up)
+    results["reloaded_steps"] = int(dense_module(fresh.model).targets.steps)
 
     # the encoder alone into a model built with encoder_checkpoint (the two-stage variant)
     with_encoder = dataclasses.replace(config, model=dataclasses.replace(
@@ -142,6 +144,7 @@ def test_bank_survives_a_checkpoint(ranks):
     for r in ranks:
         assert not r["fresh"].any()
         torch.testing.assert_close(r["reloaded"], r["after_second_write"])
+        assert r["reloaded_steps"] == 7  # and the step the p / q draws resume from
 
 
 def test_encoder_checkpoint_loads_only_the_encoder(ranks):

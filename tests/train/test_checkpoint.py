@@ -1,5 +1,7 @@
 """Checkpoints: a 2-rank run killed mid-training resumes to the same weights, optimizer state and
-metrics as an uninterrupted run; a checkpoint evaluates on another world size."""
+metrics as an uninterrupted run (with 2 loader workers, whose interleaved batch order the step
+count must resume); a checkpoint evaluates on another world size, and another run refuses to
+resume from it."""
 from __future__ import annotations
 
 import json
@@ -15,10 +17,13 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from muse_rec.config import SynthConfig
+from muse_rec.data.feature_map import FeatureMaps
+from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.synth import synthesize
-from muse_rec.train.checkpoint import checkpoint_root, latest
+from muse_rec.train.checkpoint import FRESH_START, checkpoint_root, latest, read_meta
 
 STEPS_BETWEEN_CHECKPOINTS = 3
+WORKERS = 2
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +33,24 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def whole(data, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank run."""
+    run = tmp_path_factory.mktemp("whole")
+    subprocess.run(train_command(data, run), check=True, capture_output=True)
+    return run
+
+
 def train_command(data: Path, out: Path) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "muse_rec.cli", "train", "--quiet", f"data.root={data}", "data.batch_size=12", "data.num_workers=0",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "muse_rec.cli",
+        *train_arguments(data, out),
+    ]
+
+
+def train_arguments(data: Path, out: Path) -> list[str]:
+    return [
+        "train", "--quiet", f"data.root={data}", "data.batch_size=12", f"data.num_workers={WORKERS}",
         "data.long_seq_len=200", "model.keep_top=20", f"train.out={out}",
         f"train.checkpoint_every={STEPS_BETWEEN_CHECKPOINTS}", "train.keep_checkpoints=1",
     ]
@@ -44,9 +63,8 @@ def final_state(run: Path) -> dict:
     return torch.load(flat, weights_only=False)
 
 
-def test_killed_run_resumes_to_the_same_result(data, tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(train_command(data, whole), check=True, capture_output=True)
+def test_killed_run_resumes_to_the_same_result(data, whole, tmp_path):
+    killed = tmp_path / "killed"
 
     process = subprocess.Popen(train_command(data, killed), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -73,19 +91,28 @@ def test_killed_run_resumes_to_the_same_result(data, tmp_path):
     assert [p.name for p in checkpoint_root(killed).glob("step-*")] == [latest(killed).name]  # keep_checkpoints=1
 
 
-def test_checkpoint_evaluates_on_another_world_size(data, tmp_path):
-    run = tmp_path / "run"
-    subprocess.run(train_command(data, run), check=True, capture_output=True)
-    path = latest(run)
+def test_checkpoint_evaluates_on_another_world_size(whole):
+    path = latest(whole)
     done = subprocess.run(
         [sys.executable, "-m", "muse_rec.cli", "eval", "--quiet", "--checkpoint", str(path)],
         check=True, capture_output=True, text=True,
     )
     one_rank = json.loads((path / "eval.json").read_text())
-    two_ranks = _test_record(run)
+    two_ranks = _test_record(whole)
     for key in ("auc", "gauc", "logloss"):  # exact metrics; the reference's per-batch GAUC depends on batching
         assert one_rank[key] == pytest.approx(two_ranks[key], abs=1e-6), key
     assert one_rank["rows"] == two_ranks["rows"] and "test: AUC" in done.stdout
+
+
+def test_another_run_refuses_to_resume_from_the_checkpoint(data, whole):
+    meta = read_meta(latest(whole))
+    assert meta["position"]["num_workers"] == WORKERS
+    table_rows = FeatureMaps.load(DatasetLayout(data), "p90").table_rows()
+    assert meta["run"] == {"method": "muse", "data_root": str(data.resolve()), "vocab": "p90", "table_rows": table_rows}
+    din = [sys.executable, "-m", "muse_rec.cli", *train_arguments(data, whole), "model.method=din"]  # same train.out
+    refused = subprocess.run(din, capture_output=True, text=True)
+    assert refused.returncode != 0, refused.stderr[-3000:]
+    assert "model.method is 'muse' there, 'din' here" in refused.stderr and FRESH_START in refused.stderr, refused.stderr[-3000:]
 
 
 def kill_all_with(marker: str) -> None:
