@@ -146,15 +146,19 @@ def train(config: Config, progress: bool = True) -> dict:
     sharded.model.train()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="train", unit="step", disable=not progress or runtime.rank != 0)
     real_rows = real_rows_per_step(dataset, runtime.world_size)
-    start, samples = time.perf_counter(), 0
+    start, samples, shown_loss = time.perf_counter(), 0, "-"
     for step in bar:
         loss = pipeline.progress(batches)[0]
         samples += real_rows[step]
-        rate = samples / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}")
         done = step + 1
-        if done % config.train.log_every == 0 or done == steps:
-            writer.write({"step": done, "loss": loss.item(), "samples_per_second": rate, **gather_bank_metrics(sharded.model)})
+        logged = done % config.train.log_every == 0 or done == steps
+        # Reading the loss waits for the device: only on logged steps, so the pipeline runs ahead between them.
+        value = loss.item() if logged else None
+        rate = samples / (time.perf_counter() - start)
+        if value is not None:
+            shown_loss = f"{value:.4f}"
+            writer.write({"step": done, "loss": value, "samples_per_second": rate, **gather_bank_metrics(sharded.model)})
+        bar.set_postfix(loss=shown_loss, samples_per_s=f"{rate:,.0f}")
         if done == steps or (config.train.checkpoint_every and done % config.train.checkpoint_every == 0):
             _checkpoint(config, sharded, runtime, out, run, done)
     pipeline.detach()  # restore the modules' own forwards for evaluation

@@ -1,7 +1,7 @@
 """Checkpoints: a 2-rank run killed mid-training resumes to the same weights, optimizer state and
 metrics as an uninterrupted run (with 2 loader workers, whose interleaved batch order the step
-count must resume); a checkpoint evaluates on another world size, and another run refuses to
-resume from it."""
+count must resume); a checkpoint evaluates on another world size, holds no SCL table (a model
+loaded from it keeps the values file's), and another run refuses to resume from it."""
 from __future__ import annotations
 
 import json
@@ -14,15 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from muse_rec.config import SynthConfig
-from muse_rec.data.feature_map import FeatureMaps
+from muse_rec.config import SynthConfig, config_from_dict
+from muse_rec.data.feature_map import FeatureMaps, SclIndex
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.synth import synthesize
+from muse_rec.distributed.table_weights import SCL_WEIGHT_SUFFIX
+from muse_rec.train import checkpoint
 from muse_rec.train.checkpoint import FRESH_START, checkpoint_root, latest, read_meta
+from muse_rec.train.loop import Runtime, build_model, evaluate
+from tests.train.test_sharded_training import full_weights
 
 STEPS_BETWEEN_CHECKPOINTS = 3
+LOG_EVERY = 2
 WORKERS = 2
 
 
@@ -52,7 +59,7 @@ def train_arguments(data: Path, out: Path) -> list[str]:
     return [
         "train", "--quiet", f"data.root={data}", "data.batch_size=12", f"data.num_workers={WORKERS}",
         "data.long_seq_len=200", "model.keep_top=20", f"train.out={out}",
-        f"train.checkpoint_every={STEPS_BETWEEN_CHECKPOINTS}", "train.keep_checkpoints=1",
+        f"train.checkpoint_every={STEPS_BETWEEN_CHECKPOINTS}", "train.keep_checkpoints=1", f"train.log_every={LOG_EVERY}",
     ]
 
 
@@ -88,6 +95,7 @@ def test_killed_run_resumes_to_the_same_result(data, whole, tmp_path):
             if isinstance(value, torch.Tensor):
                 assert torch.equal(flat_got[name], value), name
     assert _test_record(whole) == _test_record(killed)
+    assert _train_losses(whole) == _train_losses(killed)  # the killed attempt's records agree with the resumed one's
     assert [p.name for p in checkpoint_root(killed).glob("step-*")] == [latest(killed).name]  # keep_checkpoints=1
 
 
@@ -102,6 +110,48 @@ def test_checkpoint_evaluates_on_another_world_size(whole):
     for key in ("auc", "gauc", "logloss"):  # exact metrics; the reference's per-batch GAUC depends on batching
         assert one_rank[key] == pytest.approx(two_ranks[key], abs=1e-6), key
     assert one_rank["rows"] == two_ranks["rows"] and "test: AUC" in done.stdout
+
+
+def test_train_records_every_log_every_steps_and_at_the_end(whole):
+    steps = read_meta(latest(whole))["position"]["step"]
+    records = [r for r in _records(whole) if "split" not in r]
+    assert [r["step"] for r in records] == sorted({*range(LOG_EVERY, steps + 1, LOG_EVERY), steps})
+    assert all(r.keys() == {"step", "loss", "samples_per_second"} and r["loss"] > 0 for r in records)
+
+
+def test_checkpoint_holds_no_scl_table(whole):
+    saved = FileSystemReader(latest(whole)).read_metadata().state_dict_metadata
+    assert not [key for key in saved if "scl" in key]
+    assert "model.sequence_tables.embeddings.item.weight" in saved
+    assert [key for key in saved if key.startswith("optimizer.state.sequence_tables.embeddings.item.weight.")]
+
+
+def test_a_loaded_and_evaluated_checkpoint_keeps_the_scl_values_file(data, whole, tmp_path):
+    weights = _load_and_evaluate(latest(whole), tmp_path / "init")
+    (scl_key,) = [k for k in weights if k.endswith(SCL_WEIGHT_SUFFIX)]
+    layout = DatasetLayout(data)
+    values = SclIndex(layout.scl_keys_path, layout.scl_values_path).values
+    table = weights.pop(scl_key).float()
+    assert torch.equal(table[0], torch.zeros(values.shape[1])) and torch.equal(table[1:], torch.from_numpy(values.astype("float32")))
+    saved = final_state(whole)["model"]
+    assert weights.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(weights[key], value), key
+
+
+def _load_and_evaluate(path: Path, init_file: Path) -> dict[str, torch.Tensor]:
+    """What `muse-rec eval` does, on one rank in this process; the model's weights after evaluating."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        config = config_from_dict(read_meta(path)["config"], [])
+        maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab)
+        runtime = Runtime(0, 1, torch.device("cpu"))
+        sharded = build_model(config, maps, runtime)
+        checkpoint.load(path, sharded, with_optimizer=False)
+        evaluate(sharded, config, maps, runtime, progress=False)
+        return full_weights(sharded.model, 0)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_another_run_refuses_to_resume_from_the_checkpoint(data, whole):
@@ -126,10 +176,17 @@ def kill_all_with(marker: str) -> None:
             pass
 
 
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def _test_record(run: Path) -> dict:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    (test,) = [r for r in records if r.get("split") == "test"]
+    (test,) = [r for r in _records(run) if r.get("split") == "test"]
     return test
+
+
+def _train_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(run) if "split" not in r}
 
 
 def _flatten(tree, prefix: str = "") -> dict:
