@@ -151,6 +151,9 @@ class ModelConfig:
 class OptimConfig:
     dense_lr: float = option(2e-4, "AdamW learning rate of the dense parameters (reference: 2e-4).")
     dense_weight_decay: float = option(0.01, "AdamW weight decay of the dense parameters (reference: 0.01).")
+    encoder_lr: float | None = option(
+        None, "AdamW learning rate of lemur's content encoder (null: dense_lr). The rest of the dense part keeps dense_lr."
+    )
     sparse_lr: float = option(2e-3, "Learning rate of the fused Adam on the embedding tables on CUDA (reference: lazy Adam 2e-3).")
     sparse_cpu: Literal["rowwise_adagrad", "sgd"] = option(
         "rowwise_adagrad",
@@ -234,11 +237,13 @@ class HardwareConfig:
         None, "Device every rank trains on. null: the running job's (a job on other hardware than its profile is refused)."
     )
     world_size: int | None = option(None, "Ranks in all. null: the running job's.")
-    local_world_size: int | None = option(None, "Ranks per host (GPUs per node, processes per CPU host). null: every rank on one host.")
+    local_world_size: int | None = option(
+        None, "Ranks per host (GPUs per node, processes per CPU host). null: torchrun's LOCAL_WORLD_SIZE on CUDA, else every rank on one host."
+    )
     hbm_cap_gib: float | None = option(
         None,
         "Device memory of one rank, GiB; the planner leaves 15% of it free, besides the dense model and the batches "
-        "in flight. null: TorchRec's default (32 GiB; none on CPU).",
+        "in flight. null: a running CUDA job's GPU memory (offline planning needs a value; none on CPU).",
     )
     ddr_cap_gib: float | None = option(
         None,

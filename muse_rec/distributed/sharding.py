@@ -62,12 +62,17 @@ def sparse_optimizer(config: OptimConfig, device_type: str) -> tuple[type[torch.
     return torch.optim.SGD, {"lr": config.sparse_cpu_lr}
 
 
-def attach_sparse_optimizers(model: MuseModel, config: OptimConfig, device_type: str) -> None:
-    optimizer, kwargs = sparse_optimizer(config, device_type)
+def attach_sparse_optimizers(model: MuseModel, config: OptimConfig, device_type: str, train: bool = True) -> None:
+    """The configured sparse optimizer on the trained tables; SGD lr 0 (no state) on the frozen
+    ones, and on every table when not `train` (evaluation: no Adam state to allocate or plan for)."""
     trainable = [*model.id_tables.parameters(), *model.sequence_tables.parameters()]
-    apply_optimizer_in_backward(optimizer, trainable, kwargs)
     frozen = list(model.scl_table.parameters())  # none when the table is replicated int8
     frozen += list(model.bank_table.parameters()) if isinstance(model, LemurModel) else []  # written in place, never trained
+    if train:
+        optimizer, kwargs = sparse_optimizer(config, device_type)
+        apply_optimizer_in_backward(optimizer, trainable, kwargs)
+    else:
+        frozen += trainable
     if frozen:
         apply_optimizer_in_backward(torch.optim.SGD, frozen, {"lr": 0.0})
 
@@ -173,12 +178,13 @@ def shard_model(
     sharding: ShardingConfig | None = None,
     hardware: HardwareConfig | None = None,
     data: DataConfig | None = None,
+    train: bool = True,
 ) -> ShardedModel:
     """Attach optimizers, plan collectively (unless a plan is given) and wrap in DMP. Planning
     follows `sharding.tables` on the `hardware` profile for `data`'s batch size and sequence
     length; what the profile leaves unset is the running job's (on CUDA: the GPU's memory and
     LOCAL_WORLD_SIZE, `running_hardware`; otherwise TorchRec's defaults)."""
-    attach_sparse_optimizers(model, optim, device.type)
+    attach_sparse_optimizers(model, optim, device.type, train)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if plan is None:
         hardware = hardware or HardwareConfig()
@@ -188,11 +194,24 @@ def shard_model(
         planner = make_planner(model, sharding or ShardingConfig(), topology, data or DataConfig())
         plan = planner.collective_plan(model, sharders(), dist.GroupMember.WORLD) if dist.is_initialized() else planner.plan(model, sharders())
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: torch.optim.AdamW(params, lr=optim.dense_lr, betas=(0.9, 0.999), weight_decay=optim.dense_weight_decay),
-    )
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense = KeyedOptimizerWrapper(dense_params, lambda params: dense_optimizer(params, dense_params, optim))
     return ShardedModel(dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), dense, plan)
+
+
+ENCODER_PARAMETERS = ".encoder."
+"""Names of lemur's content-encoder parameters contain this (`TargetEncoding.encoder`)."""
+
+
+def dense_optimizer(params: list[torch.Tensor], named: dict[str, torch.Tensor], optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the dense parameters; lemur's content encoder in a group of its own at
+    `optim.encoder_lr` when that is set."""
+    encoder = {id(p) for name, p in named.items() if ENCODER_PARAMETERS in name}
+    groups = [{"params": list(params)}]
+    if optim.encoder_lr is not None and encoder:
+        groups = [{"params": [p for p in params if id(p) not in encoder]},
+                  {"params": [p for p in params if id(p) in encoder], "lr": optim.encoder_lr}]
+    return torch.optim.AdamW(groups, lr=optim.dense_lr, betas=(0.9, 0.999), weight_decay=optim.dense_weight_decay)
 
 
 def dense_module(model: nn.Module) -> nn.Module:

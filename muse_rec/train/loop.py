@@ -92,14 +92,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_model(config: Config, maps: FeatureMaps, runtime: Runtime) -> ShardedModel:
+def build_model(config: Config, maps: FeatureMaps, runtime: Runtime, train: bool = True) -> ShardedModel:
     """The model on the meta device, sharded by DMP (which materialises it) with the plan file
     `sharding.plan` or a plan made collectively now, SCL table filled (lemur: bank bound and empty,
     content loaded)."""
     torch.manual_seed(config.train.seed)
     model = make_model(config.model, maps.table_rows(), device=torch.device("meta"))
     plan = load_plan(config.sharding.plan, runtime.device.type, runtime.world_size, model) if config.sharding.plan else None
-    sharded = shard_model(model, config.optim, runtime.device, plan, config.sharding, config.hardware, config.data)
+    sharded = shard_model(model, config.optim, runtime.device, plan, config.sharding, config.hardware, config.data, train)
     init_trainable_tables(sharded.model, config.train.seed, config.model.init_std)
     load_scl_table(sharded.model, maps.scl, runtime.device)
     _prepare_lemur(sharded, config, maps, runtime)
@@ -202,7 +202,7 @@ def evaluate_checkpoint(path: Path, overrides: list[str], progress: bool = True)
     config = config_from_dict(_unbound_from_training_hardware(checkpoint.read_meta(path)["config"]), overrides)
     runtime = init_distributed()
     maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab, strict=config.data.strict)
-    sharded = build_model(config, maps, runtime)
+    sharded = build_model(config, maps, runtime, train=False)
     position = checkpoint.load(path, sharded, with_optimizer=False)
     metrics = {**evaluate(sharded, config, maps, runtime, progress), "step": position.step, "checkpoint": str(path)}
     if runtime.rank == 0:

@@ -249,15 +249,18 @@ def test_a_plan_made_offline_for_cpu_2core_trains_on_two_gloo_ranks(synthetic_ro
 
 # -- what a CUDA job hands fbgemm, checked on CPU ----------------------------------------------------
 @pytest.mark.parametrize(
-    "optimizer_of,trained",
-    [("cuda", (EmbOptimType.ADAM, 2e-3)), ("cpu", (EmbOptimType.EXACT_ROWWISE_ADAGRAD, 0.01))],
+    "optimizer_of,train,trained",
+    [("cuda", True, (EmbOptimType.ADAM, 2e-3)), ("cpu", True, (EmbOptimType.EXACT_ROWWISE_ADAGRAD, 0.01)),
+     ("cuda", False, (EmbOptimType.EXACT_SGD, 0.0))],
+    ids=["cuda", "cpu", "cuda-evaluation"],
 )
-def test_fused_optimizer_kwargs_are_what_fbgemm_takes(synthetic_root, tmp_path, monkeypatch, optimizer_of, trained):
+def test_fused_optimizer_kwargs_are_what_fbgemm_takes(synthetic_root, tmp_path, monkeypatch, optimizer_of, train, trained):
     """The fused params TorchRec builds from the attached optimizers (lr -> learning_rate, the
     optimizer class -> EmbOptimType, every other key as is) reach fbgemm's kernel constructor as
     keyword arguments: each must be one of its parameters. The CUDA optimizer is attached and the
     model sharded by the real DMP on one CPU rank; the kernel class is replaced by a subclass that
-    records its kwargs (and runs the CPU kernel with a CPU-capable optimizer, as fbgemm has no CPU Adam)."""
+    records its kwargs (and runs the CPU kernel with a CPU-capable optimizer, as fbgemm has no CPU Adam).
+    An evaluation model (train=False) carries SGD lr 0 on every table: no Adam state to allocate."""
     import inspect
 
     import torchrec.distributed.batched_embedding_kernel as kernels
@@ -282,7 +285,7 @@ def test_fused_optimizer_kwargs_are_what_fbgemm_takes(synthetic_root, tmp_path, 
     monkeypatch.setattr(kernels, "SplitTableBatchedEmbeddingBagsCodegen", Recording)
     config = Config()
     model = MuseModel(config.model, FeatureMaps.load(DatasetLayout(synthetic_root), "p90").table_rows(), device=torch.device("meta"))
-    attach_sparse_optimizers(model, OptimConfig(), optimizer_of)
+    attach_sparse_optimizers(model, OptimConfig(), optimizer_of, train)
     topology = topology_from_profile(HardwareConfig(), "cpu", 1)
     plan = make_planner(model, ShardingConfig(), topology, DataConfig(batch_size=8)).plan(model, sharders())
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
@@ -300,7 +303,7 @@ def test_fused_optimizer_kwargs_are_what_fbgemm_takes(synthetic_root, tmp_path, 
         expected = (EmbOptimType.EXACT_SGD, 0.0) if name == "scl" else trained  # the frozen SCL table: SGD, lr 0
         assert (kwargs["optimizer"], kwargs["learning_rate"]) == expected, name
         assert "lr" not in kwargs and "betas" not in kwargs
-    if optimizer_of == "cuda":
+    if optimizer_of == "cuda" and train:
         assert (by_table["item"]["beta1"], by_table["item"]["beta2"], by_table["item"]["eps"]) == (0.9, 0.999, 1e-8)
 
 
@@ -319,3 +322,17 @@ def test_a_cuda_job_without_a_profile_plans_into_its_gpu_and_hosts():
     assert running_hardware(HardwareConfig(), "cpu", h100, {"LOCAL_WORLD_SIZE": "2"}) == HardwareConfig()
     with pytest.raises(ConfigError, match="LOCAL_WORLD_SIZE='eight'"):
         running_hardware(HardwareConfig(), "cuda", h100, {"LOCAL_WORLD_SIZE": "eight"})
+
+
+def test_the_content_encoder_can_have_a_learning_rate_of_its_own():
+    from muse_rec.config import OptimConfig
+    from muse_rec.distributed.sharding import dense_optimizer
+
+    named = {"dense.tower.layers.0.weight": torch.nn.Parameter(torch.zeros(2)),
+             "targets.encoder.embed.weight": torch.nn.Parameter(torch.zeros(3))}
+    params = list(named.values())
+    own = dense_optimizer(params, named, OptimConfig(dense_lr=1e-3, encoder_lr=1e-5))
+    assert [(g["lr"], [p.numel() for p in g["params"]]) for g in own.param_groups] == [(1e-3, [2]), (1e-5, [3])]
+    shared = dense_optimizer(params, named, OptimConfig(dense_lr=1e-3))
+    assert [(g["lr"], len(g["params"])) for g in shared.param_groups] == [(1e-3, 2)]
+    assert all(g["weight_decay"] == OptimConfig().dense_weight_decay for g in own.param_groups)
