@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", required=True, help="directory with the six raw TAOBAO-MM parquet tables")
     p.add_argument("--out", required=True, help="output data directory (released layout)")
     p.add_argument("--coverage", type=float, default=0.9, help="history-interaction coverage of the p90 item map")
-    p.add_argument("--strict", action="store_true", help="refuse duplicated SCL keys instead of keeping the first")
+    p.add_argument("--strict", action="store_true", help="refuse duplicated or 0 SCL keys instead of keeping the first / dropping them")
     p.add_argument("--rows-per-shard", type=int, default=500_000)
     p.add_argument("--row-group-rows", type=int, default=10_000)
     p.set_defaults(run=cmd_prepare)
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub_parser("verify", "check a local data directory and report what is missing or wrong")
     p.add_argument("root", help="data directory")
-    p.add_argument("--strict", action="store_true", help="unsorted or duplicated SCL keys are errors, not warnings")
+    p.add_argument("--strict", action="store_true", help="unsorted, duplicated or 0 SCL keys are errors, not warnings")
     p.add_argument("--deep", action="store_true", help="also scan every row group (labels, sequence alignment)")
     p.set_defaults(run=cmd_verify)
     return parser

@@ -38,7 +38,7 @@ class DataConfig:
     long_seq_len: int = option(1000, "Lifelong sequence length: the last N behaviours, left-padded with 0.")
     batch_size: int = option(1000, "Samples per batch on each rank.")
     num_workers: int = option(1, "DataLoader worker processes per rank (0 reads in the training process).")
-    strict: bool = option(False, "Refuse SCL keys that are unsorted or duplicated instead of repairing them with a warning.")
+    strict: bool = option(False, "Refuse SCL keys that are unsorted, duplicated or 0 (missing) instead of repairing them with a warning.")
 
 
 @dataclass
