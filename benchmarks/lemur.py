@@ -15,7 +15,12 @@ jobs, the same optimizer overrides for all) and is evaluated on the whole test s
 - lemur: the same pretrained encoder, then trained end to end with the ranker (configs/
   lemur_synthetic.yaml: p = q = 1, contrastive weight 0.1): the two differ only in joint training.
 - lemur from scratch: end to end from a random encoder (one epoch is little for that).
-Bank coverage and staleness are read from the last training record of each lemur run.
+- lemur, frozen random encoder: the same machinery with train_encoder false (what training adds).
+- DIN: the short sequence alone, the floor every long-sequence variant should clear.
+Bank coverage and staleness are read from the last training record of each lemur run. Collapse
+diagnostic: each run's final encoder encodes `SEPARATION_ITEMS` catalogue items, and the mean cosine
+between items of one semantic cluster is set against the mean across clusters (an encoder that
+maps every item to one direction shows 1.0 / 1.0; the SCL vectors show about 0.73 / 0.0).
 
 Cost: one process, the lemur model on real batches of `--cost-batch-size`, timed forward +
 backward (median of `--cost-steps` after two warm-up steps) with the history read from the
@@ -38,7 +43,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 
 ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere: the checkout's muse_rec, quality.py
@@ -55,12 +62,15 @@ from muse_rec.data.feature_map import FeatureMaps  # noqa: E402
 from muse_rec.data.layout import DatasetLayout  # noqa: E402
 from muse_rec.data.loader import ShardDataset  # noqa: E402
 from muse_rec.distributed.table_weights import load_scl_table, local_pieces  # noqa: E402
+from muse_rec.model.encoder import ContentEncoder  # noqa: E402
 from muse_rec.model.lemur import LemurModel  # noqa: E402
 from muse_rec.train.checkpoint import latest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEMUR_CONFIG = ROOT / "configs" / "lemur_synthetic.yaml"
 BANK_KEYS = ("bank_coverage_target", "bank_coverage_short", "bank_coverage_long", "bank_staleness_cosine")
+SEPARATION_ITEMS = 4000
+ENCODER_KEY = "targets.encoder."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,15 +93,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def quality(args: argparse.Namespace, data_root: Path, runs: Path) -> dict[str, dict]:
+def encoder_separation(path: Path, data_root: Path, synth_cfg: SynthConfig) -> dict[str, float]:
+    """Mean cosine of the checkpoint's encoder outputs within a semantic cluster and across clusters,
+    over `SEPARATION_ITEMS` catalogue items (read in one process, no process group)."""
+    config = load_config(LEMUR_CONFIG, [f"data.root={data_root}"])
+    layout = DatasetLayout(data_root)
+    item_map = FeatureMaps.load(layout, "p90").of_column(schema.TARGET_ITEM)
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    keys = [k for k in meta if k.startswith("model.") and ENCODER_KEY in k]
+    state = {k: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in keys}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    encoder = ContentEncoder(config.model.lemur).eval()
+    encoder.load_state_dict({k[k.index(ENCODER_KEY) + len(ENCODER_KEY):]: v for k, v in state.items()})
+    items = np.random.default_rng(synth_cfg.seed).integers(0, synth_cfg.items, SEPARATION_ITEMS)
+    rows = item_map.remap(synth.raw_ids(schema.ITEM_MAP, items))
+    items, rows = items[rows != 0], rows[rows != 0]
+    tokens = torch.from_numpy(load_content_tokens(layout, item_map, config.model.lemur.max_tokens))
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(encoder(tokens[torch.from_numpy(rows)]), dim=-1)
+    cosine = (z @ z.T).numpy()
+    clusters = synth.Catalogue.build(synth_cfg).cluster_of(items)
+    same = clusters[:, None] == clusters[None, :]
+    off_diagonal = ~np.eye(len(items), dtype=bool)
+    return {"within_cluster_cosine": float(cosine[same & off_diagonal].mean()), "across_cluster_cosine": float(cosine[~same].mean())}
+
+
+def quality(args: argparse.Namespace, data_root: Path, runs: Path, synth_cfg: SynthConfig) -> dict[str, dict]:
     def job(label: str, config_file: Path, name: str, extra: list[str]) -> dict:
         run_dir = runs / name
         records, seconds = run_training(config_file, common_overrides(args, data_root, run_dir) + extra, run_dir, args.nproc, args.quiet, label)
         trained = [r for r in records if r.get("split") != "test"]
         bank = {f"train_{k}": trained[-1].get(k) for k in BANK_KEYS} if trained and BANK_KEYS[0] in trained[-1] else {}
-        return {**summarize(records, seconds, run_dir), **bank}
+        encoder = encoder_separation(latest(run_dir), data_root, synth_cfg) if config_file == LEMUR_CONFIG else {}
+        return {**summarize(records, seconds, run_dir), **bank, **encoder}
 
-    results = {"muse": job("MUSE (frozen SCL)", ROOT / "configs" / "muse.yaml", "muse", [])}
+    results = {"din": job("DIN (short sequence only)", ROOT / "configs" / "din.yaml", "din", [])}
+    results["muse"] = job("MUSE (frozen SCL)", ROOT / "configs" / "muse.yaml", "muse", [])
     pretrain = job("two-stage, stage 1: encoder on the contrastive loss only", LEMUR_CONFIG, "two_stage_pretrain",
                    ["model.lemur.ranking_weight=0", "model.lemur.contrastive_weight=1"])
     encoder = latest(Path(pretrain["run_dir"]))
@@ -102,6 +139,8 @@ def quality(args: argparse.Namespace, data_root: Path, runs: Path) -> dict[str, 
                            [f"model.lemur.encoder_checkpoint={encoder}"])
     results["lemur"]["pretrain_seconds"] = pretrain["seconds"]
     results["lemur_scratch"] = job("lemur from a random encoder, end to end", LEMUR_CONFIG, "lemur_scratch", [])
+    results["lemur_frozen_random"] = job("lemur with its random encoder frozen", LEMUR_CONFIG, "lemur_frozen_random",
+                                         ["model.lemur.train_encoder=false"])
     base = results["muse"]["gauc"]
     for r in results.values():
         r["gauc_gain_vs_muse"] = (r["gauc"] - base) / base
@@ -149,16 +188,19 @@ def tables(results: dict[str, dict] | None, costs: dict, args: argparse.Namespac
     lines = []
     if results:
         lines += [
-            "| variant | GAUC | AUC | logloss | GAUC vs MUSE | bank coverage target / short / long (train) | staleness (train) | time |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | GAUC | AUC | logloss | GAUC vs MUSE | bank coverage target / short / long (train) | staleness (train) "
+            "| encoder cosine within / across clusters | time |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        names = {"muse": "MUSE (frozen SCL)", "two_stage": "two-stage (contrastive pretrain, then frozen)",
-                 "lemur": "lemur (contrastive pretrain, then end to end)", "lemur_scratch": "lemur (random init, end to end)"}
+        names = {"din": "DIN (short sequence only)", "muse": "MUSE (frozen SCL)", "two_stage": "two-stage (contrastive pretrain, then frozen)",
+                 "lemur": "lemur (contrastive pretrain, then end to end)", "lemur_scratch": "lemur (random init, end to end)",
+                 "lemur_frozen_random": "lemur machinery, random encoder frozen"}
         for key, r in results.items():
-            coverage = " / ".join(value(r.get(f"train_{k}"), ".3f") for k in BANK_KEYS[:3])
+            coverage = " / ".join(value(r.get(f"train_{k}"), ".3f") for k in BANK_KEYS[:3]) if f"train_{BANK_KEYS[0]}" in r else "-"
+            separation = " / ".join(value(r.get(k), ".3f") for k in ("within_cluster_cosine", "across_cluster_cosine")) if "within_cluster_cosine" in r else "-"
             minutes = (r["seconds"] + r.get("pretrain_seconds", 0.0)) / 60
             lines.append(f"| {names[key]} | {r['gauc']:.4f} | {r['auc']:.4f} | {r['logloss']:.4f} | {r['gauc_gain_vs_muse'] * 100:+.2f}% "
-                         f"| {coverage if key != 'muse' else '-'} | {value(r.get('train_bank_staleness_cosine'), '.3f')} | {minutes:.1f} min |")
+                         f"| {coverage} | {value(r.get('train_bank_staleness_cosine'), '.3f')} | {separation} | {minutes:.1f} min |")
         lines.append("")
     lines += [
         f"| history representations (batch {args.cost_batch_size}, forward + backward, 1 core) | s / step | distinct history items encoded |",
@@ -179,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"synthetic data set with item titles ({args.users:,} train / {args.test_users:,} test users, "
           f"SCL mislabel share {args.scl_mislabel_share}) in {data_root}", flush=True)
     summary = synth.synthesize(synth_cfg, data_root, progress=not args.quiet)
-    results = None if args.skip_quality else quality(args, data_root, runs)
+    results = None if args.skip_quality else quality(args, data_root, runs, synth_cfg)
     costs = cost(args, data_root)
     table = tables(results, costs, args)
     report = {
