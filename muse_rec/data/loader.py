@@ -266,16 +266,18 @@ def _int64_buffer(size: int) -> tuple[torch.Tensor, np.ndarray]:
     return tensor, tensor.numpy()
 
 
-def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.ndarray, long_len: int) -> Batch:
-    """Gather rows (pieces of decoded row groups, in order) into one `Batch`."""
+def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.ndarray, long_len: int, scl_sequence: bool = True) -> Batch:
+    """Gather rows (pieces of decoded row groups, in order) into one `Batch`; without
+    `scl_sequence`, the SCL rows of the target alone."""
     size = sum(len(rows) for _, rows in pieces)
     L = long_len
     scalar_rows = np.empty((len(_SCALAR_COLUMNS), size), np.int64)  # key-major, as KJT values are
     sequence_tensor, sequence_values = _int64_buffer(size * (2 + 2 * L))
     target_rows, items, cates = np.split(sequence_values, [2 * size, (2 + L) * size])
     items, cates = items.reshape(size, L), cates.reshape(size, L)
-    scl_tensor, scl_values = _int64_buffer(size * (1 + L))
-    scl_target, scl_long = scl_values[:size], scl_values[size:].reshape(size, L)
+    scl_len = L if scl_sequence else 0
+    scl_tensor, scl_values = _int64_buffer(size * (1 + scl_len))
+    scl_target, scl_long = scl_values[:size], scl_values[size:].reshape(size, scl_len)
     clicks, user_ids = np.empty(size, np.float32), np.empty(size, np.int64)
     at = 0
     for decoded, rows in pieces:
@@ -283,7 +285,8 @@ def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.nda
         sequences = decoded.sequence_of_row[rows]
         np.take(decoded.items, sequences, axis=0, out=items[part])
         np.take(decoded.cates, sequences, axis=0, out=cates[part])
-        np.take(decoded.scl, sequences, axis=0, out=scl_long[part])
+        if scl_sequence:
+            np.take(decoded.scl, sequences, axis=0, out=scl_long[part])
         scalar_rows[:, part] = decoded.scalar_rows[rows].T
         scl_target[part] = decoded.scl_target[rows]
         clicks[part], user_ids[part] = decoded.clicks[rows], decoded.user_ids[rows]
@@ -292,7 +295,7 @@ def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.nda
     return Batch(
         id_features=_kjt(ID_FEATURES, scalar_rows[: len(ID_FEATURES)].reshape(-1), (1,) * len(ID_FEATURES), size),
         sequence_features=_kjt(SEQUENCE_FEATURES, sequence_tensor, (1, 1, L, L), size),
-        scl_features=_kjt(SCL_FEATURES, scl_tensor, (1, L), size),
+        scl_features=_kjt(SCL_FEATURES, scl_tensor, (1, L), size) if scl_sequence else _kjt((schema.SCL_TARGET,), scl_tensor, (1,), size),
         labels=torch.from_numpy(clicks * (weights > 0)),
         weights=torch.from_numpy(weights),
         user_ids=torch.from_numpy(user_ids),
@@ -310,7 +313,10 @@ class ShardDataset(IterableDataset):
         world_size: int = 1,
         maps: FeatureMaps | None = None,
         start_step: int = 0,
+        scl_sequence: bool = True,
     ) -> None:
+        """`scl_sequence` false: `scl_features` holds the target's SCL row alone (for a model that
+        reads no SCL sequence, `muse_rec.model.tables.reads_scl_sequence`)."""
         if config.long_seq_len < 1:
             raise DataError(f"data.long_seq_len must be positive, got {config.long_seq_len}")
         layout = DatasetLayout(config.root)
@@ -320,7 +326,7 @@ class ShardDataset(IterableDataset):
         self.plan = plan_rank(row_groups, config.batch_size, rank, world_size)
         if not 0 <= start_step <= len(self.plan.batches):
             raise ValueError(f"start_step {start_step} is outside 0..{len(self.plan.batches)}")
-        self.start_step = start_step
+        self.start_step, self.scl_sequence = start_step, scl_sequence
         self._log_plan(rank, world_size)
 
     def _log_plan(self, rank: int, world_size: int) -> None:
@@ -353,7 +359,7 @@ class ShardDataset(IterableDataset):
                 pieces.append((decoded, np.full(spec.padding, last)))
             weights = np.ones(spec.stop - spec.start + spec.padding, np.float32)
             weights[spec.stop - spec.start :] = 0.0
-            yield assemble_batch(pieces, weights, self.config.long_seq_len)
+            yield assemble_batch(pieces, weights, self.config.long_seq_len, self.scl_sequence)
 
 
 class _RowGroupReader:

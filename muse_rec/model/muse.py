@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
+from muse_rec.batch import ID_FEATURES, SEQUENCE_FEATURES, Batch
 from muse_rec.config import ModelConfig
 from muse_rec.data import schema
 from muse_rec.model import gsu
 from muse_rec.model.esu import SelfAttentiveTargetAttention, SimTier, TargetAttention, mean_pool
-from muse_rec.model.tables import ReplicatedInt8Table, id_table_configs, scl_table_config, sequence_table_configs
+from muse_rec.model.tables import ReplicatedInt8Table, id_table_configs, scl_features, scl_table_config, sequence_table_configs
 from muse_rec.model.tower import Tower, tower_input, tower_input_dim, two_class_loss_and_prob
 
 AD_ATTRIBUTES = schema.ITEM_ATTRS
@@ -41,7 +41,7 @@ class DenseInputs(NamedTuple):
     items: torch.Tensor  # (B, L, D)
     cates: torch.Tensor  # (B, L, D)
     target_scl: torch.Tensor  # (B, 128) float32
-    scl: torch.Tensor  # (B, L, 128) float32
+    scl: torch.Tensor  # (B, L, 128) float32; (B, 0, 128) where the SCL sequence is not read (`reads_scl_sequence`)
     cate_rows: torch.Tensor  # (B, L) category-table rows of the sequence
     target_cate_row: torch.Tensor  # (B,)
     present: torch.Tensor  # (B, L) bool: a behaviour, not padding (used by the masked variant only)
@@ -121,10 +121,11 @@ class MuseModel(nn.Module):
     def __init__(self, config: ModelConfig, table_rows: dict[str, int], device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
+        self.scl_features = scl_features(config)
         self.id_tables = EmbeddingBagCollection(id_table_configs(config, table_rows), device=device)
         self.sequence_tables = EmbeddingCollection(sequence_table_configs(config, table_rows), device=device)
         if config.scl_storage == "fp16_sharded":
-            self.scl_table = EmbeddingCollection([scl_table_config(table_rows["scl"])], device=device)
+            self.scl_table = EmbeddingCollection([scl_table_config(table_rows["scl"], self.scl_features)], device=device)
         else:
             self.scl_table = ReplicatedInt8Table(table_rows["scl"])
         self.dense = MuseDense(config, self.TOWER_EXTRA_INPUTS)
@@ -146,7 +147,7 @@ class MuseModel(nn.Module):
         rows = batch.sequence_features.to_dict()
         seq = {key: _zero_row0(looked_up[key].values(), rows[key].values()).view(size, -1, dim) for key in SEQUENCE_FEATURES}
         scl_out = self.scl_table(batch.scl_features)
-        scl = {key: scl_out[key].values().detach().float().view(size, -1, schema.SCL_DIM) for key in SCL_FEATURES}
+        scl = {key: scl_out[key].values().detach().float().view(size, -1, schema.SCL_DIM) for key in self.scl_features}
         item_rows = rows[schema.HIST_ITEMS].values().view(size, -1)
         cate_rows = rows[schema.HIST_CATES].values().view(size, -1)
         return DenseInputs(
@@ -157,7 +158,7 @@ class MuseModel(nn.Module):
             items=seq[schema.HIST_ITEMS],
             cates=seq[schema.HIST_CATES],
             target_scl=scl[schema.SCL_TARGET][:, 0],
-            scl=scl[schema.SCL_LONG],
+            scl=scl[schema.SCL_LONG] if schema.SCL_LONG in scl else scl[schema.SCL_TARGET][:, :0],  # lemur: the bank's
             cate_rows=cate_rows,
             target_cate_row=rows[schema.TARGET_CATE].values(),
             present=(item_rows != 0) | (cate_rows != 0),

@@ -69,13 +69,26 @@ def sequence_table_configs(config: ModelConfig, table_rows: dict[str, int]) -> l
     ]
 
 
-def scl_table_config(num_rows: int, data_type: DataType = DataType.FP16) -> EmbeddingConfig:
+def reads_scl_sequence(config: ModelConfig) -> bool:
+    """Whether the model reads the SCL vectors of the long sequence. Lemur reads them only when it
+    encodes the history from them (history_source encoder, content_input scl); otherwise the
+    sequence's 1000 x 128 lookups would be thrown away."""
+    lemur = config.lemur
+    return config.method != "lemur" or (lemur.history_source == "encoder" and lemur.content_input == "scl")
+
+
+def scl_features(config: ModelConfig) -> tuple[str, ...]:
+    """The SCL table's features for this model: the loader's `scl_sequence` must agree."""
+    return SCL_FEATURES if reads_scl_sequence(config) else (schema.SCL_TARGET,)
+
+
+def scl_table_config(num_rows: int, features: tuple[str, ...] = SCL_FEATURES, data_type: DataType = DataType.FP16) -> EmbeddingConfig:
     """The frozen SCL table; no init (its rows are loaded from the values file)."""
     return EmbeddingConfig(
         name=SCL_TABLE,
         num_embeddings=num_rows,
         embedding_dim=schema.SCL_DIM,
-        feature_names=list(SCL_FEATURES),
+        feature_names=list(features),
         data_type=data_type,
         init_fn=lambda weight: None,
     )

@@ -117,6 +117,18 @@ def test_batches_have_fixed_shapes_and_move_like_pipelineable(handmade):
     assert torch.equal(moved.sequence_features.values(), batch.sequence_features.values())
 
 
+def test_without_the_scl_sequence_only_the_target_scl_row_is_assembled(handmade):
+    """For a model that reads no SCL sequence (lemur, history from the bank): everything else equal."""
+    root, _ = handmade
+    full = next(iter(ShardDataset(config(root), "train")))
+    lean = next(iter(ShardDataset(config(root), "train", scl_sequence=False)))
+    assert lean.scl_features.keys() == [schema.SCL_TARGET]
+    assert torch.equal(lean.scl_features[schema.SCL_TARGET].values(), full.scl_features[schema.SCL_TARGET].values())
+    assert lean.scl_features.lengths().tolist() == [1] * 7
+    assert torch.equal(lean.sequence_features.values(), full.sequence_features.values())
+    assert torch.equal(lean.id_features.values(), full.id_features.values())
+
+
 def test_fast_decode_equals_the_row_by_row_definition(handmade, synthetic_root):
     for root, long_len in ((handmade[0], L), (synthetic_root, 1000)):
         layout = DatasetLayout(root)

@@ -98,7 +98,7 @@ def run(rank: int, root: str, init_file: str, out: str) -> None:
 
     # the traced training pipeline: targets encoded and written, then read back
     pipeline = TrainPipelineSparseDist(fresh.model, fresh.optimizer, torch.device("cpu"))
-    batches = iter(ShardDataset(config.data, "train", rank, WORLD, maps))
+    batches = iter(ShardDataset(config.data, "train", rank, WORLD, maps, scl_sequence=False))  # lemur, history from the bank
     results["losses"] = [float(pipeline.progress(batches)[0]) for _ in range(3)]
     pipeline.detach()
     results["train_metrics"] = gather_bank_metrics(fresh.model)

@@ -18,6 +18,7 @@ from muse_rec.distributed.table_weights import local_pieces
 from muse_rec.model.encoder import ContentEncoder
 from muse_rec.model.lemur import InBatchContrastive, LemurModel, TargetEncoding
 from muse_rec.model.memory_bank import bank_metrics
+from muse_rec.model.tables import reads_scl_sequence
 
 
 def make(synthetic_root, *overrides: str) -> tuple[LemurModel, object]:
@@ -33,7 +34,7 @@ def make(synthetic_root, *overrides: str) -> tuple[LemurModel, object]:
     model.targets.set_tokens(torch.from_numpy(load_content_tokens(layout, maps.of_column(schema.TARGET_ITEM), config.model.lemur.max_tokens)))
     model.targets.writer.bind(local_pieces(bank_weight(model)))
     model.targets.writer.clear()
-    batch = next(iter(ShardDataset(config.data, "train", 0, 1, maps)))
+    batch = next(iter(ShardDataset(config.data, "train", 0, 1, maps, scl_sequence=reads_scl_sequence(config.model))))
     return model, batch
 
 
@@ -143,6 +144,16 @@ def test_history_from_the_encoder_gives_gradient_through_history(synthetic_root)
     model, batch = make(synthetic_root, "model.lemur.history_source=encoder", "model.lemur.backward_share=0.0")
     model(batch)[0].backward()
     assert encoder_grad_norm(model) > 0
+
+
+@pytest.mark.parametrize("source,content", [("bank", "tokens"), ("bank", "scl"), ("encoder", "tokens"), ("encoder", "scl")])
+def test_the_scl_sequence_is_looked_up_only_where_the_history_needs_it(synthetic_root, source, content):
+    model, batch = make(synthetic_root, f"model.lemur.history_source={source}", f"model.lemur.content_input={content}")
+    features = model.scl_table.embedding_configs()[0].feature_names
+    reads = source == "encoder" and content == "scl"  # the history encoded from its SCL vectors
+    assert features == ([schema.SCL_TARGET, schema.SCL_LONG] if reads else [schema.SCL_TARGET])
+    assert batch.scl_features.keys() == features
+    model(batch)[0].backward()  # the batch fits the model either way
 
 
 def test_encoder_masks_padding_and_rows_do_not_mix():
