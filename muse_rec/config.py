@@ -312,7 +312,15 @@ def _apply_override(tree: dict, item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is a value, not a section")
         node = child
-    node[leaf] = yaml.safe_load(text) if text else ""
+    node[leaf] = OverrideText(text)
+
+
+class OverrideText(str):
+    """A command-line value as typed: YAML-parsed for numbers, booleans, lists and null, but kept as
+    written for a text key (`data.root=2024` is the directory '2024', not the number)."""
+
+    def parsed(self) -> Any:
+        return yaml.safe_load(self) if self else ""
 
 
 def _build(cls: type, tree: Any, prefix: str) -> Any:
@@ -333,6 +341,9 @@ def _build(cls: type, tree: Any, prefix: str) -> Any:
 
 
 def _check(kind: Any, value: Any, key: str) -> Any:
+    if isinstance(value, OverrideText):
+        parsed = value.parsed()
+        value = str(value) if parsed is not None and _text_key(kind) else parsed
     origin = typing.get_origin(kind)
     if origin is Literal:
         if value not in typing.get_args(kind):
@@ -352,9 +363,19 @@ def _check(kind: Any, value: Any, key: str) -> Any:
         return [_check(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"config key {key}: expected {kind.__name__}, found {type(value).__name__} {value!r}")
     return value
+
+
+def _text_key(kind: Any) -> bool:
+    """A key typed str (or str | None): any override text is its value."""
+    return kind is str or (typing.get_origin(kind) in (typing.Union, types.UnionType) and str in typing.get_args(kind))
 
 
 # -- documentation ---------------------------------------------------------------------------------

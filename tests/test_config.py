@@ -21,6 +21,13 @@ def test_yaml_then_overrides(tmp_path):
     assert config.synth.items == Config().synth.items  # untouched keys keep their defaults
 
 
+def test_override_text_stays_text_for_text_keys_and_1e_4_is_a_float():
+    config = load_config(None, ["data.root=2024", "train.out=yes", "model.lemur.encoder_checkpoint=null", "optim.encoder_lr=1e-4"])
+    assert (config.data.root, config.train.out, config.model.lemur.encoder_checkpoint) == ("2024", "yes", None)
+    assert config.optim.encoder_lr == 1e-4
+    assert load_config(None, ["model.lemur.encoder_checkpoint=3"]).model.lemur.encoder_checkpoint == "3"
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
