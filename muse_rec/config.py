@@ -93,6 +93,12 @@ class LemurConfig:
     max_tokens: int = option(16, "Title tokens read per item (longer titles are cut, shorter ones padded).")
     scl_chunks: int = option(8, "content_input=scl: the 128-d SCL vector becomes this many tokens of 128/scl_chunks values.")
     layers: int = option(2, "Transformer layers of the content encoder.")
+    centre_output: bool = option(
+        True,
+        "Subtract the mean representation from the encoder's output (the batch's in training, a running mean in "
+        "evaluation), so no loss can collapse every item onto one direction (without it, training did: "
+        "benchmarks/lemur.py).",
+    )
     width: int = option(64, "Model width of the content encoder.")
     heads: int = option(4, "Attention heads of the content encoder.")
     encode_share: float = option(

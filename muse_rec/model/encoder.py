@@ -3,7 +3,8 @@
 Input is either an item's title tokens (`content_input: tokens`) or, for TAOBAO-MM which ships no
 text, its frozen 128-d SCL vector cut into `scl_chunks` tokens (`content_input: scl`). A learned
 [CLS] vector is prepended, learned positions are added, padding tokens (id 0) are masked out of
-attention, and the [CLS] output goes through LayerNorm and a linear map to 128 dimensions.
+attention, and the [CLS] output goes through LayerNorm and a linear map to 128 dimensions, then
+(`centre_output`) loses the mean representation (`OutputCentring`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,31 @@ OUTPUT_DIM = schema.SCL_DIM
 """The representation replaces the SCL vector in the GSU and ESU, so it has its width."""
 INIT_STD = 0.02
 """Token, [CLS] and position embeddings start as N(0, 0.02), as BERT's do (not nn.Embedding's N(0, 1))."""
+CENTRING_MOMENTUM = 0.1
+"""Weight of each training batch's mean in the running mean (BatchNorm's default)."""
+
+
+class OutputCentring(nn.Module):
+    """Subtracts the mean representation: the batch's while training, a running mean otherwise (and
+    for a batch of one). The [CLS] output of every item shares a large common part ([CLS] and
+    position vectors, biases), and any loss can lower itself by growing it: every item then points
+    one way and cosine retrieval has nothing left (benchmarks/lemur.py measured cosine 1.000 within
+    and across clusters). Through the batch mean the gradient has no common part, so nothing grows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(OUTPUT_DIM))
+
+    def reset_parameters(self) -> None:
+        self.running_mean.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] < 2:
+            return x - self.running_mean
+        mean = x.mean(dim=0)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), CENTRING_MOMENTUM)
+        return x - mean
 
 
 class ContentEncoder(nn.Module):
@@ -42,6 +68,7 @@ class ContentEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.width)
         self.out = nn.Linear(config.width, OUTPUT_DIM)
+        self.centring = OutputCentring() if config.centre_output else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -76,4 +103,4 @@ class ContentEncoder(nn.Module):
         x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], dim=1) + self.positions[: x.shape[1] + 1]
         padding = torch.cat([padding.new_zeros(padding.shape[0], 1), padding], dim=1)  # [CLS] always attends
         x = self.layers(x, src_key_padding_mask=padding)
-        return self.out(self.norm(x[:, 0]))
+        return self.centring(self.out(self.norm(x[:, 0])))

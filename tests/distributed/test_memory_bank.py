@@ -75,8 +75,8 @@ def run(rank: int, root: str, init_file: str, out: str) -> None:
     results["after_second_write"] = read(sharded.model, looked_up)
 
     with torch.no_grad():  # an encoder unlike the seeded init, to be found again below
-        for parameter in dense_module(sharded.model).targets.encoder.parameters():
-            parameter.add_(0.5)
+        for tensor in dense_module(sharded.model).targets.encoder.state_dict().values():  # the centring's running mean too
+            tensor.add_(0.5)
     # checkpoint round trip into a fresh model (its bank starts empty)
     dense_module(sharded.model).targets.steps.fill_(7)  # p / q draws resume at the saved step
     path = checkpoint.save(Path(out + "-run"), sharded, checkpoint.Position(0, WORLD, 8, 0), checkpoint.run_identity(config, maps.table_rows()), {}, keep=1)

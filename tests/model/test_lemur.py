@@ -2,6 +2,8 @@
 contrastive loss, and the synthetic item content it reads."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -165,6 +167,35 @@ def test_encoder_masks_padding_and_rows_do_not_mix():
     assert encoder(two).shape == (2, 128)
     scl = ContentEncoder(LemurConfig(content_input="scl", scl_chunks=8, width=16, heads=2))
     assert scl(torch.randn(3, 128)).shape == (3, 128)
+
+
+def test_centred_output_gives_no_loss_a_common_direction_to_grow():
+    """Training: the batch's outputs have mean 0, so a loss of their sum sends no parameter any
+    gradient (the output bias, shared by every item, in particular); evaluation subtracts the
+    running mean instead; reset zeroes it."""
+    torch.manual_seed(0)
+    config = LemurConfig(width=16, heads=2, max_tokens=6, vocab_size=50)
+    encoder = ContentEncoder(config)
+    tokens = torch.randint(2, 50, (5, 6))
+    out = encoder(tokens)
+    torch.testing.assert_close(out.mean(dim=0), torch.zeros(128), atol=1e-6, rtol=0)
+    (out.sum(dim=0) @ torch.randn(128)).backward()
+    assert max(float(p.grad.abs().max()) for p in encoder.parameters() if p.grad is not None) < 1e-5
+    (encoder(tokens) ** 2).sum().backward()  # a loss of the items' differences does train it
+    assert float(encoder.out.weight.grad.abs().max()) > 1e-3
+    running = encoder.centring.running_mean.clone()
+    assert running.abs().max() > 0
+    encoder.eval()
+    centring, encoder.centring = encoder.centring, torch.nn.Identity()
+    with torch.no_grad():
+        raw = encoder(tokens)
+        encoder.centring = centring
+        torch.testing.assert_close(encoder(tokens), raw - running)
+    encoder.reset_parameters()
+    assert not encoder.centring.running_mean.any()
+    with torch.no_grad():  # without it, the common part stays
+        plain = ContentEncoder(dataclasses.replace(config, centre_output=False))
+        assert float(plain(tokens).mean(dim=0).norm()) > 0.1
 
 
 def test_contrastive_masks_other_rows_of_the_same_user():
