@@ -6,17 +6,23 @@ which `build_model` loads into every model before a checkpoint is loaded over th
 
 Every rank writes its own shards; the directory is written under a temporary name and renamed by
 rank 0 once all ranks are done, then `latest` (a one-line file, replaced atomically) points to it.
-A run killed at any moment therefore finds either the previous complete checkpoint or the new
-one, never half of one. DCP reshards on load, so a checkpoint loads into another world size or
-sharding plan. Resuming *training* is stricter, and `check_resumable` refuses a mismatch before
-anything is loaded: the checkpoint must be this run's (`RunIdentity`: method, data, vocabulary,
-table sizes), and the data position is a step count that only means the same batches under the
-same world size, batch size and loader worker count.
+Nothing complete is deleted before `latest` names its successor: a checkpoint of the same step is
+renamed aside first, and old ones are pruned last. A directory is complete once it holds `meta.json`
+(written last, deleted first). A save killed at any moment therefore leaves either the previous
+complete checkpoint or the new one, never half of one, and `latest()` finds it even where the kill
+left `latest` naming a step that was renamed aside.
+
+DCP reshards on load, so a checkpoint loads into another world size or sharding plan. Resuming
+*training* is stricter, and `check_resumable` refuses a mismatch before anything is loaded: the
+checkpoint must be this run's (`RunIdentity`: method, data, vocabulary, table sizes), and the data
+position is a step count that only means the same batches under the same world size, batch size
+and loader worker count.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 META = "meta.json"
+ASIDE = ".aside"
+"""Suffix of a checkpoint renamed aside while the same step is saved again (`.step-NNNNNNNN.aside`)."""
 FRESH_START = "start fresh with another train.out or train.resume=false"
 T = TypeVar("T")
 
@@ -72,14 +80,37 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    pointer = checkpoint_root(run_dir) / LATEST
-    if not pointer.exists():
-        return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    if not (path / META).exists():
-        raise MuseRecError(f"{pointer} points to {path}, which is not a complete checkpoint")
-    return path
+    """The checkpoint to resume from: the one `latest` names, or None before the first. Where a save
+    was killed between its renames (`latest` missing, or naming a step renamed aside), the newest
+    complete checkpoint instead, with a warning: a run resumes rather than being blocked."""
+    root = checkpoint_root(run_dir)
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.exists() else None
+    if named is not None and is_complete(named):
+        return named
+    found = complete_checkpoints(root)
+    if not found:
+        if named is None:
+            return None
+        raise MuseRecError(f"{pointer} names {named}, which is not a complete checkpoint, and there is no other; {FRESH_START}")
+    log.warning("%s: %s is not a complete checkpoint (a save was interrupted); using the newest complete one, %s",
+                pointer, named or "no latest", found[-1])
+    return found[-1]
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / META).exists()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under `root`, published or renamed aside, oldest first."""
+    found = [*root.glob("step-[0-9]*"), *root.glob(f".step-[0-9]*{ASIDE}")]
+    return sorted((p for p in found if is_complete(p)), key=_age)
+
+
+def _age(path: Path) -> tuple[int, bool]:
+    """The step, then a published checkpoint after an aside copy of the same step."""
+    return int(re.search(r"step-(\d+)", path.name)[1]), path.name.startswith("step-")
 
 
 def save(run_dir: Path, sharded: ShardedModel, position: Position, run: RunIdentity, config: dict, keep: int) -> Path:
@@ -89,22 +120,47 @@ def save(run_dir: Path, sharded: ShardedModel, position: Position, run: RunIdent
     staging = root / f".{final.name}.partial"
     rank = dist.get_rank()
     if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove(staging)
         staging.mkdir(parents=True)
     dist.barrier()
     dcp.save({"model": _model_state(sharded), "optimizer": _optimizer_state(sharded)}, checkpoint_id=staging)
     if rank == 0:
         write_meta(staging, position, run, config)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        with atomic_path(root / LATEST) as tmp:
-            tmp.write_text(final.name + "\n")
-        older = sorted(p for p in root.glob("step-*") if p != final)
-        for old in older[: max(len(older) - (keep - 1), 0)]:
-            shutil.rmtree(old)
+        _publish(staging, final)
+        _prune(root, final, keep)
         log.info("checkpoint: %s", final)
     dist.barrier()
     return final
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename `staging` to `final` and point `latest` at it. An existing `final` (the same step saved
+    again) is renamed aside, not deleted, until `latest` names the new one."""
+    aside = final.with_name(f".{final.name}{ASIDE}")
+    if final.exists():
+        remove(aside)
+        final.rename(aside)
+    staging.rename(final)
+    with atomic_path(final.parent / LATEST) as tmp:
+        tmp.write_text(final.name + "\n")
+    remove(aside)
+
+
+def _prune(root: Path, final: Path, keep: int) -> None:
+    """Keep `final` (which `latest` names) and the `keep - 1` newest other complete checkpoints;
+    delete the rest, and what interrupted saves left (staging dirs, aside copies, half-deleted dirs)."""
+    published = [p for p in complete_checkpoints(root) if p.name.startswith("step-") and p != final]
+    kept = {final, *published[max(len(published) - (keep - 1), 0):]}
+    for path in [*root.glob("step-[0-9]*"), *root.glob(".step-[0-9]*")]:  # .step-*: staging dirs, aside copies
+        if path not in kept:
+            remove(path)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint directory, `meta.json` first: a deletion cut short leaves no directory
+    that looks complete."""
+    (path / META).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def write_meta(path: Path, position: Position, run: RunIdentity, config: dict) -> None:

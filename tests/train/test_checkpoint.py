@@ -1,21 +1,26 @@
 """Checkpoints: a 2-rank run killed mid-training resumes to the same weights, optimizer state and
 metrics as an uninterrupted run (with 2 loader workers, whose interleaved batch order the step
-count must resume); a checkpoint evaluates on another world size, holds no SCL table (a model
-loaded from it keeps the values file's), and another run refuses to resume from it."""
+count must resume); a save failing at any file-system call leaves the old or the new checkpoint
+to resume from; a checkpoint evaluates on another world size, holds no SCL table (a model loaded
+from it keeps the values file's), and another run refuses to resume from it."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from muse_rec.config import SynthConfig, config_from_dict
@@ -31,6 +36,7 @@ from tests.train.test_sharded_training import full_weights
 STEPS_BETWEEN_CHECKPOINTS = 3
 LOG_EVERY = 2
 WORKERS = 2
+ONE_RANK = Runtime(0, 1, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -141,17 +147,87 @@ def test_a_loaded_and_evaluated_checkpoint_keeps_the_scl_values_file(data, whole
 
 def _load_and_evaluate(path: Path, init_file: Path) -> dict[str, torch.Tensor]:
     """What `muse-rec eval` does, on one rank in this process; the model's weights after evaluating."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    try:
+    with one_rank(init_file):
         config = config_from_dict(read_meta(path)["config"], [])
         maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab)
-        runtime = Runtime(0, 1, torch.device("cpu"))
-        sharded = build_model(config, maps, runtime)
+        sharded = build_model(config, maps, ONE_RANK)
         checkpoint.load(path, sharded, with_optimizer=False)
-        evaluate(sharded, config, maps, runtime, progress=False)
+        evaluate(sharded, config, maps, ONE_RANK, progress=False)
         return full_weights(sharded.model, 0)
+
+
+@contextlib.contextmanager
+def one_rank(init_file: Path) -> Iterator[None]:
+    """A one-rank gloo group in this process, for the collectives of building, saving and loading."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        yield
     finally:
         dist.destroy_process_group()
+
+
+class Crash(Exception):
+    """An injected failure."""
+
+
+FILE_SYSTEM_CALLS = [(Path, "mkdir"), (Path, "rename"), (Path, "write_text"), (Path, "unlink"), (os, "replace"), (shutil, "rmtree")]
+"""What a save changes the file system with (DCP's writer included): where a kill can land."""
+MARKED = "dense.long_attention.tau"
+OLD, NEW, AFTER = 1.0, 2.0, 3.0
+
+
+@pytest.mark.parametrize(("old_step", "new_step"), [(3, 6), (3, 3)], ids=["next-step", "same-step-again"])
+def test_a_save_failing_at_any_file_system_call_leaves_a_checkpoint_to_resume(data, tmp_path, monkeypatch, old_step, new_step):
+    """The n-th file-system call of a save, and every later one, fail (a kill there), for each n
+    until a save gets through: the run still finds the old or the new checkpoint, complete (its
+    weights are the ones its meta.json was saved with), and saves again, leaving nothing behind."""
+    with one_rank(tmp_path / "init"):
+        config = config_from_dict({}, [f"data.root={data}", "data.batch_size=12", "data.long_seq_len=200", "model.keep_top=20"])
+        maps = FeatureMaps.load(DatasetLayout(data), config.data.vocab)
+        sharded = build_model(config, maps, ONE_RANK)
+        sharded.dense_optimizer.init_state()  # saved and loaded with the optimizer, as training does
+        run = checkpoint.run_identity(config, maps.table_rows())
+        marked = dict(sharded.model.named_parameters())[MARKED]
+
+        def save(out: Path, step: int, label: float) -> None:
+            """A checkpoint whose weights and meta.json both carry `label`."""
+            with torch.no_grad():
+                marked.fill_(label)
+            checkpoint.save(out, sharded, checkpoint.Position(step, 1, 12, 0), run, {"label": label}, keep=1)
+
+        for n in itertools.count(1):
+            out = tmp_path / f"crash-{n}"
+            save(out, old_step, OLD)
+            with monkeypatch.context() as patch:
+                calls = _fail_from(patch, n)
+                try:
+                    save(out, new_step, NEW)
+                except (Exception, CheckpointException) as error:  # Crash, or DCP's (a BaseException) around it
+                    assert len(calls) >= n, error
+            if len(calls) < n:
+                break  # the save made fewer calls: each one has failed once
+            found = latest(out)
+            label = read_meta(found)["config"]["label"]
+            assert label in (OLD, NEW), (n, calls[-1])
+            assert checkpoint.load(found, sharded, with_optimizer=True).step == (old_step if label == OLD else new_step)
+            assert torch.equal(marked, torch.full_like(marked, label)), (n, calls[-1])
+            save(out, 9, AFTER)
+            assert sorted(p.name for p in checkpoint_root(out).iterdir()) == [checkpoint.LATEST, "step-00000009"], (n, calls[-1])
+        assert n > 10, "the save's calls were not intercepted"
+
+
+def _fail_from(monkeypatch: pytest.MonkeyPatch, n: int) -> list[str]:
+    """Make the n-th file-system call (FILE_SYSTEM_CALLS) and every later one raise Crash; returns
+    the calls made, by name."""
+    calls: list[str] = []
+    for owner, name in FILE_SYSTEM_CALLS:
+        def failing(*args, _real=getattr(owner, name), _name=name, **kwargs):
+            calls.append(_name)
+            if len(calls) >= n:
+                raise Crash(f"call {len(calls)}: {_name}")
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, failing)
+    return calls
 
 
 def test_another_run_refuses_to_resume_from_the_checkpoint(data, whole):
