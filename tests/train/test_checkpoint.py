@@ -83,7 +83,7 @@ def test_killed_run_resumes_to_the_same_result(data, whole, tmp_path):
     deadline = time.monotonic() + 240
     while latest(killed) is None and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    kill_all_with(str(killed))  # torchrun and both ranks at once, wherever they are
+    kill_started(process)  # torchrun and both ranks at once, wherever they are
     process.wait()
     first = latest(killed)
     assert first is not None and first.name == f"step-{STEPS_BETWEEN_CHECKPOINTS:08d}", "the kill came too late to test a resume"
@@ -241,15 +241,20 @@ def test_another_run_refuses_to_resume_from_the_checkpoint(data, whole):
     assert "model.method is 'muse' there, 'din' here" in refused.stderr and FRESH_START in refused.stderr, refused.stderr[-3000:]
 
 
-def kill_all_with(marker: str) -> None:
-    """SIGKILL every process whose command line holds `marker` (torchrun starts its ranks in
-    sessions of their own, so killing its process group would leave them running)."""
-    for proc in Path("/proc").iterdir():
+def kill_started(process: subprocess.Popen) -> None:
+    """SIGKILL the torchrun this test started (in a session of its own) and the ranks it launched, by
+    their process groups: torchrun starts each rank in a session of its own, with its loader workers."""
+    groups = {process.pid}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            pass
+            parent, group = stat.read_text().rpartition(")")[2].split()[1:3]  # after the command name: state, ppid, pgrp
+        except OSError:  # exited meanwhile
+            continue
+        if int(parent) == process.pid:
+            groups.add(int(group))
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
 
 
 def _records(run: Path) -> list[dict]:
