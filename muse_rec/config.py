@@ -15,14 +15,17 @@ from typing import Any, Literal
 
 import yaml
 
+from muse_rec.data.schema import SCL_DIM
 from muse_rec.errors import ConfigError
 
 
-def option(default: Any, doc: str) -> Any:
-    """A config field with its documentation."""
+def option(default: Any, doc: str, at_least: float | None = None, at_most: float | None = None) -> Any:
+    """A config field with its documentation and, for numbers, the range the code relies on
+    (checked when the config is loaded, so a bad value fails before any table is read)."""
+    metadata = {"doc": doc, "at_least": at_least, "at_most": at_most}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def section(cls: type, doc: str) -> Any:
@@ -35,9 +38,9 @@ class DataConfig:
     vocab: Literal["p90", "full"] = option(
         "p90", "Item vocabulary: 'p90' (items covering 90% of history interactions plus all targets) or 'full'."
     )
-    long_seq_len: int = option(1000, "Lifelong sequence length: the last N behaviours, left-padded with 0.")
-    batch_size: int = option(1000, "Samples per batch on each rank.")
-    num_workers: int = option(1, "DataLoader worker processes per rank (0 reads in the training process).")
+    long_seq_len: int = option(1000, "Lifelong sequence length: the last N behaviours, left-padded with 0.", at_least=1)
+    batch_size: int = option(1000, "Samples per batch on each rank.", at_least=1)
+    num_workers: int = option(1, "DataLoader worker processes per rank (0 reads in the training process).", at_least=0)
     strict: bool = option(False, "Refuse SCL keys that are unsorted, duplicated or 0 (missing) instead of repairing them with a warning.")
 
 
@@ -89,29 +92,32 @@ class LemurConfig:
         "What the encoder reads: 'tokens' (title tokens from feature_map/item_content.parquet) or 'scl' (the item's "
         "frozen SCL vector cut into `scl_chunks` tokens: TAOBAO-MM ships no raw text).",
     )
-    vocab_size: int = option(8192, "Token vocabulary of the content table (token IDs must be below it; 0 pads, 1 separates fields).")
-    max_tokens: int = option(16, "Title tokens read per item (longer titles are cut, shorter ones padded).")
-    scl_chunks: int = option(8, "content_input=scl: the 128-d SCL vector becomes this many tokens of 128/scl_chunks values.")
-    layers: int = option(2, "Transformer layers of the content encoder.")
+    vocab_size: int = option(8192, "Token vocabulary of the content table (token IDs must be below it; 0 pads, 1 separates fields).", at_least=2)
+    max_tokens: int = option(16, "Title tokens read per item (longer titles are cut, shorter ones padded).", at_least=1)
+    scl_chunks: int = option(8, "content_input=scl: the 128-d SCL vector becomes this many tokens of 128/scl_chunks values.", at_least=1)
+    layers: int = option(2, "Transformer layers of the content encoder.", at_least=1)
     centre_output: bool = option(
         True,
         "Subtract the mean representation from the encoder's output (the batch's in training, a running mean in "
         "evaluation), so no loss can collapse every item onto one direction (without it, training did: "
         "benchmarks/lemur.py).",
     )
-    width: int = option(64, "Model width of the content encoder.")
-    heads: int = option(4, "Attention heads of the content encoder.")
+    width: int = option(64, "Model width of the content encoder.", at_least=1)
+    heads: int = option(4, "Attention heads of the content encoder.", at_least=1)
     encode_share: float = option(
-        1.0, "p: share of samples whose target runs the encoder forward (the others read their target from the bank)."
+        1.0, "p: share of samples whose target runs the encoder forward (the others read their target from the bank).",
+        at_least=0, at_most=1,
     )
     backward_share: float = option(
-        1.0, "q (<= p): share of samples whose target encoding also gets gradient; the rest of the p share run it without."
+        1.0, "q (<= p): share of samples whose target encoding also gets gradient; the rest of the p share run it without.",
+        at_least=0, at_most=1,
     )
     contrastive_weight: float = option(
-        0.1, "Weight of the in-batch InfoNCE between user and clicked item (other rows of the same user masked out)."
+        0.1, "Weight of the in-batch InfoNCE between user and clicked item (other rows of the same user masked out).",
+        at_least=0,
     )
-    contrastive_scale: float = option(50.0, "Scale of the cosine logits of the contrastive loss (the paper's 50).")
-    ranking_weight: float = option(1.0, "Weight of the click loss (0 with contrastive only: the two-stage pretraining).")
+    contrastive_scale: float = option(50.0, "Scale of the cosine logits of the contrastive loss (the paper's 50).", at_least=0)
+    ranking_weight: float = option(1.0, "Weight of the click loss (0 with contrastive only: the two-stage pretraining).", at_least=0)
     train_encoder: bool = option(True, "Train the encoder (false: frozen, e.g. the second stage of the two-stage variant).")
     encoder_checkpoint: str | None = option(
         None, "Checkpoint directory whose encoder weights initialise this run's encoder (the two-stage variant)."
@@ -135,10 +141,10 @@ class ModelConfig:
         "'sim_hard' (latest K of the target's category), 'din' (no long branch: only the short sequence) or 'lemur' "
         "(cosine top-K of representations from a jointly trained content encoder and its memory bank; `model.lemur`).",
     )
-    embedding_dim: int = option(16, "D: width of every ID table; the user attributes 130_3..130_5 use D/2.")
-    keep_top: int = option(50, "K: positions of the long sequence the GSU keeps.")
-    short_seq_len: int = option(50, "Short sequence: the last N positions of the padded long sequence.")
-    init_std: float = option(0.001, "Std of the truncated-normal init of ID-table rows.")
+    embedding_dim: int = option(16, "D: width of every ID table; the user attributes 130_3..130_5 use D/2.", at_least=2)
+    keep_top: int = option(50, "K: positions of the long sequence the GSU keeps.", at_least=1)
+    short_seq_len: int = option(50, "Short sequence: the last N positions of the padded long sequence.", at_least=1)
+    init_std: float = option(0.001, "Std of the truncated-normal init of ID-table rows.", at_least=0)
     scl_storage: Literal["fp16_sharded", "int8_replicated"] = option(
         "fp16_sharded",
         "The frozen SCL table: 'fp16_sharded' (a TorchRec table sharded by the plan, 256 B a row split over ranks, "
@@ -155,27 +161,27 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    dense_lr: float = option(2e-4, "AdamW learning rate of the dense parameters (reference: 2e-4).")
-    dense_weight_decay: float = option(0.01, "AdamW weight decay of the dense parameters (reference: 0.01).")
+    dense_lr: float = option(2e-4, "AdamW learning rate of the dense parameters (reference: 2e-4).", at_least=0)
+    dense_weight_decay: float = option(0.01, "AdamW weight decay of the dense parameters (reference: 0.01).", at_least=0)
     encoder_lr: float | None = option(
         None, "AdamW learning rate of lemur's content encoder (null: dense_lr). The rest of the dense part keeps dense_lr."
     )
-    sparse_lr: float = option(2e-3, "Learning rate of the fused Adam on the embedding tables on CUDA (reference: lazy Adam 2e-3).")
+    sparse_lr: float = option(2e-3, "Learning rate of the fused Adam on the embedding tables on CUDA (reference: lazy Adam 2e-3).", at_least=0)
     sparse_cpu: Literal["rowwise_adagrad", "sgd"] = option(
         "rowwise_adagrad",
         "Fused embedding optimizer on CPU, where fbgemm has no Adam: a documented fallback, not the reference's.",
     )
-    sparse_cpu_lr: float = option(0.01, "Learning rate of the CPU fallback embedding optimizer.")
+    sparse_cpu_lr: float = option(0.01, "Learning rate of the CPU fallback embedding optimizer.", at_least=0)
 
 
 @dataclass
 class TrainConfig:
     seed: int = option(42, "Seed of the dense and embedding initialisation.")
     out: str = option("runs/muse", "Run directory: checkpoints, metrics.jsonl, the resolved config.")
-    log_every: int = option(50, "Steps between metric lines in metrics.jsonl.")
-    eval_batch_size: int = option(1000, "Samples per evaluation batch on each rank.")
-    checkpoint_every: int = option(0, "Steps between checkpoints (0: only at the end). A checkpoint is always written at the end.")
-    keep_checkpoints: int = option(2, "Checkpoints kept in <out>/checkpoints (the newest ones).")
+    log_every: int = option(50, "Steps between metric lines in metrics.jsonl.", at_least=1)
+    eval_batch_size: int = option(1000, "Samples per evaluation batch on each rank.", at_least=1)
+    checkpoint_every: int = option(0, "Steps between checkpoints (0: only at the end). A checkpoint is always written at the end.", at_least=0)
+    keep_checkpoints: int = option(2, "Checkpoints kept in <out>/checkpoints (the newest ones).", at_least=1)
     resume: bool = option(
         True,
         "Resume from the newest checkpoint in <out> if there is one. It must be this run's (model.method, data.root, "
@@ -203,7 +209,8 @@ class TableShardingConfig:
         "hot rows; CUDA only). null: any kernel the sharder offers on the device.",
     )
     cache_load_factor: float | None = option(
-        None, "Share of the table's rows 'fused_uvm_caching' keeps in device memory (null: TorchRec's default, 0.2)."
+        None, "Share of the table's rows 'fused_uvm_caching' keeps in device memory (null: TorchRec's default, 0.2).",
+        at_least=0, at_most=1,
     )
 
 
@@ -242,28 +249,33 @@ class HardwareConfig:
     device_type: Literal["cpu", "cuda"] | None = option(
         None, "Device every rank trains on. null: the running job's (a job on other hardware than its profile is refused)."
     )
-    world_size: int | None = option(None, "Ranks in all. null: the running job's.")
+    world_size: int | None = option(None, "Ranks in all. null: the running job's.", at_least=1)
     local_world_size: int | None = option(
-        None, "Ranks per host (GPUs per node, processes per CPU host). null: torchrun's LOCAL_WORLD_SIZE on CUDA, else every rank on one host."
+        None, "Ranks per host (GPUs per node, processes per CPU host). null: torchrun's LOCAL_WORLD_SIZE on CUDA, else every rank on one host.",
+        at_least=1,
     )
     hbm_cap_gib: float | None = option(
         None,
         "Device memory of one rank, GiB; the planner leaves 15% of it free, besides the dense model and the batches "
         "in flight. null: a running CUDA job's GPU memory (offline planning needs a value; none on CPU).",
+        at_least=0,
     )
     ddr_cap_gib: float | None = option(
         None,
         "Host memory of one rank, GiB: the host's RAM minus headroom (OS, data loaders, page cache) divided by "
         "local_world_size. Holds UVM tables on CUDA and every table on CPU. null: TorchRec's default (128 GiB).",
+        at_least=0,
     )
     intra_host_bw_gb_s: float | None = option(
-        None, "Rank-to-rank bandwidth inside a host (NVLink, PCIe, shared memory), GB/s. null: TorchRec's default."
+        None, "Rank-to-rank bandwidth inside a host (NVLink, PCIe, shared memory), GB/s. null: TorchRec's default.",
+        at_least=0,
     )
-    inter_host_bw_gb_s: float | None = option(None, "Network bandwidth of one rank to other hosts, GB/s. null: TorchRec's default.")
-    hbm_bw_gb_s: float | None = option(None, "Device memory bandwidth, GB/s. null: TorchRec's default.")
-    ddr_bw_gb_s: float | None = option(None, "Host memory bandwidth of one rank, GB/s. null: TorchRec's default.")
+    inter_host_bw_gb_s: float | None = option(None, "Network bandwidth of one rank to other hosts, GB/s. null: TorchRec's default.", at_least=0)
+    hbm_bw_gb_s: float | None = option(None, "Device memory bandwidth, GB/s. null: TorchRec's default.", at_least=0)
+    ddr_bw_gb_s: float | None = option(None, "Host memory bandwidth of one rank, GB/s. null: TorchRec's default.", at_least=0)
     host_to_device_bw_gb_s: float | None = option(
-        None, "Host-to-device bandwidth of one rank (PCIe), GB/s: what UVM kernels read at. null: TorchRec's default."
+        None, "Host-to-device bandwidth of one rank (PCIe), GB/s: what UVM kernels read at. null: TorchRec's default.",
+        at_least=0,
     )
 
 
@@ -286,7 +298,7 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
     tree = dataclasses.asdict(_build(Config, tree, ""))
     for item in overrides:
         _apply_override(tree, item)
-    return _build(Config, tree, "")
+    return check_relations(_build(Config, tree, ""))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -304,7 +316,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         tree = loaded or {}
     for item in overrides:
         _apply_override(tree, item)
-    return _build(Config, tree, "")
+    return check_relations(_build(Config, tree, ""))
 
 
 def _apply_override(tree: dict, item: str) -> None:
@@ -342,8 +354,54 @@ def _build(cls: type, tree: Any, prefix: str) -> Any:
     for name, value in tree.items():
         kind = hints[name]
         key = f"{prefix}{name}"
-        values[name] = _build(kind, value, key + ".") if dataclasses.is_dataclass(kind) else _check(kind, value, key)
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, key + ".")
+        else:
+            values[name] = _check_range(_check(kind, value, key), fields[name].metadata, key)
     return cls(**values)
+
+
+def _check_range(value: Any, metadata: Any, key: str) -> Any:
+    """A number inside its field's `at_least` / `at_most` (None passes: it means 'not set')."""
+    low, high = metadata.get("at_least"), metadata.get("at_most")
+    if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+        raise ConfigError(f"config key {key}: expected {_range_text(low, high)}, found {value!r}")
+    return value
+
+
+def _range_text(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"a value in [{low}, {high}]"
+    return f"at least {low}" if low is not None else f"at most {high}"
+
+
+def check_relations(config: Config) -> Config:
+    """Refuse combinations of keys the code would only trip over later (a raw error at the first
+    forward, or a silent cut); each error names the keys. Defaults are checked too: they can
+    combine badly with a YAML file's values."""
+    model, lemur, data = config.model, config.model.lemur, config.data
+    rules = (
+        (model.keep_top <= data.long_seq_len, "model.keep_top", f"at most data.long_seq_len = {data.long_seq_len} (the GSU keeps K of the long sequence)"),
+        (model.short_seq_len <= data.long_seq_len, "model.short_seq_len", f"at most data.long_seq_len = {data.long_seq_len} (the short sequence is its last N positions)"),
+        (model.embedding_dim % 2 == 0, "model.embedding_dim", "an even number (130_3..130_5 use D/2)"),
+        (lemur.backward_share <= lemur.encode_share, "model.lemur.backward_share", f"at most model.lemur.encode_share = {lemur.encode_share} (q <= p)"),
+        (lemur.width % lemur.heads == 0, "model.lemur.width", f"a multiple of model.lemur.heads = {lemur.heads}"),
+        (
+            lemur.content_input != "scl" or SCL_DIM % lemur.scl_chunks == 0,
+            "model.lemur.scl_chunks", f"a divisor of the SCL vector's {SCL_DIM} values (model.lemur.content_input=scl)",
+        ),
+    )
+    for ok, key, expected in rules:
+        if not ok:
+            found = _lookup(config, key)
+            raise ConfigError(f"config key {key}: expected {expected}, found {found!r}")
+    return config
+
+
+def _lookup(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def _check(kind: Any, value: Any, key: str) -> Any:
@@ -391,7 +449,9 @@ def describe(config: Any, prefix: str = "") -> list[str]:
     indent = "  " * prefix.count(".")
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        lines.append(f"{indent}# {f.metadata.get('doc', '')}")
+        low, high = f.metadata.get("at_least"), f.metadata.get("at_most")
+        bounds = f" Expected: {_range_text(low, high)}." if low is not None or high is not None else ""
+        lines.append(f"{indent}# {f.metadata.get('doc', '')}{bounds}")
         if dataclasses.is_dataclass(value):
             lines.append(f"{indent}{f.name}:")
             lines.extend(describe(value, f"{prefix}{f.name}."))
