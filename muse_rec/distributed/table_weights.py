@@ -18,8 +18,9 @@ from muse_rec.data.feature_map import SclIndex
 from muse_rec.model.tables import ReplicatedInt8Table
 
 BLOCK_ROWS = 1 << 16
-TRUNCATE_AT = 2.0
-"""Init values lie within this many std of 0: values beyond are drawn again (a truncated normal)."""
+TRUNCATE_BOUND = 2.0
+"""Init values lie in [-2, 2], as the reference's `trunc_normal_(std, a=-2.0, b=2.0)`: its bounds are
+absolute, not in std, so at its std of 0.001 (2000 std) the init is in effect a plain normal."""
 SCL_WEIGHT_SUFFIX = "scl_table.embeddings.scl.weight"
 UNTRAINED_SUFFIXES = (SCL_WEIGHT_SUFFIX, "bank_table.embeddings.bank.weight")
 """Tables that are filled, not initialised: the SCL table (from its values file) and lemur's memory bank (zeros)."""
@@ -47,19 +48,20 @@ def _write_blocks(weight: torch.Tensor, rows_of_block) -> None:
 
 
 def truncated_normal(rng: np.random.Generator, shape: tuple[int, int], std: float) -> np.ndarray:
-    """N(0, std) restricted to [-TRUNCATE_AT * std, TRUNCATE_AT * std]: draws outside are drawn again
-    (clipping would pile ~4.6% of the values onto the bounds). `std` is the normal's before the cut,
-    as in TensorFlow's truncated_normal and torch's trunc_normal_; the values' own std is 0.88 std."""
-    values = rng.standard_normal(shape)
-    outside = np.flatnonzero(np.abs(values) > TRUNCATE_AT)
-    while outside.size:  # 4.6% drawn again, then 0.2%, ...: a few rounds
-        values.flat[outside] = rng.standard_normal(outside.size)
-        outside = outside[np.abs(values.flat[outside]) > TRUNCATE_AT]
-    return (values * std).astype(np.float32)
+    """N(0, std) restricted to [-TRUNCATE_BOUND, TRUNCATE_BOUND], the distribution of torch's
+    trunc_normal_: draws outside are drawn again (clipping would pile them onto the bounds). `std` is
+    the normal's before the cut; at any std well below the bounds (the default 0.001) nothing is
+    outside and the values are N(0, std)."""
+    values = rng.standard_normal(shape) * std
+    outside = np.flatnonzero(np.abs(values) > TRUNCATE_BOUND)
+    while outside.size:  # a share P(|x| > bound) drawn again each round: a few rounds
+        values.flat[outside] = rng.standard_normal(outside.size) * std
+        outside = outside[np.abs(values.flat[outside]) > TRUNCATE_BOUND]
+    return values.astype(np.float32)
 
 
 def init_trainable_tables(model: nn.Module, seed: int, std: float) -> list[str]:
-    """Truncated normal N(0, std) cut at 2 std for every trainable table; returns their names."""
+    """The reference's init, `truncated_normal`, for every trainable table; returns their names."""
     names = []
     for key, weight in model.state_dict().items():
         if not key.endswith(".weight") or ("embedding_bags." not in key and "embeddings." not in key) or key.endswith(UNTRAINED_SUFFIXES):
