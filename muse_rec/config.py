@@ -144,7 +144,12 @@ class ModelConfig:
     embedding_dim: int = option(16, "D: width of every ID table; the user attributes 130_3..130_5 use D/2.", at_least=2)
     keep_top: int = option(50, "K: positions of the long sequence the GSU keeps.", at_least=1)
     short_seq_len: int = option(50, "Short sequence: the last N positions of the padded long sequence.", at_least=1)
-    init_std: float = option(0.001, "Std of the normal init of ID-table rows, truncated to [-2, 2] as the reference's trunc_normal_ (absolute bounds: at 0.001 a plain normal).", at_least=0)
+    init_std: float = option(
+        0.001,
+        "Std of the normal init of ID-table rows, truncated to [-2, 2] as the reference's trunc_normal_ (absolute "
+        "bounds: at 0.001 a plain normal).",
+        at_least=0,
+    )
     scl_storage: Literal["fp16_sharded", "int8_replicated"] = option(
         "fp16_sharded",
         "The frozen SCL table: 'fp16_sharded' (a TorchRec table sharded by the plan, 256 B a row split over ranks, "
