@@ -88,7 +88,8 @@ pads fill row 0's top-K is the reference kernel's choice (fixture README)."""
 LOSS_ATOL = PROB_ATOL = 1e-6
 """~16 float32 ulps at 0.5-0.7; both sides measured within 1 ulp of each other."""
 GRAD_RTOL = 1e-3
-"""Of the tensor's largest reference entry; measured up to 2e-5 (the reference's own error vs float64 too)."""
+"""Of the tensor's largest reference entry; measured up to 3e-5 with torch's AVX-512, AVX2 and
+default CPU kernels (the reference's own error vs float64: up to 2e-5)."""
 REDUCTION_DOMINATED_RTOL = 5e-2
 REDUCTION_DOMINATED = ("long_attention.tau", "long_attention.gates", "long_attention.key.bias")
 """Gradients that sum the SA-TA softmax gradient (zero sum over K) times a nearly constant factor
