@@ -15,12 +15,9 @@ import torch
 from torch import nn
 
 from muse_rec.data.feature_map import SclIndex
-from muse_rec.model.tables import ReplicatedInt8Table
+from muse_rec.model.tables import TRUNCATE_BOUND, ReplicatedInt8Table
 
 BLOCK_ROWS = 1 << 16
-TRUNCATE_BOUND = 2.0
-"""Init values lie in [-2, 2], as the reference's `trunc_normal_(std, a=-2.0, b=2.0)`: its bounds are
-absolute, not in std, so at its std of 0.001 (2000 std) the init is in effect a plain normal."""
 SCL_WEIGHT_SUFFIX = "scl_table.embeddings.scl.weight"
 UNTRAINED_SUFFIXES = (SCL_WEIGHT_SUFFIX, "bank_table.embeddings.bank.weight")
 """Tables that are filled, not initialised: the SCL table (from its values file) and lemur's memory bank (zeros)."""

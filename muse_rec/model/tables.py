@@ -24,15 +24,20 @@ from muse_rec.config import ModelConfig
 from muse_rec.data import schema
 
 HALF_DIM_FEATURES = ("130_3", "130_4", "130_5")
+TRUNCATE_BOUND = 2.0
+"""Init values lie in [-2, 2], as the reference's `trunc_normal_(std, a=-2.0, b=2.0)`: its bounds are
+absolute, not in std, so at its std of 0.001 (2000 std) the init is in effect a plain normal."""
 ITEM_TABLE, CATE_TABLE, SCL_TABLE = "item", "category", "scl"
 
 
 def truncated_normal_init(std: float):
-    """Init of trainable rows: truncated normal N(0, std) cut at 2 std, as in the reference."""
+    """Init of trainable rows as the reference's `trunc_normal_(std=std, a=-2.0, b=2.0)`: the bounds
+    are absolute, so at std 0.001 a plain N(0, std^2). TorchRec runs it on each local shard; the
+    values that count are `init_trainable_tables`', the same rule, independent of the sharding."""
 
     def init(weight: torch.Tensor) -> None:
         with torch.no_grad():
-            torch.nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            torch.nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-TRUNCATE_BOUND, b=TRUNCATE_BOUND)
 
     return init
 
