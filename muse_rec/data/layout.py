@@ -20,6 +20,9 @@ from muse_rec.data import schema
 from muse_rec.errors import DataError
 
 SPLITS = ("train", "test")
+FEATURE_MAP_DIR, RAW_DIR = "feature_map", "raw"
+ENTRIES = (*SPLITS, FEATURE_MAP_DIR, RAW_DIR)
+"""The top-level entries of a data set, those whose presence marks it complete (the splits) first."""
 RAW_TABLES = (
     "train_samples",
     "test_samples",
@@ -68,7 +71,7 @@ class DatasetLayout:
     # -- feature maps --------------------------------------------------------------------------
     @property
     def feature_map_dir(self) -> Path:
-        return self.root / "feature_map"
+        return self.root / FEATURE_MAP_DIR
 
     def map_path(self, field: str, vocab: str = "full") -> Path:
         """The sorted map of `field`; `vocab` only matters for the item map (p90 or full)."""
@@ -94,7 +97,7 @@ class DatasetLayout:
     # -- raw tables ----------------------------------------------------------------------------
     @property
     def raw_dir(self) -> Path:
-        return self.root / "raw"
+        return self.root / RAW_DIR
 
     def raw_table(self, name: str) -> Path:
         if name not in RAW_TABLES:
