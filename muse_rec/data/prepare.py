@@ -20,18 +20,21 @@ Memory is bounded by the vocabularies and the samples, never by the user tables 
 - the item table is held as arrays (4 M rows); the SCL values (4.5 GB) are streamed into a
   memory-mapped .npy, each row scattered straight to its sorted position (no staging copy).
 
-A run writes everything into a staging directory inside the output (`.prepare.partial/`) and only
-when every file is complete swaps it in: it deletes the earlier run's metadata.json, maps, SCL
-arrays and shards, moves the new files into place by rename, and the two metadata.json last. So a
-run that fails (bad input found midway, or killed) leaves an earlier data set as it was, and a
-directory is complete exactly when both splits have a metadata.json. A re-run needs disk room for
-both copies until the swap.
+Output. A directory holding train/, test/ or feature_map/ that prepare did not write (no output
+marker of prepare: a synthetic or downloaded set, or an unmarked one of an earlier muse_rec version)
+is refused before anything is deleted unless `force` (`atomic.claim_output_dir`); other entries,
+such as a raw/ folder of input tables, are left alone. A run writes everything into a staging
+directory inside the output (`.prepare.partial/`) and only when every file is complete swaps its
+train/, test/ and feature_map/ in for the old ones (`atomic.staged_swap`: old aside, new in, old
+deleted, recorded in a journal that a re-run finishes from). So a run that fails (bad input found
+midway, or killed) before the swap leaves an earlier data set as it was, one killed during the swap
+leaves the new set for the next run to finish swapping in, and a directory is complete exactly when
+both splits have a metadata.json. A re-run needs disk room for both copies until the swap.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +47,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from muse_rec.data import schema
-from muse_rec.data.atomic import PARTIAL_SUFFIX, npy_memmap_writer, save_npy
+from muse_rec.data.atomic import claim_output_dir, mark_output, npy_memmap_writer, save_npy, staged_swap
 from muse_rec.data.checks import check_aligned, check_columns, clicks_from_labels, dense_list, open_parquet
 from muse_rec.data.content import content_fields
 from muse_rec.data.feature_map import IdMap, first_unsorted_position
-from muse_rec.data.layout import SPLITS, DatasetLayout
+from muse_rec.data.layout import FEATURE_MAP_DIR, SPLITS, DatasetLayout
 from muse_rec.data.shards import ShardWriter, write_table
 from muse_rec.data.vocab import coverage_threshold, coverage_vocab, sorted_vocab
 from muse_rec.errors import ConfigError, DataError
@@ -458,30 +461,9 @@ def _join_split(
 
 
 # -- the command -----------------------------------------------------------------------------------
-STAGING_DIR = f".prepare{PARTIAL_SUFFIX}"
-"""Where a run writes inside the output directory until it swaps its files in (a hidden name: no reader looks there)."""
-
-
-def _publish(staging: DatasetLayout, layout: DatasetLayout) -> None:
-    """Swap a finished run's files in: delete the earlier run's, then move the new ones, metadata last.
-
-    Deleting starts with both metadata.json, so until the last rename the directory never looks
-    complete. Renames within one file system copy nothing.
-    """
-    maps = [layout.map_path(name, "full") for name in schema.FEATURE_MAPS] + [layout.map_path(schema.ITEM_MAP, "p90")]
-    stale = [layout.metadata_path(split) for split in SPLITS]
-    stale += [*maps, layout.scl_keys_path, layout.scl_values_path, layout.item_content_path]
-    for split in SPLITS:
-        stale += layout.shards(split)
-    for path in stale:
-        path.unlink(missing_ok=True)
-    metadata = [staging.metadata_path(split) for split in SPLITS]
-    files = sorted(path for path in staging.root.rglob("*") if path.is_file() and path not in metadata)
-    for path in [*files, *metadata]:
-        target = layout.root / path.relative_to(staging.root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        path.replace(target)
-    shutil.rmtree(staging.root)
+COMMAND = "prepare"  # the name in output markers and swap journals
+ENTRIES = (*SPLITS, FEATURE_MAP_DIR)
+"""What a run replaces in its output directory (splits first: see `atomic.staged_swap`); raw/ is not its own."""
 
 
 def _write_item_content(path: Path, layout: DatasetLayout) -> dict | None:
@@ -510,11 +492,13 @@ def prepare(
     rows_per_shard: int = 500_000,
     row_group_rows: int = 10_000,
     progress: bool = True,
+    force: bool = False,
 ) -> dict:
     """Rebuild the released data set in `out` from the raw tables in `raw`; returns a summary.
 
     Every input is opened and its columns checked before anything is written; nothing of an
-    earlier run in `out` is deleted before this run has written all its files (see the module doc).
+    earlier run in `out` is deleted before this run has written all its files, and a data set
+    prepare did not write is replaced only with `force` (see the module doc).
     """
     if not 0.0 < coverage <= 1.0:
         raise ConfigError(f"coverage: expected a share of history interactions in (0, 1], found {coverage!r}")
@@ -522,10 +506,11 @@ def prepare(
     raw = Path(raw)
     tables = {name: RawTable.open(raw / f"{name}.parquet", expected) for name, expected in RAW_SCHEMAS.items()}
     layout = DatasetLayout(out)
-    staging = DatasetLayout(layout.root / STAGING_DIR)
-    shutil.rmtree(staging.root, ignore_errors=True)  # an interrupted run's leftovers: start clean
     extra = {"coverage": coverage, "source": str(raw.resolve()), "prepared_by": "muse-rec prepare"}
-    try:
+    params = {"source": extra["source"], "coverage": coverage, "strict": strict, "rows_per_shard": rows_per_shard, "row_group_rows": row_group_rows}
+    claim_output_dir(layout.root, COMMAND, params, ENTRIES, force)
+    with staged_swap(layout.root, COMMAND, ENTRIES) as staging_root:
+        staging = DatasetLayout(staging_root)
         writers = {split: ShardWriter(staging, split, rows_per_shard, row_group_rows, dict(extra)) for split in SPLITS}
         items = ItemTable.read(tables["item_features"], progress)
         scl = _write_scl(tables["scl_embedding_int8_p90"], staging, strict, progress)
@@ -538,10 +523,7 @@ def prepare(
         for split, writer in writers.items():
             writer.extra_metadata |= {"users": splits[split]["users"], "click_rate": splits[split]["click_rate"]}
             splits[split]["shards"] = writer.close()["num_shards"]
-    except BaseException:
-        shutil.rmtree(staging.root, ignore_errors=True)
-        raise
-    _publish(staging, layout)
+    mark_output(layout.root, COMMAND, params)
     seconds = time.perf_counter() - start
     rows = sum(s["rows"] for s in splits.values())
     summary = {

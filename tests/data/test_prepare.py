@@ -22,13 +22,14 @@ import pytest
 from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
 from muse_rec.config import DataConfig
 from muse_rec.data import schema
-from muse_rec.data.atomic import PARTIAL_SUFFIX
+from muse_rec.data.atomic import MARKER, PARTIAL_SUFFIX
 from muse_rec.data.layout import SPLITS, DatasetLayout
 from muse_rec.data import prepare as prepare_module
 from muse_rec.data.loader import ShardDataset
 from muse_rec.data.prepare import RAW_SCHEMAS, IdCounter, RawTable, prepare
 from muse_rec.errors import ConfigError, DataError
 from tests.conftest import SMALL_SYNTH
+from tests.data.test_atomic import failing_swap, sweep_swap_failures, visible
 
 USER_A, USER_B = -587594303343277051, -5124604129084675105  # the users of the demo's train samples
 TEST_USER = -5343151251631757820  # the user of the demo's test samples
@@ -297,7 +298,7 @@ def test_a_rerun_starts_clean_and_writes_the_same_files(matching_raw: Path, tmp_
     prepare(matching_raw, tmp_path / "a", rows_per_shard=4, row_group_rows=3, progress=False)
     out = tmp_path / "b"
     prepare(matching_raw, out, rows_per_shard=100, row_group_rows=50, progress=False)
-    killed = DatasetLayout(out / prepare_module.STAGING_DIR)  # what a killed run leaves: its staged files
+    killed = DatasetLayout(out / ".prepare.partial")  # what a run killed before its swap leaves: its staged files
     killed.split_dir("train").mkdir(parents=True)
     shutil.copyfile(DatasetLayout(out).shards("train")[0], killed.shard_path("train", 7))
     prepare(matching_raw, out, rows_per_shard=4, row_group_rows=3, progress=False)
@@ -307,6 +308,65 @@ def test_a_rerun_starts_clean_and_writes_the_same_files(matching_raw: Path, tmp_
         assert joined_rows(out, split) == joined_rows(first.root, split)
     assert sorted(p.name for p in second.feature_map_dir.iterdir()) == sorted(p.name for p in first.feature_map_dir.iterdir())
     assert not list(out.rglob(f"*{PARTIAL_SUFFIX}")) and not killed.root.exists()
+
+
+def test_a_rerun_failing_at_any_step_of_its_swap_leaves_the_old_or_the_new_set(demo_dir: Path, matching_raw: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    prepare(demo_dir, out, progress=False)
+    rerun = dict(coverage=0.5, rows_per_shard=4, row_group_rows=3, progress=False)
+    new = sweep_swap_failures(out, visible(out), lambda: prepare(matching_raw, out, **rerun))
+    check_against_raw(matching_raw, out, 0.5)
+    prepare(matching_raw, tmp_path / "fresh", **rerun)
+    assert new == visible(tmp_path / "fresh")
+
+
+def test_a_swap_killed_midway_is_finished_by_the_next_run_even_one_that_fails(
+    demo_dir: Path, matching_raw: Path, raw: Path, tmp_path: Path
+) -> None:
+    """The old publish step's bug: the next run's cleanup threw the finished files away."""
+    out = tmp_path / "out"
+    prepare(demo_dir, out, progress=False)
+    with failing_swap(fail_at=7) as steps:  # committed, train/ moved aside, test/ not yet
+        with pytest.raises(DataError, match="swapping in the new data set stopped"):
+            prepare(matching_raw, out, coverage=0.5, progress=False)
+    assert steps.fired and not DatasetLayout(out).split_dir("train").exists()
+    edit_rows(raw, "train_samples", set_cell(6, schema.LABEL, [1, 1]), 4)
+    with pytest.raises(DataError, match="label_0"):  # found midway through the build: after the start
+        prepare(raw, out, progress=False)
+    check_against_raw(matching_raw, out, 0.5)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "train", "test", "feature_map"])
+
+
+@pytest.mark.parametrize("marker", ["synth", None], ids=["synthetic", "unmarked"])
+def test_another_data_set_is_refused_untouched_and_replaced_only_with_force(
+    synthetic_root: Path, demo_dir: Path, tmp_path: Path, marker: str | None
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(synthetic_root, out)
+    if marker is None:
+        (out / MARKER).unlink()
+    before = snapshot(out)
+    with pytest.raises(DataError) as error:
+        prepare(demo_dir, out, progress=False)
+    held = "a data set written by `muse-rec synth`" if marker else "train/, test/, feature_map/ not written by `muse-rec prepare`"
+    assert str(error.value).startswith(f"{out} holds {held}")
+    assert "`muse-rec prepare` would replace train/, test/, feature_map/. Rerun with --force to replace them, or choose another --out." in str(error.value)
+    assert snapshot(out) == before
+
+    prepare(demo_dir, out, progress=False, force=True)
+    check_against_raw(demo_dir, out, 0.9)
+    after = snapshot(out)
+    assert {name for name in after if name.startswith("raw/")} == {name for name in before if name.startswith("raw/")}  # not prepare's
+    assert not [name for name, data in before.items() if not name.startswith("raw/") and after.get(name) == data]
+
+
+def test_its_own_raw_input_inside_the_output_is_left_alone(demo_dir: Path, tmp_path: Path) -> None:
+    raw = copy_raw(demo_dir, tmp_path / "raw")
+    inputs = snapshot(raw)
+    prepare(raw, tmp_path, progress=False)
+    prepare(raw, tmp_path, coverage=0.5, progress=False)  # its own earlier output: no --force needed
+    check_against_raw(raw, tmp_path, 0.5)
+    assert snapshot(raw) == inputs and sorted(p.name for p in tmp_path.iterdir()) == sorted([MARKER, "raw", "train", "test", "feature_map"])
 
 
 # -- round trip of the synthetic set ---------------------------------------------------------------
