@@ -60,6 +60,13 @@ impression order; raw samples follow the joined rows and raw user features the s
 Vocabularies follow `muse_rec.data.vocab`, built from the train users and the item features (every
 target of both splits, once).
 
+Output. A complete set made with the same config is reused. Otherwise the set is written into a
+staging directory and swapped in when complete (`atomic.staged_swap`: a failing or killed run leaves
+the earlier set, or after its commit point the new one), replacing train/, test/, feature_map/ and
+raw/. A directory holding any of those that synth did not write (no output marker of synth: a
+prepared or downloaded set, or an unmarked one of an earlier muse_rec version) is refused before
+anything is deleted unless `force` (`atomic.claim_output_dir`).
+
 Scale. Users are generated in blocks of BLOCK_USERS, each from its own seeded stream, so memory is
 bounded by one block plus per-item counters, and the output does not depend on anything but the config.
 """
@@ -80,8 +87,8 @@ from tqdm import tqdm
 
 from muse_rec.config import SynthConfig
 from muse_rec.data import schema
-from muse_rec.data.atomic import PARTIAL_SUFFIX, atomic_path, npy_memmap_writer, save_npy
-from muse_rec.data.layout import RAW_TABLES, SPLITS, DatasetLayout
+from muse_rec.data.atomic import atomic_path, claim_output_dir, mark_output, npy_memmap_writer, save_npy, staged_swap
+from muse_rec.data.layout import ENTRIES, RAW_TABLES, SPLITS, DatasetLayout
 from muse_rec.data.shards import ShardWriter, write_table
 from muse_rec.data.vocab import coverage_vocab, sorted_vocab
 from muse_rec.errors import ConfigError, DataError
@@ -114,6 +121,7 @@ _MISLABEL_HASH_SLOT, _SIBLING_HASH_SLOT = 13, 14  # which items get a misleading
 _KEYWORD_HASH_SLOT = 15  # (+0 cluster, +1 category) keyword token of each cluster / category
 _FIRST_WORD = 2  # token IDs 0 (padding) and 1 (field separator) are reserved
 _SEQUENCES = (schema.HIST_ITEMS, schema.HIST_CATES)
+COMMAND = "synth"  # the name in output markers and swap journals
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -579,7 +587,7 @@ def _write_raw_scl(layout: DatasetLayout, keys: np.ndarray, row_group_rows: int)
             sink(pa.Table.from_arrays([keys[begin : begin + len(rows)], vectors], schema=schema.RAW_SCL_SCHEMA))
 
 
-# -- completeness, cleaning, summary --------------------------------------------------------------
+# -- completeness, summary -----------------------------------------------------------------------
 def _map_paths(layout: DatasetLayout) -> list[Path]:
     return [
         *(layout.map_path(field, "full") for field in schema.FEATURE_MAPS),
@@ -602,15 +610,6 @@ def _made_with(layout: DatasetLayout, split: str, config: SynthConfig) -> bool:
         return layout.read_metadata(split).get("synth") == dataclasses.asdict(config)
     except DataError:  # missing or unreadable: not a complete split
         return False
-
-
-def _remove_stale_outputs(layout: DatasetLayout) -> None:
-    """Delete maps and raw tables of an earlier run, so none can pass for this run's."""
-    for path in [*_map_paths(layout), *(layout.raw_table(name) for name in RAW_TABLES)]:
-        path.unlink(missing_ok=True)
-    for directory in (layout.feature_map_dir, layout.raw_dir):
-        for partial in directory.glob(f".*{PARTIAL_SUFFIX}"):
-            partial.unlink()
 
 
 def _summary(layout: DatasetLayout, seconds: float, reused: bool) -> dict:
@@ -661,23 +660,35 @@ def _check_config(config: SynthConfig) -> None:
             raise ConfigError(f"config key synth.{key}: expected {expected}, found {getattr(config, key)!r}")
 
 
-def synthesize(config: SynthConfig, out: str | Path, progress: bool = True) -> dict:
-    """Write the synthetic data set to `out` (or reuse it if complete with this config); returns a summary."""
+def synthesize(
+    config: SynthConfig, out: str | Path, progress: bool = True, force: bool = False, elsewhere: str = "choose another --out"
+) -> dict:
+    """Write the synthetic data set to `out` (or reuse it if complete with this config); returns a summary.
+
+    `force` replaces a data set synth did not write; `elsewhere` says, in the refusal, how else to
+    proceed (the module doc's Output).
+    """
     _check_config(config)
     layout = DatasetLayout(out)
+    params = dataclasses.asdict(config)
     start = time.perf_counter()
-    if _is_complete(layout, config):
+    if _is_complete(layout, config):  # exactly what this run would write; an unmarked one of an earlier version is adopted
+        with contextlib.suppress(OSError):  # a read-only copy is reused as it is
+            mark_output(layout.root, COMMAND, params)
         log.info("%s already holds a complete synthetic data set made with this config: reusing it", layout.root)
         return _summary(layout, time.perf_counter() - start, reused=True)
-    _remove_stale_outputs(layout)
+    claim_output_dir(layout.root, COMMAND, params, ENTRIES, force, elsewhere)
     catalogue = Catalogue.build(config)
     stats = VocabStats.empty(config)
-    results = {split: _write_split(layout, catalogue, split, stats, progress) for split in SPLITS}
-    _write_vocabularies(layout, catalogue, stats)
-    for split, result in results.items():  # metadata last: its presence means the data set is complete
-        users = config.train_users if split == "train" else config.test_users
-        result.writer.extra_metadata |= {"users": users, "click_rate": result.clicks / max(result.rows, 1)}
-        result.writer.close()
+    with staged_swap(layout.root, COMMAND, ENTRIES) as staging_root:
+        staging = DatasetLayout(staging_root)
+        results = {split: _write_split(staging, catalogue, split, stats, progress) for split in SPLITS}
+        _write_vocabularies(staging, catalogue, stats)
+        for split, result in results.items():
+            users = config.train_users if split == "train" else config.test_users
+            result.writer.extra_metadata |= {"users": users, "click_rate": result.clicks / max(result.rows, 1)}
+            result.writer.close()
+    mark_output(layout.root, COMMAND, params)
     summary = _summary(layout, time.perf_counter() - start, reused=False)
     log.info("synthetic data set in %s: %s", layout.root, summary)
     return summary

@@ -5,6 +5,8 @@ Everything is checked from the written files, as a reader of the data set would 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +16,17 @@ import pytest
 
 from muse_rec.config import SynthConfig
 from muse_rec.data import schema
+from muse_rec.data.atomic import MARKER
 from muse_rec.data.checks import check_columns, clicks_from_labels
 from muse_rec.data.feature_map import SclIndex, load_id_map
 from muse_rec.data.layout import RAW_TABLES, SPLITS, DatasetLayout
+from muse_rec.data.prepare import prepare
 from muse_rec.data.synth import Catalogue, mix64, raw_ids, synthesize
+from muse_rec.data.verify import verify
 from muse_rec.data.vocab import coverage_vocab, sorted_vocab
-from muse_rec.errors import ConfigError
+from muse_rec.errors import ConfigError, DataError
 from tests.conftest import SMALL_SYNTH
+from tests.data.test_atomic import sweep_swap_failures, visible
 
 TINY = SynthConfig(
     seed=3, train_users=30, test_users=10, items=2000, categories=10, clusters_per_category=2,
@@ -177,7 +183,7 @@ def test_same_config_gives_identical_files_and_another_seed_differs(tmp_path: Pa
     maps = [layout.map_path(f) for f in schema.FEATURE_MAPS] + [layout.map_path(schema.ITEM_MAP, "p90")]
     scl_and_raw = [layout.scl_keys_path, layout.scl_values_path, layout.item_content_path, *(layout.raw_table(name) for name in RAW_TABLES)]
     shards_and_meta = [p for split in SPLITS for p in (*layout.shards(split), layout.metadata_path(split))]
-    assert sorted(a) == sorted(str(p.relative_to(layout.root)) for p in maps + scl_and_raw + shards_and_meta)
+    assert sorted(a) == sorted([MARKER, *(str(p.relative_to(layout.root)) for p in maps + scl_and_raw + shards_and_meta)])
     assert a == b
     differing = [name for name in a if name.endswith(".parquet") and a[name] != c.get(name)]
     assert "train/train-shard-000000.parquet" in differing and "raw/train_user_features.parquet" in differing
@@ -200,6 +206,56 @@ def test_a_complete_set_is_reused_and_an_incomplete_or_different_one_rewritten(t
     summary = synthesize(other, tmp_path, progress=False)
     assert not summary["reused"] and layout.read_metadata("train")["synth"]["seed"] == 9
     assert len(layout.shards("train")) == 1 and not any(layout.raw_table(name).exists() for name in RAW_TABLES)
+
+
+# -- what synth may replace ------------------------------------------------------------------------
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_prepared_data_set_is_refused_untouched_and_replaced_only_with_force(demo_dir: Path, tmp_path: Path) -> None:
+    prepare(demo_dir, tmp_path, progress=False)
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError) as error:
+        synthesize(TINY, tmp_path, progress=False)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path} holds a data set written by `muse-rec prepare`: `muse-rec synth` would replace train/, test/, feature_map/.")
+    assert message.endswith("Rerun with --force to replace them, or choose another --out.")
+    assert snapshot(tmp_path) == before
+
+    synthesize(TINY, tmp_path, progress=False, force=True)
+    assert json.loads((tmp_path / MARKER).read_text())["command"] == "synth"
+    assert [f for f in verify(tmp_path, progress=False) if f.level == "error"] == []
+    for split in SPLITS:
+        assert DatasetLayout(tmp_path).read_metadata(split)["synth"] == dataclasses.asdict(TINY)
+    after = snapshot(tmp_path)
+    assert not [name for name, data in before.items() if after.get(name) == data]  # nothing of the prepared set is left
+
+
+def test_an_unmarked_data_set_is_refused_unless_it_is_this_config_made_by_an_earlier_version(tmp_path: Path) -> None:
+    """Data sets of muse_rec before the marker: one complete with this very config is synth's own
+    (reused, nothing rewritten); any other is refused, as a hand copy would be."""
+    synthesize(TINY, tmp_path, progress=False)
+    (tmp_path / MARKER).unlink()
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert synthesize(TINY, tmp_path, progress=False)["reused"]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != MARKER} == mtimes
+    assert json.loads((tmp_path / MARKER).read_text())["command"] == "synth"  # adopted
+
+    (tmp_path / MARKER).unlink()
+    shutil.rmtree(tmp_path / "raw")
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match=r"holds train/, test/, feature_map/ not written by `muse-rec synth` \(there is no \.muse_rec-output\.json"):
+        synthesize(dataclasses.replace(TINY, seed=4), tmp_path, progress=False)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_rerun_failing_at_any_step_of_its_swap_leaves_the_old_or_the_new_set(tmp_path: Path) -> None:
+    synthesize(TINY, tmp_path, progress=False)
+    other = dataclasses.replace(TINY, seed=9, raw=False, rows_per_shard=1000)
+    new = sweep_swap_failures(tmp_path, visible(tmp_path), lambda: synthesize(other, tmp_path, progress=False))
+    synthesize(other, tmp_path / "fresh", progress=False)
+    assert new == visible(tmp_path / "fresh")
 
 
 def test_impossible_config_is_refused(tmp_path: Path) -> None:
