@@ -4,7 +4,13 @@ The dataset repo (about 139 GB) holds the layout of `layout.DatasetLayout`. `sel
 from the repo's file list, only what one vocabulary and the chosen splits need; `download` fetches
 them with `huggingface_hub.snapshot_download`, which is resumable (files land under `.incomplete`
 names and are renamed when complete; a re-run skips complete files). Without network it fails in
-seconds with what to do instead, rather than after the hub client's half minute of retries.
+seconds with what to do instead, rather than after the hub client's half minute of retries; a full
+disk or a `--dest` it may not write to is named as such, not taken for being offline.
+
+`dest` is download's own output (`atomic.claim_output_dir`): a re-run resumes or extends an earlier
+download there, but a directory holding train/, test/, feature_map/ or raw/ that download did not
+write (a synthetic or prepared set, or an unmarked copy) is refused unless `force`, which deletes
+those entries before fetching so that none of their files can pass for the hub's.
 """
 from __future__ import annotations
 
@@ -14,19 +20,22 @@ import importlib
 import json
 import logging
 import os
+import shutil
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 from muse_rec.data import schema
-from muse_rec.data.atomic import write_json
+from muse_rec.data.atomic import claim_output_dir, file_system_error, mark_output, write_json
 from muse_rec.data.checks import open_parquet
-from muse_rec.data.layout import SPLITS, DatasetLayout
+from muse_rec.data.layout import ENTRIES, SPLITS, DatasetLayout
 from muse_rec.errors import DataError
 
 log = logging.getLogger(__name__)
 
+COMMAND = "download"  # the name in output markers
 REPO_ID = "TaoBao-MM/Taobao-MM"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 PROBE_TIMEOUT_S = 10.0
@@ -102,11 +111,13 @@ def download(
     raw: bool = False,
     repo_id: str = REPO_ID,
     progress: bool = True,
+    force: bool = False,
 ) -> dict:
     """Fetch the selected files of `repo_id` into `dest`; returns a summary of what is there.
 
     When `max_shards` cut a split short, its metadata.json is rewritten to describe the shards
     actually fetched (the hub's is kept as metadata.hub.json), so `muse-rec verify` passes.
+    `force` replaces a data set in `dest` that download did not write (the module doc).
     """
     from huggingface_hub import HfApi, snapshot_download
 
@@ -115,19 +126,27 @@ def download(
     _check_reachable(endpoint, repo_id, dest)
     with _hub_errors(endpoint, repo_id, dest):
         repo_files = HfApi(endpoint=endpoint).list_repo_files(repo_id, repo_type="dataset")
-    selected = select_files(repo_files, vocab, tuple(splits), max_shards, raw)
-    log.info("downloading %d file(s) of %s from %s into %s", len(selected), repo_id, endpoint, dest)
-    with _hub_errors(endpoint, repo_id, dest), _hub_progress_bars(progress):
-        snapshot_download(repo_id, repo_type="dataset", local_dir=dest, allow_patterns=selected, endpoint=endpoint)
-    layout = DatasetLayout(dest)
-    split_summaries = {}
-    for split in splits:
-        shards = listed_shards(repo_files, split)
-        fetched = len(set(shards).intersection(selected))
-        meta = write_partial_metadata(layout, split) if fetched < len(shards) else restore_hub_metadata(layout, split)
-        on_disk = len(layout.shards(split))  # a partial copy may keep more shards from an earlier run
-        split_summaries[split] = {"shards": on_disk, "rows": meta["total_rows"], "partial": PARTIAL_KEY in meta}
-        log.info("%s: %d shard(s), %d rows in %s", split, on_disk, meta["total_rows"], layout.split_dir(split))
+        selected = select_files(repo_files, vocab, tuple(splits), max_shards, raw)
+        params = {"repo_id": repo_id, "endpoint": endpoint, "vocab": vocab, "splits": list(splits), "max_shards": max_shards, "raw": raw}
+        for name in claim_output_dir(dest, COMMAND, params, ENTRIES, force, "choose another --dest"):
+            path = dest / name  # of another's data set, replaced with --force
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        log.info("downloading %d file(s) of %s from %s into %s", len(selected), repo_id, endpoint, dest)
+        with _hub_progress_bars(progress):
+            snapshot_download(repo_id, repo_type="dataset", local_dir=dest, allow_patterns=selected, endpoint=endpoint)
+        layout = DatasetLayout(dest)
+        split_summaries = {}
+        for split in splits:
+            shards = listed_shards(repo_files, split)
+            fetched = len(set(shards).intersection(selected))
+            meta = write_partial_metadata(layout, split) if fetched < len(shards) else restore_hub_metadata(layout, split)
+            on_disk = len(layout.shards(split))  # a partial copy may keep more shards from an earlier run
+            split_summaries[split] = {"shards": on_disk, "rows": meta["total_rows"], "partial": PARTIAL_KEY in meta}
+            log.info("%s: %d shard(s), %d rows in %s", split, on_disk, meta["total_rows"], layout.split_dir(split))
+        mark_output(dest, COMMAND, params)
     log.info("feature maps (%s vocabulary) and SCL table in %s", vocab, layout.feature_map_dir)
     return {
         "dest": str(dest),
@@ -208,20 +227,23 @@ def _offline_error(endpoint: str, repo_id: str, dest: Path, reason: object) -> D
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    """Transport errors of whichever HTTP client the installed huggingface_hub uses.
+    """What the network going away raises: the standard library's errors, the hub client's "cannot
+    reach the hub", and the transport errors of whichever HTTP client the installed huggingface_hub
+    uses (requests' are OSErrors, httpx's are not). Any other OSError is the local side's."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    requests' errors are OSErrors; httpx's (hub >= 1.0) are not, so they are added if installed.
-    """
-    errors: list[type[BaseException]] = [OSError]
-    for module in ("httpx", "httpx2"):
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror, socket.herror, urllib.error.URLError]
+    errors.append(LocalEntryNotFoundError)
+    for module, name in (("requests", "RequestException"), ("httpx", "TransportError"), ("httpx2", "TransportError")):
         with contextlib.suppress(ImportError):
-            errors.append(importlib.import_module(module).TransportError)
+            errors.append(getattr(importlib.import_module(module), name))
     return tuple(errors)
 
 
 @contextlib.contextmanager
 def _hub_errors(endpoint: str, repo_id: str, dest: Path) -> Iterator[None]:
-    """Turn hub failures into DataErrors: an HTTP error answer, or the network going away."""
+    """Turn failures into DataErrors: an HTTP error answer, the network going away, or the local
+    side (a full disk, no permission to write `dest`), each named as such."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
@@ -230,6 +252,9 @@ def _hub_errors(endpoint: str, repo_id: str, dest: Path) -> Iterator[None]:
         raise DataError(f"{endpoint}: request for dataset repo {repo_id} failed: {e}") from None
     except _network_errors() as e:
         raise _offline_error(endpoint, repo_id, dest, e) from None
+    except OSError as e:
+        elsewhere = "choose another --dest (a re-run into the same --dest resumes: the files already fetched are kept)"
+        raise file_system_error(e, dest, elsewhere) from None
 
 
 @contextlib.contextmanager

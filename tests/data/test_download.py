@@ -1,15 +1,22 @@
 """File selection over a realistic hub listing, partial-copy metadata, and failing fast offline."""
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
 from pathlib import Path
 
+import httpx2
+import huggingface_hub
 import pytest
+import requests
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 from muse_rec.cli import main
-from muse_rec.data import schema
+from muse_rec.data import atomic, schema
+from muse_rec.data import download as download_module
+from muse_rec.data.atomic import MARKER
 from muse_rec.data.download import HUB_METADATA, PARTIAL_KEY, download, restore_hub_metadata, select_files, write_partial_metadata
 from muse_rec.data.layout import RAW_TABLES, DatasetLayout
 from muse_rec.data.verify import verify
@@ -162,3 +169,102 @@ def test_partial_metadata_is_idempotent_and_undone_for_a_complete_split(partial_
     assert json.loads((partial_copy.split_dir("train") / HUB_METADATA).read_text()) == hub_meta
     assert restore_hub_metadata(partial_copy, "train") == hub_meta
     assert not (partial_copy.split_dir("train") / HUB_METADATA).exists()
+
+
+# -- what goes wrong on the local side, and what download may replace ------------------------------
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The hub as far as `download` sees it, without network: reachable, the released listing, and a
+    `snapshot_download` that records its calls (a test makes it fail as it needs)."""
+    calls: list[dict] = []
+    monkeypatch.setattr(download_module, "_check_reachable", lambda *args: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, *args, **kwargs: hub_listing())
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: calls.append(kwargs))
+    return calls
+
+
+def failing(error: BaseException):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "{dest}/train/train-shard-000007.parquet.incomplete"),
+         ["cannot write {dest}/train/train-shard-000007.parquet.incomplete: no space left on its file system", "Free space there"]),
+        (PermissionError(errno.EACCES, "Permission denied", "{dest}/.cache/huggingface"),
+         ["cannot write {dest}/.cache/huggingface: Permission denied. Make {dest} writable for this user"]),
+        (PermissionError(errno.EPERM, "Operation not permitted", "{dest}/feature_map"), ["cannot write {dest}/feature_map: Operation not permitted"]),
+        (OSError(errno.EROFS, "Read-only file system", "{dest}/test"), ["cannot write {dest}/test: Read-only file system"]),
+    ],
+    ids=["ENOSPC", "EACCES", "EPERM", "EROFS"],
+)
+def test_a_full_disk_or_no_permission_is_named_not_taken_for_offline(
+    hub: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError, words: list[str]
+) -> None:
+    dest = tmp_path / "taobao-mm"
+    error.filename = error.filename.format(dest=dest)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing(error))
+    with pytest.raises(DataError) as raised:
+        download(dest, splits=(), progress=False)
+    message = str(raised.value)
+    for phrase in [*words, "or choose another --dest (a re-run into the same --dest resumes"]:
+        assert phrase.format(dest=dest) in message
+    assert "offline" not in message
+
+
+def test_no_permission_to_create_dest_is_named(hub: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "taobao-mm"
+    monkeypatch.setattr(atomic, "write_json", failing(PermissionError(errno.EACCES, "Permission denied", str(dest))))
+    with pytest.raises(DataError, match=f"cannot write {dest}: Permission denied. Make {dest} writable for this user, or choose another --dest"):
+        download(dest, splits=(), progress=False)
+    assert hub == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx2.ConnectError("[Errno 101] Network is unreachable"),
+        requests.ConnectionError("Max retries exceeded"),
+        LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub"),
+        ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+    ],
+    ids=["httpx", "requests", "hub-client", "reset"],
+)
+def test_network_errors_midway_still_say_offline(hub: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing(error))
+    with pytest.raises(DataError, match="seems to be offline"):
+        download(tmp_path / "taobao-mm", splits=(), progress=False)
+
+
+def test_another_data_set_in_dest_is_refused_untouched_and_replaced_only_with_force(
+    hub: list[dict], synthetic_root: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "taobao-mm"
+    shutil.copytree(synthetic_root, dest)
+    (dest / "notes.txt").write_text("the user's")
+    before = sorted(p for p in dest.rglob("*"))
+    with pytest.raises(DataError) as error:
+        download(dest, splits=(), progress=False)
+    assert str(error.value) == (
+        f"{dest} holds a data set written by `muse-rec synth`: `muse-rec download` would replace train/, test/, "
+        f"feature_map/, raw/. Rerun with --force to replace them, or choose another --dest."
+    )
+    assert hub == [] and sorted(p for p in dest.rglob("*")) == before
+
+    download(dest, splits=(), progress=False, force=True)
+    assert len(hub) == 1 and sorted(p.name for p in dest.iterdir()) == [MARKER, "notes.txt"]  # none of synth's files can pass for the hub's
+    assert json.loads((dest / MARKER).read_text())["command"] == "download"
+
+
+def test_an_earlier_download_is_resumed_without_force(hub: list[dict], tmp_path: Path) -> None:
+    dest = tmp_path / "taobao-mm"
+    download(dest, splits=(), progress=False)
+    (dest / "feature_map").mkdir()
+    (dest / "feature_map" / "213_sorted_map.npy").write_bytes(b"fetched before")  # what the first run fetched
+    download(dest, splits=(), vocab="full", progress=False)
+    assert len(hub) == 2 and hub[1]["local_dir"] == dest and (dest / "feature_map" / "213_sorted_map.npy").read_bytes() == b"fetched before"
+    assert json.loads((dest / MARKER).read_text())["params"]["vocab"] == "full"
