@@ -27,7 +27,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     config = _config(args)
     out = Path(args.out or config.data.root)
-    summary = synthesize(config.synth, out, progress=not args.quiet)
+    summary = synthesize(config.synth, out, progress=not args.quiet, force=args.force)
     print(json.dumps(summary, indent=2))
     print(f"synthetic data set written to {out.resolve()}")
 
@@ -37,7 +37,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     summary = prepare(
         args.raw, args.out, coverage=args.coverage, strict=args.strict,
-        rows_per_shard=args.rows_per_shard, row_group_rows=args.row_group_rows, progress=not args.quiet,
+        rows_per_shard=args.rows_per_shard, row_group_rows=args.row_group_rows, progress=not args.quiet, force=args.force,
     )
     print(json.dumps(summary, indent=2, default=str))
     print(f"prepared data set written to {Path(args.out).resolve()}")
@@ -47,7 +47,9 @@ def cmd_download(args: argparse.Namespace) -> None:
     from muse_rec.data.download import download
 
     splits = tuple(s for s in args.splits.split(",") if s)
-    summary = download(args.dest, vocab=args.vocab, splits=splits, max_shards=args.max_shards, raw=args.raw, progress=not args.quiet)
+    summary = download(
+        args.dest, vocab=args.vocab, splits=splits, max_shards=args.max_shards, raw=args.raw, progress=not args.quiet, force=args.force
+    )
     print(json.dumps(summary, indent=2, default=str))
     print(f"TAOBAO-MM files are in {Path(args.dest).resolve()}")
 
@@ -128,7 +130,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from muse_rec.data.synth import synthesize
 
     config = _config(args)
-    synthesize(config.synth, Path(config.data.root), progress=not args.quiet)
+    synthesize(
+        config.synth, Path(config.data.root), progress=not args.quiet, force=args.force,
+        elsewhere="set data.root=DIR to a directory for the synthetic set",
+    )
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
         "-m", "muse_rec.cli", "train", *(["--quiet"] if args.quiet else []),
@@ -158,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub_parser("quickstart", "synthesize a small data set, train MUSE on 2 CPU ranks, print AUC and GAUC")
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=2, help="ranks to train on (default 2)")
+    p.add_argument(
+        "--force", action="store_true",
+        help="let the synthetic set replace a data set in data.root that `muse-rec synth` did not write (a downloaded or "
+        "prepared one: its train/, test/, feature_map/, raw/ are deleted once the new set is complete); without it such a "
+        "data.root is refused",
+    )
     p.set_defaults(run=cmd_quickstart)
 
     p = sub_parser("train", "train one epoch and evaluate (run it under torchrun or torchx for several ranks)")
@@ -185,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub_parser("synth", "write a synthetic data set in the released TAOBAO-MM layout")
     _add_config_args(p)
     p.add_argument("--out", help="output directory (default: data.root)")
+    p.add_argument(
+        "--force", action="store_true",
+        help="replace a data set in the output directory that `muse-rec synth` did not write (a downloaded or prepared one: "
+        "its train/, test/, feature_map/, raw/ are deleted once the new set is complete); without it such a directory is refused",
+    )
     p.set_defaults(run=cmd_synth)
 
     p = sub_parser("stream", "read splits through the loader and summarise them")
@@ -199,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="refuse duplicated or 0 SCL keys instead of keeping the first / dropping them")
     p.add_argument("--rows-per-shard", type=int, default=500_000)
     p.add_argument("--row-group-rows", type=int, default=10_000)
+    p.add_argument(
+        "--force", action="store_true",
+        help="replace a data set in --out that `muse-rec prepare` did not write (a downloaded or synthetic one: its train/, "
+        "test/, feature_map/ are deleted once the new set is complete; raw/ is kept); without it such a directory is refused",
+    )
     p.set_defaults(run=cmd_prepare)
 
     p = sub_parser("download", "fetch TAOBAO-MM (or a selection of it) from the Hugging Face hub")
@@ -210,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-shards", type=int, help="fetch only the first N shards of each split")
     p.add_argument("--raw", action="store_true", help="also fetch the raw (unjoined) tables")
+    p.add_argument(
+        "--force", action="store_true",
+        help="fetch into a --dest holding a data set that `muse-rec download` did not write (a synthetic or prepared one: its "
+        "train/, test/, feature_map/, raw/ are deleted first); without it such a directory is refused. An earlier download "
+        "there needs no --force: it is resumed",
+    )
     p.set_defaults(run=cmd_download)
 
     p = sub_parser("verify", "check a local data directory and report what is missing or wrong")
