@@ -8,9 +8,10 @@ seconds with what to do instead, rather than after the hub client's half minute 
 disk or a `--dest` it may not write to is named as such, not taken for being offline.
 
 `dest` is download's own output (`atomic.claim_output_dir`): a re-run resumes or extends an earlier
-download there, but a directory holding train/, test/, feature_map/ or raw/ that download did not
-write (a synthetic or prepared set, or an unmarked copy) is refused unless `force`, which deletes
-those entries before fetching so that none of their files can pass for the hub's.
+download there (also one of a muse_rec version before output markers: the hub client's
+HUB_CLIENT_DIR is there), but a directory holding train/, test/, feature_map/ or raw/ that download
+did not write (a synthetic or prepared set, or a copy) is refused unless `force`, which deletes those
+entries before fetching so that none of their files can pass for the hub's.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from muse_rec.data import schema
-from muse_rec.data.atomic import claim_output_dir, file_system_error, mark_output, write_json
+from muse_rec.data.atomic import MARKER, claim_output_dir, file_system_error, mark_output, write_json
 from muse_rec.data.checks import open_parquet
 from muse_rec.data.layout import ENTRIES, SPLITS, DatasetLayout
 from muse_rec.errors import DataError
@@ -41,6 +42,9 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 PROBE_TIMEOUT_S = 10.0
 HUB_METADATA = "metadata.hub.json"
 """Where the hub's metadata.json of a split is kept when only some of its shards were fetched."""
+HUB_CLIENT_DIR = ".cache/huggingface"
+"""What the hub client keeps in a directory it downloads into: its mark on a download of an earlier
+muse_rec version (before output markers), which is resumed as download's own."""
 PARTIAL_KEY = "partial_copy"
 """Key of a metadata.json that `write_partial_metadata` wrote (the hub's has no such key)."""
 
@@ -128,6 +132,8 @@ def download(
         repo_files = HfApi(endpoint=endpoint).list_repo_files(repo_id, repo_type="dataset")
         selected = select_files(repo_files, vocab, tuple(splits), max_shards, raw)
         params = {"repo_id": repo_id, "endpoint": endpoint, "vocab": vocab, "splits": list(splits), "max_shards": max_shards, "raw": raw}
+        if not (dest / MARKER).exists() and (dest / HUB_CLIENT_DIR).is_dir():  # fetched before output markers: resumed
+            mark_output(dest, COMMAND, params)
         for name in claim_output_dir(dest, COMMAND, params, ENTRIES, force, "choose another --dest"):
             path = dest / name  # of another's data set, replaced with --force
             if path.is_dir() and not path.is_symlink():

@@ -17,7 +17,7 @@ from muse_rec.cli import main
 from muse_rec.data import atomic, schema
 from muse_rec.data import download as download_module
 from muse_rec.data.atomic import MARKER
-from muse_rec.data.download import HUB_METADATA, PARTIAL_KEY, download, restore_hub_metadata, select_files, write_partial_metadata
+from muse_rec.data.download import HUB_CLIENT_DIR, HUB_METADATA, PARTIAL_KEY, download, restore_hub_metadata, select_files, write_partial_metadata
 from muse_rec.data.layout import RAW_TABLES, DatasetLayout
 from muse_rec.data.verify import verify
 from muse_rec.errors import DataError
@@ -268,3 +268,13 @@ def test_an_earlier_download_is_resumed_without_force(hub: list[dict], tmp_path:
     download(dest, splits=(), vocab="full", progress=False)
     assert len(hub) == 2 and hub[1]["local_dir"] == dest and (dest / "feature_map" / "213_sorted_map.npy").read_bytes() == b"fetched before"
     assert json.loads((dest / MARKER).read_text())["params"]["vocab"] == "full"
+
+
+def test_a_download_of_an_earlier_version_without_marker_is_resumed_without_force(hub: list[dict], tmp_path: Path) -> None:
+    dest = tmp_path / "taobao-mm"
+    (dest / HUB_CLIENT_DIR / "download").mkdir(parents=True)  # the hub client's bookkeeping of its downloads
+    (dest / "feature_map").mkdir()
+    (dest / "feature_map" / "213_sorted_map.npy").write_bytes(b"fetched before")
+    download(dest, splits=(), progress=False)
+    assert len(hub) == 1 and (dest / "feature_map" / "213_sorted_map.npy").read_bytes() == b"fetched before"
+    assert json.loads((dest / MARKER).read_text())["command"] == "download"
