@@ -143,6 +143,17 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return subprocess.run(command, check=False).returncode
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (0 or less would fail later, deep inside a command)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, found {value}")
+    return value
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (see configs/); defaults are built in")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=500")
@@ -162,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub_parser("quickstart", "synthesize a small data set, train MUSE on 2 CPU ranks, print AUC and GAUC")
     _add_config_args(p)
-    p.add_argument("--nproc", type=int, default=2, help="ranks to train on (default 2)")
+    p.add_argument("--nproc", type=_positive_int, default=2, help="ranks to train on (default 2)")
     p.add_argument(
         "--force", action="store_true",
         help="let the synthetic set replace a data set in data.root that `muse-rec synth` did not write (a downloaded or "
@@ -213,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output data directory (released layout)")
     p.add_argument("--coverage", type=float, default=0.9, help="history-interaction coverage of the p90 item map")
     p.add_argument("--strict", action="store_true", help="refuse duplicated or 0 SCL keys instead of keeping the first / dropping them")
-    p.add_argument("--rows-per-shard", type=int, default=500_000)
-    p.add_argument("--row-group-rows", type=int, default=10_000)
+    p.add_argument("--rows-per-shard", type=_positive_int, default=500_000, help="rows per shard file")
+    p.add_argument("--row-group-rows", type=_positive_int, default=10_000, help="rows per parquet row group")
     p.add_argument(
         "--force", action="store_true",
         help="replace a data set in --out that `muse-rec prepare` did not write (a downloaded or synthetic one: its train/, "
@@ -229,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--splits", default="train,test",
         help="comma-separated splits to fetch; empty (--splits '') fetches no split, only the maps, SCL table and --raw tables",
     )
-    p.add_argument("--max-shards", type=int, help="fetch only the first N shards of each split")
+    p.add_argument("--max-shards", type=_positive_int, help="fetch only the first N shards of each split")
     p.add_argument("--raw", action="store_true", help="also fetch the raw (unjoined) tables")
     p.add_argument(
         "--force", action="store_true",
@@ -255,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except MuseRecError as e:
         print(f"muse-rec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave that the system refuses: the message names it
+        print(f"muse-rec {args.command}: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 2
 
 

@@ -64,13 +64,7 @@ def select_files(
     `max_shards` shards of each split (in name order) are taken when given; raw/ only if `raw`.
     No splits select no split files: a user who only prepares or inspects wants the maps (and raw).
     """
-    if vocab not in schema.VOCABS:
-        raise DataError(f"unknown vocabulary {vocab!r}: expected one of {', '.join(schema.VOCABS)}")
-    unknown = [split for split in splits if split not in SPLITS]
-    if unknown:
-        raise DataError(f"unknown split(s) {unknown}: expected any of {', '.join(SPLITS)} (or none, for the maps only)")
-    if max_shards is not None and max_shards < 1:
-        raise DataError(f"max_shards must be at least 1, found {max_shards}")
+    check_selection(vocab, splits, max_shards)
     listed = set(repo_files)
     needed = [_repo_path(_REPO_LAYOUT.map_path(field, vocab)) for field in schema.FEATURE_MAPS]
     needed += [_repo_path(_REPO_LAYOUT.scl_keys_path), _repo_path(_REPO_LAYOUT.scl_values_path)]
@@ -87,6 +81,17 @@ def select_files(
             raise DataError(f"dataset repo listing has no files under {_repo_path(_REPO_LAYOUT.raw_dir)}/ (raw tables asked for)")
         selected += raw_files
     return sorted(selected)
+
+
+def check_selection(vocab: str, splits: tuple[str, ...], max_shards: int | None) -> None:
+    """Refuse a selection no listing can satisfy, before the hub is contacted."""
+    if vocab not in schema.VOCABS:
+        raise DataError(f"unknown vocabulary {vocab!r}: expected one of {', '.join(schema.VOCABS)}")
+    unknown = [split for split in splits if split not in SPLITS]
+    if unknown:
+        raise DataError(f"unknown split(s) {unknown}: expected any of {', '.join(SPLITS)} (or none, for the maps only)")
+    if max_shards is not None and max_shards < 1:
+        raise DataError(f"max_shards must be at least 1, found {max_shards}")
 
 
 def listed_shards(repo_files: list[str], split: str) -> list[str]:
@@ -125,6 +130,7 @@ def download(
     """
     from huggingface_hub import HfApi, snapshot_download
 
+    check_selection(vocab, tuple(splits), max_shards)
     dest = Path(dest)
     endpoint = hub_endpoint()
     _check_reachable(endpoint, repo_id, dest)
