@@ -191,7 +191,8 @@ class TrainConfig:
         True,
         "Resume from the newest checkpoint in <out> if there is one. It must be this run's (model.method, data.root, "
         "data.vocab, table sizes) with the same world size, data.batch_size and data.num_workers, else the run stops "
-        "with the key that differs: false starts fresh (another train.out keeps the old run).",
+        "with the key that differs: false starts fresh, and the earlier run's metrics.jsonl, config.yaml and "
+        "checkpoints/ move to <out>/prev-run-<date>-<time>/ (nothing is overwritten or deleted).",
     )
 
 
