@@ -145,12 +145,29 @@ class ModelConfig:
         "lookups through all-to-all) or 'int8_replicated' (the int8 values file itself on every rank, 128 B a row, "
         "memory-mapped and shared by the ranks of a CPU host, no communication).",
     )
+    gsu_stage: Literal["loader", "model"] | None = option(
+        None,
+        "Where the GSU's frozen inputs are computed. 'loader': in the data pipeline, once per distinct history of a "
+        "batch, from the memory-mapped int8 SCL values file (one copy in the page cache per host, no SCL table in the "
+        "model): muse's SCL-cosine top-K and sim_hard's category matches are selected there, so the batch carries "
+        "only the target, the K kept positions and the last short_seq_len positions with their SCL cosines, and "
+        "the model looks up nothing else; din reads nothing of the long sequence; sim_soft (scores from trainable "
+        "embeddings) keeps its top-K in the model but takes the SCL cosines of all positions from the loader. "
+        "'model': whole sequences in the batch and the SCL table in the model (`scl_storage`), the GSU on the "
+        "accelerator. null: 'loader', except for lemur, whose bank representations change while training "
+        "('model' only).",
+    )
     masked: bool = option(
         False,
         "Corrected variant (off = reference semantics): padded positions are masked out of attention, mean pools "
         "and SimTier counts instead of entering them with zero vectors.",
     )
     lemur: LemurConfig = section(LemurConfig, "Content encoder and memory bank of method 'lemur' (ignored by the others).")
+
+    @property
+    def stage(self) -> Literal["loader", "model"]:
+        """`gsu_stage` resolved: null is 'loader' for every method but lemur."""
+        return self.gsu_stage or ("model" if self.method == "lemur" else "loader")
 
 
 @dataclass
@@ -286,7 +303,7 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
     tree = dataclasses.asdict(_build(Config, tree, ""))
     for item in overrides:
         _apply_override(tree, item)
-    return _build(Config, tree, "")
+    return check_config(_build(Config, tree, ""))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -304,7 +321,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         tree = loaded or {}
     for item in overrides:
         _apply_override(tree, item)
-    return _build(Config, tree, "")
+    return check_config(_build(Config, tree, ""))
+
+
+def check_config(config: Config) -> Config:
+    """Combinations of keys that cannot work together, refused by the key to change."""
+    model, long_len = config.model, config.data.long_seq_len
+    if model.method == "lemur" and model.gsu_stage == "loader":
+        raise ConfigError(
+            "config key model.gsu_stage: method 'lemur' scores with bank representations that change while training, "
+            "so its GSU runs in the model: set model.gsu_stage to 'model' or null"
+        )
+    if model.method != "din" and not 0 < model.keep_top <= long_len:
+        raise ConfigError(f"config key model.keep_top: expected 0 < keep_top <= data.long_seq_len ({long_len}), found {model.keep_top}")
+    if not 0 < model.short_seq_len <= long_len:
+        raise ConfigError(
+            f"config key model.short_seq_len: expected 0 < short_seq_len <= data.long_seq_len ({long_len}), found {model.short_seq_len}"
+        )
+    return config
 
 
 def _apply_override(tree: dict, item: str) -> None:
