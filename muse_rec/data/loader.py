@@ -16,6 +16,11 @@ truncated, remapped and left-padded once. A null ID reads as 0 ('missing') and a
 empty sequence, exactly as `prepare` writes them. `decode_reference` is the plain per-row
 definition of the same output, and the tests hold the two equal.
 
+Assembly. A batch is laid out as the model reads it (`muse_rec.batch.BatchLayout`). At
+`model.gsu_stage: loader` the GSU runs here (`muse_rec.data.gsu`): the SCL cosines of each
+distinct history against all of its targets, from the memory-mapped values file, then muse's
+top-K or sim_hard's newest category matches; the batch holds only the rows the loss uses.
+
 Opening a split checks that its metadata.json exists and that its total_rows equals the rows in
 the parquet footers, so an interrupted or mixed write is refused instead of read in part.
 """

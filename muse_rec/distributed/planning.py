@@ -118,8 +118,9 @@ class RankMemory:
     wherever they live (device memory; host memory for UVM kernels and on CPU); `buffers` is the
     rest of the planner's estimate (lookup inputs and outputs, UVM caches); `replicated` the int8
     SCL table outside the plan; `host_mapped` the SCL values file the data loaders map at
-    `model.gsu_stage: loader`, held once per host (page cache shared by every process there), of
-    which each rank is charged its share. `hbm` and `ddr` are the totals per memory with their caps.
+    `model.gsu_stage: loader`, held once per host (page cache shared by every process there),
+    outside the plan and the caps: a profile's host-memory cap leaves headroom for the page cache
+    (configs/hardware/). `hbm` and `ddr` are the totals per memory with their caps.
     `cost_ms` is the planner's estimate of the rank's step time, by part (its shards' perf sums)."""
 
     rank: int
@@ -156,19 +157,16 @@ def plan_offline(config: Config, hardware: HardwareConfig, vocab: str) -> tuple[
             f"(let sharding.tables shard the big tables row_wise or with fused_uvm_caching, or change model.scl_storage): {e}"
         ) from None
     host_mapped = (rows["scl"] - 1) * schema.SCL_DIM if model.layout.cosines else 0
-    return plan, rank_memory(planner._best_plan, topology, replicated_bytes(model), host_mapped, hardware.local_world_size or hardware.world_size)
+    return plan, rank_memory(planner._best_plan, topology, replicated_bytes(model), host_mapped)
 
 
 COST_PARTS = ("fwd_compute", "fwd_comms", "bwd_compute", "bwd_comms", "prefetch_compute")
 """The parts of TorchRec's per-shard `Perf` estimate, in ms per step."""
 
 
-def rank_memory(
-    options: list[ShardingOption], topology: Topology, replicated: int, host_mapped: int = 0, ranks_per_host: int = 1
-) -> list[RankMemory]:
+def rank_memory(options: list[ShardingOption], topology: Topology, replicated: int, host_mapped: int = 0) -> list[RankMemory]:
     """Per-rank sums over the planner's chosen shards. Optimizer state is TorchRec's own estimate
-    (Adam: 2 x the weights, row-wise Adagrad: one float a row, SGD: none). Each rank's host memory
-    carries its share of the `host_mapped` bytes its host holds once."""
+    (Adam: 2 x the weights, row-wise Adagrad: one float a row, SGD: none)."""
     totals = {rank: dict(weights=0, optimizer=0, hbm=0, ddr=0) for rank in range(topology.world_size)}
     costs = {rank: dict.fromkeys(COST_PARTS, 0.0) for rank in range(topology.world_size)}
     for option in options:
@@ -193,7 +191,7 @@ def rank_memory(
             host_mapped=host_mapped,
             hbm=t["hbm"] + (0 if on_cpu else replicated),
             hbm_cap=topology.devices[rank].storage.hbm,
-            ddr=t["ddr"] + (replicated if on_cpu else 0) + host_mapped // ranks_per_host,
+            ddr=t["ddr"] + (replicated if on_cpu else 0),
             ddr_cap=topology.devices[rank].storage.ddr,
             cost_ms={**costs[rank], "total": sum(costs[rank].values())},
         )

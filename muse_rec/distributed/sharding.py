@@ -33,8 +33,8 @@ from torchrec.optim.optimizers import Adam as TorchRecAdam
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from muse_rec.config import DataConfig, HardwareConfig, OptimConfig, ShardingConfig, TableShardingConfig
 from muse_rec import schema
+from muse_rec.config import DataConfig, HardwareConfig, OptimConfig, ShardingConfig, TableShardingConfig
 from muse_rec.distributed.topology import running_hardware, topology_from_profile
 from muse_rec.errors import ConfigError
 from muse_rec.model.lemur import LemurModel

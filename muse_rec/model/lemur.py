@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
+from muse_rec import schema
 from muse_rec.batch import Batch
 from muse_rec.config import LemurConfig, ModelConfig
-from muse_rec import schema
 from muse_rec.model import gsu
 from muse_rec.model.encoder import OUTPUT_DIM, ContentEncoder
 from muse_rec.model.memory_bank import READ_STATS, BankWriter, bank_table_config, missing

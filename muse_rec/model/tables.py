@@ -21,9 +21,9 @@ from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from muse_rec import schema
 from muse_rec.batch import ID_FEATURES, ITEM_TABLE_FEATURES, SCL_FEATURES
 from muse_rec.config import ModelConfig
-from muse_rec import schema
 
 HALF_DIM_FEATURES = ("130_3", "130_4", "130_5")
 ITEM_TABLE, CATE_TABLE, SCL_TABLE = "item", "category", "scl"

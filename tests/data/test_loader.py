@@ -16,9 +16,7 @@ import pytest
 import torch
 
 from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch, BatchLayout, batch_layout
-from muse_rec.config import ModelConfig
-from muse_rec.config import DataConfig
-from muse_rec.model import gsu
+from muse_rec.config import DataConfig, ModelConfig
 from muse_rec.data import schema
 from muse_rec.data.atomic import save_npy, write_json
 from muse_rec.data.feature_map import FeatureMaps
@@ -33,6 +31,7 @@ from muse_rec.data.loader import (
     list_row_groups,
 )
 from muse_rec.errors import DataError
+from muse_rec.model import gsu
 from tests.data.handmade import make_dataset, make_rows, write_maps
 
 L = 8  # short sequences keep hand checks readable; rows have up to 12 behaviours (truncation)

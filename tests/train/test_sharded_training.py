@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from muse_rec.batch import Batch
+from muse_rec.batch import Batch, batch_layout
 from muse_rec.config import load_config
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
@@ -22,7 +22,8 @@ from muse_rec.train.loop import Runtime, build_model
 
 METHODS = ("muse", "sim_soft", "sim_hard", "din")
 RUNS = {method: [f"model.method={method}"] for method in METHODS} | {
-    "muse_int8_replicated": ["model.method=muse", "model.scl_storage=int8_replicated"],
+    "muse_gsu_model": ["model.method=muse", "model.gsu_stage=model"],
+    "muse_int8_replicated": ["model.method=muse", "model.gsu_stage=model", "model.scl_storage=int8_replicated"],
     "muse_sgd": ["model.method=muse", "optim.sparse_cpu=sgd"],
 }
 STEPS = 4
@@ -47,10 +48,12 @@ def concat_batches(a: Batch, b: Batch) -> Batch:
     return Batch(
         id_features=concat_kjt(a.id_features, b.id_features),
         sequence_features=concat_kjt(a.sequence_features, b.sequence_features),
-        scl_features=concat_kjt(a.scl_features, b.scl_features),
+        scl_features=None if a.scl_features is None else concat_kjt(a.scl_features, b.scl_features),
         labels=torch.cat([a.labels, b.labels]),
         weights=torch.cat([a.weights, b.weights]),
         user_ids=torch.cat([a.user_ids, b.user_ids]),
+        top_cosines=torch.cat([a.top_cosines, b.top_cosines]),
+        short_cosines=torch.cat([a.short_cosines, b.short_cosines]),
     )
 
 
@@ -76,7 +79,7 @@ def run(rank: int, world_size: int, root: str, init_file: str, out: str) -> None
         )
         maps = FeatureMaps.load(DatasetLayout(root), "p90")
         sharded = build_model(config, maps, Runtime(rank, world_size, torch.device("cpu")))
-        halves = [iter(ShardDataset(config.data, "train", r, 2, maps)) for r in range(2)]
+        halves = [iter(ShardDataset(config.data, "train", r, 2, maps, layout=batch_layout(config.model))) for r in range(2)]
         if world_size == 2:
             batches = halves[rank]
         else:  # one rank reads both halves, each step the two ranks' batches side by side
@@ -133,7 +136,8 @@ def test_scl_table_holds_the_values_file_after_training(trained, synthetic_root)
 
     layout = DatasetLayout(synthetic_root)
     scl = SclIndex(layout.scl_keys_path, layout.scl_values_path)
-    for method in METHODS:
+    assert not [k for method in METHODS for k in trained[1][method]["weights"] if "scl_table" in k]  # gsu_stage loader
+    for method in ("muse_gsu_model",):
         weights = trained[1][method]["weights"]
         (scl_key,) = [k for k in weights if k.endswith(SCL_KEY)]
         table = weights[scl_key].float()
@@ -160,8 +164,17 @@ def test_dense_gradients_are_the_mean_over_ranks(trained, method):
         torch.testing.assert_close(two[key], expected, rtol=1e-4, atol=1e-8, msg=lambda m: f"{key}: {m}")
 
 
+def test_gsu_in_the_loader_trains_like_the_gsu_in_the_model(trained):
+    """Both stages compute the same exact SCL cosines, so they keep the same positions; the loss
+    differs only by the order of float sums over looked-up rows (Adagrad-scale steps)."""
+    loader, model = trained[1]["muse"], trained[1]["muse_gsu_model"]
+    assert loader["losses"] == pytest.approx(model["losses"], rel=1e-5)
+    for key, value in loader["weights"].items():
+        torch.testing.assert_close(value, model["weights"][key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
 def test_replicated_int8_scl_table_trains_exactly_like_the_sharded_fp16_one(trained):
-    fp16, int8 = trained[1]["muse"], trained[1]["muse_int8_replicated"]
+    fp16, int8 = trained[1]["muse_gsu_model"], trained[1]["muse_int8_replicated"]
     assert int8["losses"] == fp16["losses"]
     assert not [k for k in int8["weights"] if "scl_table" in k]  # the int8 values are data, not state
     for key, value in int8["weights"].items():
