@@ -94,8 +94,8 @@ ESTIMATE = ("weights", "optimizer", "buffers", "replicated")
 """The parts of the planner's per-rank estimate (muse_rec.distributed.planning.RankMemory)."""
 STAGES = (
     ("data", "data (wait for next batch; CUDA: + host-to-device copy)"),
-    ("lookup", "embedding lookup (3 collections, in/out dist)"),
-    ("gsu", "GSU in the model (top-K + gather; gsu_stage loader: in the loader, under data)"),
+    ("lookup", "embedding lookup (all collections, in/out dist)"),
+    ("gsu", "GSU in the model (top-K + gather)"),
     ("dense_forward", "dense forward (ESU + tower + loss)"),
     ("dense_backward", "dense backward"),
     ("sparse_backward", "sparse backward (grad a2a + fused update) + DDP wait"),
@@ -390,9 +390,9 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
         dense_backward_end = marks.get("dense_backward_end", t5)
         stage = {
             "data": t2 - t1,
-            "lookup": marks["lookup_end"] - t3,
+            "lookup": marks["lookup_end"] - t3 - gsu_s,  # the model's GSU runs before the dense module
             "gsu": gsu_s,
-            "dense_forward": (t4 - marks["dense_start"]) - gsu_s,
+            "dense_forward": t4 - marks["dense_start"],
             "dense_backward": dense_backward_end - t5,
             "sparse_backward": t6 - dense_backward_end,
             "optimizer": (t1 - t0) + (t7 - t6),
