@@ -64,7 +64,7 @@ from muse_rec.data.loader import ShardDataset  # noqa: E402
 from muse_rec.distributed.table_weights import load_scl_table, local_pieces  # noqa: E402
 from muse_rec.model.encoder import ContentEncoder  # noqa: E402
 from muse_rec.model.lemur import LemurModel  # noqa: E402
-from muse_rec.model.tables import reads_scl_sequence  # noqa: E402
+from muse_rec.batch import batch_layout  # noqa: E402
 from muse_rec.train.checkpoint import latest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -163,7 +163,7 @@ def cost(args: argparse.Namespace, data_root: Path) -> dict:
         load_scl_table(model, maps.scl, torch.device("cpu"))
         model.targets.writer.bind(local_pieces(model.bank_table.embeddings["bank"].weight))
         model.targets.writer.clear()
-        batches = iter(ShardDataset(config.data, "train", 0, 1, maps, scl_sequence=reads_scl_sequence(config.model)))
+        batches = iter(ShardDataset(config.data, "train", 0, 1, maps, layout=batch_layout(config.model)))
         seconds, distinct = [], []
         for step in range(2 + args.cost_steps):
             batch = next(batches)

@@ -156,12 +156,29 @@ class ModelConfig:
         "lookups through all-to-all) or 'int8_replicated' (the int8 values file itself on every rank, 128 B a row, "
         "memory-mapped and shared by the ranks of a CPU host, no communication).",
     )
+    gsu_stage: Literal["loader", "model"] | None = option(
+        None,
+        "Where the GSU's frozen inputs are computed. 'loader': in the data pipeline, once per distinct history of a "
+        "batch, from the memory-mapped int8 SCL values file (one copy in the page cache per host, no SCL table in the "
+        "model): muse's SCL-cosine top-K and sim_hard's category matches are selected there, so the batch carries "
+        "only the target, the K kept positions and the last short_seq_len positions with their SCL cosines, and "
+        "the model looks up nothing else; din reads nothing of the long sequence; sim_soft (scores from trainable "
+        "embeddings) keeps its top-K in the model but takes the SCL cosines of all positions from the loader. "
+        "'model': whole sequences in the batch and the SCL table in the model (`scl_storage`), the GSU on the "
+        "accelerator. null: 'loader', except for lemur, whose bank representations change while training "
+        "('model' only).",
+    )
     masked: bool = option(
         False,
         "Corrected variant (off = reference semantics): padded positions are masked out of attention, mean pools "
         "and SimTier counts instead of entering them with zero vectors.",
     )
     lemur: LemurConfig = section(LemurConfig, "Content encoder and memory bank of method 'lemur' (ignored by the others).")
+
+    @property
+    def stage(self) -> Literal["loader", "model"]:
+        """`gsu_stage` resolved: null is 'loader' for every method but lemur."""
+        return self.gsu_stage or ("model" if self.method == "lemur" else "loader")
 
 
 @dataclass
@@ -387,7 +404,15 @@ def check_relations(config: Config) -> Config:
     combine badly with a YAML file's values."""
     model, lemur, data = config.model, config.model.lemur, config.data
     rules = (
-        (model.keep_top <= data.long_seq_len, "model.keep_top", f"at most data.long_seq_len = {data.long_seq_len} (the GSU keeps K of the long sequence)"),
+        (
+            not (model.method == "lemur" and model.gsu_stage == "loader"), "model.gsu_stage",
+            "'model' or null for method 'lemur' (it scores with bank representations that change while training, so "
+            "its GSU runs in the model)",
+        ),
+        (
+            model.method == "din" or model.keep_top <= data.long_seq_len, "model.keep_top",
+            f"at most data.long_seq_len = {data.long_seq_len} (the GSU keeps K of the long sequence)",
+        ),
         (model.short_seq_len <= data.long_seq_len, "model.short_seq_len", f"at most data.long_seq_len = {data.long_seq_len} (the short sequence is its last N positions)"),
         (model.embedding_dim % 2 == 0, "model.embedding_dim", "an even number (130_3..130_5 use D/2)"),
         (lemur.backward_share <= lemur.encode_share, "model.lemur.backward_share", f"at most model.lemur.encode_share = {lemur.encode_share} (q <= p)"),

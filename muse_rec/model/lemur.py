@@ -7,8 +7,8 @@ Per training step, on each rank:
    are written to the bank (every rank's, through an all-gather) *before* anything reads it.
 2. The bank is read like any TorchRec table: the 1000-long history (no gradient, no encoder) and
    the targets of the samples outside the p share.
-3. The representations take the SCL vectors' place in `MuseDense`: cosine top-K GSU, SimTier and
-   SA-TA. A never-written item reads as zeros: its cosine is 0, so the GSU ranks it below every
+3. The representations take the SCL vectors' place: cosine top-K GSU (`select`, in the model:
+   `model.gsu_stage` is 'model' for lemur), SimTier and SA-TA. A never-written item reads as zeros: its cosine is 0, so the GSU ranks it below every
    written item (the reference's score for zero vectors) and SimTier counts it at cosine 0.
 4. Loss = ranking_weight * click loss + contrastive_weight * in-batch InfoNCE between a user vector
    and the clicked target's representation (`InBatchContrastive`).
@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
+from muse_rec import schema
 from muse_rec.batch import Batch
 from muse_rec.config import LemurConfig, ModelConfig
-from muse_rec.data import schema
+from muse_rec.model import gsu
 from muse_rec.model.encoder import OUTPUT_DIM, ContentEncoder
 from muse_rec.model.memory_bank import READ_STATS, BankWriter, bank_table_config, missing
 from muse_rec.model.muse import MuseModel
@@ -193,12 +194,12 @@ class LemurModel(MuseModel):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         c = self.config.lemur
-        x = self.dense_inputs(batch)
         size = batch.batch_size
+        target_scl, history_scl = self.scl_vectors(batch)
         rows = batch.sequence_features.to_dict()
         history_rows = rows[schema.HIST_ITEMS].values().view(size, -1)
         target_rows = rows[schema.TARGET_ITEM].values()
-        encoded_target, encoded, encoded_history = self.targets(target_rows, x.target_scl, batch.weights, history_rows, x.scl)
+        encoded_target, encoded, encoded_history = self.targets(target_rows, target_scl, batch.weights, history_rows, history_scl)
         bank = self.bank_table(batch.sequence_features)  # after the write: this step's targets are in
         bank_target = bank[schema.TARGET_ITEM].values().detach().float()
         if c.history_source == "bank":
@@ -208,9 +209,10 @@ class LemurModel(MuseModel):
         target_read = ~encoded & (target_rows != 0) & (batch.weights > 0)
         self.read_coverage(missing(history), history_rows != 0, missing(bank_target), target_read)
         target = torch.where(encoded.unsqueeze(-1), encoded_target, bank_target)
-        x = x._replace(target_scl=target, scl=history)
-        ranking, scores = two_class_loss_and_prob(self.dense(x, self._missing_flags_and_target(target, history, history_rows)), batch.labels, batch.weights)
-        contrastive = self.contrastive(x.user, history, target, batch.labels, batch.weights, batch.user_ids)
+        full = self.full_inputs(batch, gsu.cosines(target, history))
+        extra = self._missing_flags_and_target(target, history, history_rows)
+        ranking, scores = two_class_loss_and_prob(self.dense(self.retrieval(full), extra), batch.labels, batch.weights)
+        contrastive = self.contrastive(full.user, history, target, batch.labels, batch.weights, batch.user_ids)
         loss = c.ranking_weight * ranking + c.contrastive_weight * contrastive
         return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights, batch.user_ids)
 

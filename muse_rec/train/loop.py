@@ -37,7 +37,7 @@ from muse_rec.distributed.table_weights import init_trainable_tables, load_scl_t
 from muse_rec.distributed.sharding import ShardedModel, shard_model
 from muse_rec.model.factory import make_model
 from muse_rec.model.lemur import TargetEncoding
-from muse_rec.model.tables import reads_scl_sequence
+from muse_rec.batch import batch_layout
 from muse_rec.train import checkpoint
 from muse_rec.train.metrics import EvalAccumulator
 
@@ -146,7 +146,7 @@ def train(config: Config, progress: bool = True) -> dict:
         _prepare_run_dir(out, config, writer, resumed)
 
     dataset = ShardDataset(config.data, "train", runtime.rank, runtime.world_size, maps, start_step=start_step,
-                           scl_sequence=reads_scl_sequence(config.model))
+                           layout=batch_layout(config.model))
     steps = start_step + len(dataset)
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, runtime.device, execute_all_batches=True)
     batches = iter(make_dataloader(dataset, pin_memory=runtime.device.type == "cuda"))
@@ -255,7 +255,7 @@ def _unbound_from_training_hardware(saved: dict) -> dict:
 def evaluate(sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: Runtime, progress: bool = True) -> dict:
     """Exact AUC and GAUC over the whole test split (all ranks), plus the reference's numbers."""
     data = dataclasses.replace(config.data, batch_size=config.train.eval_batch_size)
-    dataset = ShardDataset(data, "test", runtime.rank, runtime.world_size, maps, scl_sequence=reads_scl_sequence(config.model))
+    dataset = ShardDataset(data, "test", runtime.rank, runtime.world_size, maps, layout=batch_layout(config.model))
     sharded.model.eval()
     accumulator = EvalAccumulator()
     for batch in tqdm(make_dataloader(dataset), total=len(dataset), desc="eval", unit="step", disable=not progress or runtime.rank != 0):

@@ -20,7 +20,7 @@ from muse_rec.distributed.table_weights import local_pieces
 from muse_rec.model.encoder import ContentEncoder
 from muse_rec.model.lemur import InBatchContrastive, LemurModel, TargetEncoding
 from muse_rec.model.memory_bank import bank_metrics
-from muse_rec.model.tables import reads_scl_sequence
+from muse_rec.batch import batch_layout
 
 
 def make(synthetic_root, *overrides: str) -> tuple[LemurModel, object]:
@@ -36,7 +36,7 @@ def make(synthetic_root, *overrides: str) -> tuple[LemurModel, object]:
     model.targets.set_tokens(torch.from_numpy(load_content_tokens(layout, maps.of_column(schema.TARGET_ITEM), config.model.lemur.max_tokens)))
     model.targets.writer.bind(local_pieces(bank_weight(model)))
     model.targets.writer.clear()
-    batch = next(iter(ShardDataset(config.data, "train", 0, 1, maps, scl_sequence=reads_scl_sequence(config.model))))
+    batch = next(iter(ShardDataset(config.data, "train", 0, 1, maps, layout=batch_layout(config.model))))
     return model, batch
 
 

@@ -133,7 +133,9 @@ def test_checkpoint_holds_no_scl_table(whole):
 
 
 def test_a_loaded_and_evaluated_checkpoint_keeps_the_scl_values_file(data, whole, tmp_path):
-    weights = _load_and_evaluate(latest(whole), tmp_path / "init")
+    """Trained with the GSU in the loader, evaluated with it in the model (the SCL table filled from
+    the values file): the checkpoint holds the same state either way."""
+    weights = _load_and_evaluate(latest(whole), tmp_path / "init", ["model.gsu_stage=model"])
     (scl_key,) = [k for k in weights if k.endswith(SCL_WEIGHT_SUFFIX)]
     layout = DatasetLayout(data)
     values = SclIndex(layout.scl_keys_path, layout.scl_values_path).values
@@ -145,10 +147,10 @@ def test_a_loaded_and_evaluated_checkpoint_keeps_the_scl_values_file(data, whole
         assert torch.equal(weights[key], value), key
 
 
-def _load_and_evaluate(path: Path, init_file: Path) -> dict[str, torch.Tensor]:
+def _load_and_evaluate(path: Path, init_file: Path, overrides: list[str]) -> dict[str, torch.Tensor]:
     """What `muse-rec eval` does, on one rank in this process; the model's weights after evaluating."""
     with one_rank(init_file):
-        config = config_from_dict(read_meta(path)["config"], [])
+        config = config_from_dict(read_meta(path)["config"], overrides)
         maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab)
         sharded = build_model(config, maps, ONE_RANK)
         checkpoint.load(path, sharded, with_optimizer=False)
