@@ -112,6 +112,7 @@ _SLOT = {
 _ITEM_ATTR_HASH_SLOT = 11  # (+k) hashes choosing each item's 213/214 value
 _MISLABEL_HASH_SLOT, _SIBLING_HASH_SLOT = 13, 14  # which items get a misleading SCL vector, and which sibling
 _KEYWORD_HASH_SLOT = 15  # (+0 cluster, +1 category) keyword token of each cluster / category
+_CATEGORY_HASH_SLOT = 17  # which category of its cluster's group an item lies in (cluster_categories > 1)
 _FIRST_WORD = 2  # token IDs 0 (padding) and 1 (field separator) are reserved
 _SEQUENCES = (schema.HIST_ITEMS, schema.HIST_CATES)
 
@@ -167,11 +168,30 @@ class Catalogue:
         ranks = np.searchsorted(self.rank_cdf, rng.random(len(clusters)) * self.rank_cdf[sizes - 1], side="right")
         return clusters + ranks * self.num_clusters
 
+    def group_siblings(self, rng: np.random.Generator, clusters: np.ndarray) -> np.ndarray:
+        """For each given cluster, a uniform other cluster of its category group: the clusters_per_category *
+        cluster_categories clusters whose items lie in the same categories (one category's when that is 1)."""
+        size = self.config.clusters_per_category * self.config.cluster_categories
+        if size == 1:
+            return clusters.copy()
+        offset = clusters % size
+        return clusters - offset + (offset + rng.integers(1, size, size=len(clusters))) % size
+
     def cluster_of(self, items: np.ndarray) -> np.ndarray:
         return items % self.num_clusters
 
+    def home_category_of(self, clusters: np.ndarray) -> np.ndarray:
+        """The category a cluster is numbered under (its only one when `cluster_categories` is 1)."""
+        return clusters // self.config.clusters_per_category
+
     def category_of(self, items: np.ndarray) -> np.ndarray:
-        return self.cluster_of(items) // self.config.clusters_per_category
+        """An item's category: its cluster's home category, or with `cluster_categories` G > 1 one of
+        the G categories of the home category's group, chosen by a fixed hash of the item."""
+        home = self.home_category_of(self.cluster_of(items))
+        spread = self.config.cluster_categories
+        if spread == 1:
+            return home
+        return home - home % spread + _hash_mod(_CATEGORY_HASH_SLOT, items, spread)
 
     def item_attr(self, k: int, items: np.ndarray) -> np.ndarray:
         """Internal value of item attribute k (213, 214): a fixed hash of the item, no signal."""
@@ -225,10 +245,12 @@ def generate_block(catalogue: Catalogue, rng: np.random.Generator, users: np.nda
     lengths = np.where(rng.random(b) < c.full_history_share, c.history_len, partial)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     owner = np.repeat(np.arange(b), lengths)
-    recent = offsets[owner + 1] - np.arange(offsets[-1]) <= c.short_len
-    hist_clusters = _mixed_clusters(
-        catalogue, rng, interests, owner, np.where(recent, c.short_interest_share, c.interest_share)
-    )
+    age = offsets[owner + 1] - np.arange(offsets[-1])  # 1 for the most recent behaviour
+    recent = age <= c.short_len
+    window = age <= c.recent_len
+    share = np.where(recent, c.short_interest_share, np.where(window, c.recent_interest_share, c.interest_share))
+    sibling_share = np.where(window | recent, c.recent_sibling_share, 0.0) if c.recent_sibling_share > 0 else None
+    hist_clusters = _mixed_clusters(catalogue, rng, interests, owner, share, sibling_share)
     hist_items = catalogue.items_of(rng, hist_clusters)
 
     num_targets = rng.integers(c.candidates_min, c.candidates_max, endpoint=True, size=b)
@@ -256,12 +278,30 @@ def split_blocks(catalogue: Catalogue, split: str) -> Iterator[UserBlock]:
 
 
 def _mixed_clusters(
-    catalogue: Catalogue, rng: np.random.Generator, interests: np.ndarray, owner: np.ndarray, interest_share: np.ndarray
+    catalogue: Catalogue,
+    rng: np.random.Generator,
+    interests: np.ndarray,
+    owner: np.ndarray,
+    interest_share: np.ndarray,
+    sibling_share: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per draw: one of its user's interest clusters with probability interest_share, else a random cluster."""
-    clusters = interests[owner, rng.integers(interests.shape[1], size=len(owner))]
+    """Per draw: one of its user's interest clusters with probability interest_share, else a random cluster.
+    The interest is uniform among the user's, or with `interest_zipf` z > 0 the k-th has weight (k + 1) ** -z.
+    With `sibling_share`, an off-interest draw is instead, with that probability, another cluster of the
+    drawn interest's category group (same categories, other semantics)."""
+    count, zipf = interests.shape[1], catalogue.config.interest_zipf
+    if zipf == 0:
+        which = rng.integers(count, size=len(owner))
+    else:
+        cdf = np.cumsum(np.arange(1, count + 1, dtype=np.float64) ** -zipf)
+        which = np.searchsorted(cdf, rng.random(len(owner)) * cdf[-1], side="right")
+    clusters = interests[owner, which]
     off_interest = np.flatnonzero(rng.random(len(owner)) >= interest_share)
+    interest_clusters = clusters[off_interest]
     clusters[off_interest] = catalogue.random_clusters(rng, len(off_interest))
+    if sibling_share is not None:
+        to_sibling = rng.random(len(off_interest)) < sibling_share[off_interest]
+        clusters[off_interest[to_sibling]] = catalogue.group_siblings(rng, interest_clusters[to_sibling])
     return clusters
 
 
@@ -553,11 +593,13 @@ def _internal_items(keys: np.ndarray, num_items: int) -> np.ndarray:
 
 
 def _cluster_centroids(catalogue: Catalogue) -> np.ndarray:
-    """Unit centroid of each cluster, near its category's direction."""
+    """Unit centroid of each cluster, near its home category's direction (with `cluster_categories`
+    G > 1: the direction of the first category of the home category's group, shared by the group)."""
     rng = _rng(catalogue.config.seed, "scl", 0)
     categories = _unit(rng.standard_normal((catalogue.config.categories, schema.SCL_DIM)))
     own = _unit(rng.standard_normal((catalogue.num_clusters, schema.SCL_DIM)))
-    of_cluster = np.arange(catalogue.num_clusters) // catalogue.config.clusters_per_category
+    home = catalogue.home_category_of(np.arange(catalogue.num_clusters))
+    of_cluster = home - home % catalogue.config.cluster_categories
     return _unit(CENTROID_CATEGORY_WEIGHT * categories[of_cluster] + CENTROID_OWN_WEIGHT * own)
 
 
@@ -635,13 +677,22 @@ def _summary(layout: DatasetLayout, seconds: float, reused: bool) -> dict:
 def _check_config(config: SynthConfig) -> None:
     """Refuse, before anything is written, a config the model cannot draw from; the error names the key."""
     clusters = config.categories * config.clusters_per_category
-    shares = ("full_history_share", "interest_share", "short_interest_share", "target_interest_share")
+    shares = (
+        "full_history_share", "interest_share", "short_interest_share", "recent_interest_share", "recent_sibling_share",
+        "target_interest_share",
+    )
     problems = {
         "categories": (config.categories >= 1, "at least 1"),
         "clusters_per_category": (config.clusters_per_category >= 1, "at least 1"),
+        "cluster_categories": (
+            config.cluster_categories >= 1 and config.categories % config.cluster_categories == 0,
+            f"at least 1 and a divisor of categories = {config.categories}",
+        ),
         "items": (config.items >= clusters, f"at least categories * clusters_per_category = {clusters} (every cluster needs an item)"),
         "interests_per_user": (config.interests_per_user >= 1, "at least 1"),
         "history_len": (config.history_len >= 1, "at least 1"),
+        "recent_len": (config.recent_len >= 0, "at least 0"),
+        "interest_zipf": (config.interest_zipf >= 0, "at least 0"),
         "short_len": (config.short_len >= 0, "at least 0"),
         "candidates_min": (1 <= config.candidates_min <= config.candidates_max, "between 1 and candidates_max"),
         "train_users": (config.train_users >= 1, "at least 1"),
