@@ -89,7 +89,8 @@ behaviours (m, summed) that the method's 50 positions hold:
 - MUSE (SCL-cosine top-50): 82 %. It finds the target's cluster in every category and at any age.
   What it misses are the behaviours with a mislabelled SCL vector (and it takes in siblings'
   mislabelled ones) and the tail items outside the p90 vocabulary, which have no vector; with what
-  one epoch does not learn, that keeps it 0.02 to 0.03 GAUC below the oracle.
+  one epoch does not learn, that keeps it about 0.02 GAUC below the oracle (0.025 at seed 42, 0.019
+  at seed 1).
 - SIM-Soft (ID-embedding cosine top-50): 22 %. After the one epoch, the cosine of two items' ID
   embeddings is the same within a cluster as across clusters at every popularity level (0.11 to
   0.16 for items seen fewer than 100 times in training, 0.27 to 0.29 above): the embeddings learn
