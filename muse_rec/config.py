@@ -210,6 +210,13 @@ class TrainConfig:
     out: str = option("runs/muse", "Run directory: checkpoints, metrics.jsonl, the resolved config.")
     log_every: int = option(50, "Steps between metric lines in metrics.jsonl.", at_least=1)
     eval_batch_size: int = option(1000, "Samples per evaluation batch on each rank.", at_least=1)
+    eval_gauc_se_draws: int = option(
+        0,
+        "Evaluation: resamples of the test users behind gauc_bootstrap_se, the bootstrap standard error of the GAUC "
+        "(0: not computed, the key left out). Costs draws x users gathers on every rank: 1000 draws take a fraction of a second over "
+        "thousands of users, about a minute over a million; benchmarks/quality.py asks for 1000.",
+        at_least=0,
+    )
     checkpoint_every: int = option(0, "Steps between checkpoints (0: only at the end). A checkpoint is always written at the end.", at_least=0)
     keep_checkpoints: int = option(2, "Checkpoints kept in <out>/checkpoints (the newest ones).", at_least=1)
     resume: bool = option(

@@ -137,7 +137,7 @@ def gauc_bootstrap_se(
 
 def _bootstrap_se(aucs: np.ndarray, rows: np.ndarray, draws: int = GAUC_BOOTSTRAP_DRAWS, seed: int = 0) -> float:
     """Bootstrap SE of sum(aucs * rows) / sum(rows) over the groups, drawn in chunks of bounded memory."""
-    if aucs.size < 2:
+    if aucs.size < 2 or draws < 2:
         return math.nan
     rng = np.random.default_rng(seed)
     weighted = aucs * rows
@@ -234,11 +234,12 @@ class EvalAccumulator:
         self._scores.append(scores)
         self._labels.append(labels)
 
-    def compute(self, process_group: dist.ProcessGroup | None = None) -> dict[str, float | int]:
+    def compute(self, process_group: dist.ProcessGroup | None = None, bootstrap_draws: int = 0) -> dict[str, float | int]:
         """Every metric over the rows of all ranks (the same dict on each); a collective when distributed.
 
         Distributed when `process_group` is given or torch.distributed is initialised (then over
-        its default group): every rank must call it.
+        its default group): every rank must call it. With `bootstrap_draws` > 0 the dict also holds
+        `gauc_bootstrap_se`, the GAUC's bootstrap SE over that many resamples of the users.
         """
         columns = [
             np.concatenate(chunks) if chunks else np.zeros(0, dtype)
@@ -251,11 +252,12 @@ class EvalAccumulator:
         user_ids, scores, labels = columns
         aucs, rows = group_aucs(user_ids, scores, labels, tie_credit=0.5)  # exact_gauc's, kept for its SE
         reference_sum, reference_rows = reference
+        se = {"gauc_bootstrap_se": _bootstrap_se(aucs, rows, bootstrap_draws)} if bootstrap_draws > 0 else {}
         return {
             "auc": exact_auc(scores, labels),
             "gauc": float(np.dot(aucs, rows) / rows.sum()) if aucs.size else math.nan,
             "gauc_users": int(aucs.size),
-            "gauc_bootstrap_se": _bootstrap_se(aucs, rows),
+            **se,
             "reference_batch_gauc": float(reference_sum / reference_rows) if reference_rows else math.nan,
             "reference_auc": reference_threshold_auc(scores, labels) if labels.size else math.nan,
             "rows": int(labels.size),

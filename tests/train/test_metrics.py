@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from muse_rec.train import metrics
 from muse_rec.train.metrics import (
+    GAUC_BOOTSTRAP_DRAWS,
     EvalAccumulator,
     gauc_bootstrap_se,
     exact_auc,
@@ -187,7 +188,7 @@ def distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
     """One rank: its share of the batches (round robin), then the collective `compute`."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        result = accumulate(make_batches()[rank::WORLD]).compute()
+        result = accumulate(make_batches()[rank::WORLD]).compute(bootstrap_draws=200)
     finally:
         dist.destroy_process_group()
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
@@ -204,7 +205,7 @@ def assert_same_metrics(actual: dict, expected: dict) -> None:
 
 def test_accumulator_matches_functions_on_real_rows() -> None:
     batches = make_batches()
-    result = accumulate(batches).compute()
+    result = accumulate(batches).compute(bootstrap_draws=GAUC_BOOTSTRAP_DRAWS)
     real = [tuple(column[batch[3] > 0].numpy() for column in batch[:3]) for batch in batches]
     user_ids, scores, labels = (np.concatenate(column) for column in zip(*real))
     assert result["rows"] == labels.size == 6 * 30 - 2 * 7
@@ -212,6 +213,7 @@ def test_accumulator_matches_functions_on_real_rows() -> None:
     assert (result["gauc"], result["gauc_users"]) == exact_gauc(user_ids, scores, labels)
     assert result["gauc_users"] == 8
     assert result["gauc_bootstrap_se"] == gauc_bootstrap_se(user_ids, scores, labels) > 0
+    assert "gauc_bootstrap_se" not in accumulate(batches).compute()  # not asked for: not computed
     assert result["reference_auc"] == reference_threshold_auc(scores, labels)
     assert result["click_rate"] == pytest.approx(labels.mean())
     per_batch = [reference_batch_gauc(*batch) for batch in real]
@@ -225,13 +227,13 @@ def test_accumulator_matches_functions_on_real_rows() -> None:
 
 def test_accumulator_across_two_gloo_ranks(tmp_path: Path) -> None:
     mp.spawn(distributed_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    expected = accumulate(make_batches()).compute()
+    expected = accumulate(make_batches()).compute(bootstrap_draws=200)
     for rank in range(WORLD):
         assert_same_metrics(json.loads((tmp_path / f"rank{rank}.json").read_text()), expected)
 
 
 def test_accumulator_without_rows() -> None:
-    result = EvalAccumulator().compute()
+    result = EvalAccumulator().compute(bootstrap_draws=GAUC_BOOTSTRAP_DRAWS)
     assert result["rows"] == 0 and result["gauc_users"] == 0
     undefined = ("auc", "gauc", "gauc_bootstrap_se", "reference_batch_gauc", "reference_auc", "click_rate", "logloss")
     assert all(math.isnan(result[key]) for key in undefined)
