@@ -262,7 +262,7 @@ def evaluate(sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: 
         _, (_, scores, labels, weights, user_ids) = sharded.model(batch.to(runtime.device))
         accumulator.update(user_ids, scores, labels, weights)
     sharded.model.train()
-    metrics = accumulator.compute()
+    metrics = accumulator.compute(bootstrap_draws=config.train.eval_gauc_se_draws)
     bank = gather_bank_metrics(sharded.model)
     if bank:
         metrics |= bank | {"lemur_targets_from": config.model.lemur.eval_target}
