@@ -6,6 +6,9 @@ raw/), so every reader, `prepare` and `verify` run on it unchanged. Same config 
 
 Generative model (all draws from numpy's PCG64, seeded by (seed, stream, index))
 --------------------------------------------------------------------------------------
+The defaults give the classic model; configs/synthetic_separating.yaml gives the separating preset
+of benchmarks/quality.py. Why the methods tie on one and separate on the other: the last two sections.
+
 Catalogue. `items` items, `categories` categories, each split into `clusters_per_category` semantic
 clusters; C = categories * clusters_per_category clusters in all. Item i lies in cluster i mod C
 with rank i // C inside it; cluster c has home category c // clusters_per_category. With
@@ -14,19 +17,20 @@ clusters cut across categories: the categories form groups of G consecutive ones
 in one of its home category's group's G categories (a fixed hash of the item), so a cluster's items
 spread evenly over G categories and a category holds items of G * clusters_per_category clusters
 (the group's). "The group" of a cluster below is its home category's group (its home category alone
-when G = 1). Inside a cluster an item of rank r has popularity (r + 1) ** -item_zipf. Clusters have popularity
-(q + 1) ** -CLUSTER_ZIPF, q a seeded random permutation of the clusters (a mild head of popular
-clusters). "A random cluster" below is a popularity-weighted draw; "an item of cluster c" a
+when G = 1). Inside a cluster an item of rank r has popularity (r + 1) ** -item_zipf. Clusters have
+popularity (q + 1) ** -CLUSTER_ZIPF, q a seeded random permutation of the clusters (a mild head of
+popular clusters). "A random cluster" below is a popularity-weighted draw; "an item of cluster c" a
 popularity-weighted draw inside c.
 
 SCL vectors. Each category has a random unit direction; each cluster a unit centroid
 normalise(CENTROID_CATEGORY_WEIGHT * g + CENTROID_OWN_WEIGHT * z), g the direction of the first
-category of its group, z a random unit vector (centroids of one group have cosine ~0.36). An item's vector is normalise(centroid + n), n Gaussian with
-norm ~ITEM_NOISE, stored as int8 = trunc(clip(v, -1, 1) * 127) (row norms ~122, as released). Cosines
-between items: ~0.73 in one cluster, ~0.26 across clusters of one group, ~0 otherwise. As in the
-release, only the p90 items have a vector. A `scl_mislabel_share` of items (a fixed hash of the item)
-get their vector drawn around a sibling cluster (another cluster of the same home category) instead
-of their own: the image misleads.
+category of its group, z a random unit vector (centroids of one group have cosine ~0.36). An item's
+vector is normalise(centroid + n), n Gaussian with norm ~ITEM_NOISE, stored as int8 =
+trunc(clip(v, -1, 1) * 127) (row norms ~122, as released). Cosines between items: ~0.73 in one
+cluster, ~0.26 across clusters of one group, ~0 otherwise. As in the release, only the p90 items
+have a vector. A `scl_mislabel_share` of items (a fixed hash of the item) get their vector drawn
+around a sibling cluster (another cluster of the same home category) instead of their own: the
+image misleads.
 
 Item content (feature_map/item_content.parquet, for method lemur). Every item's title is
 `title_tokens` token IDs in [2, content_vocab): its cluster's keyword and its category's keyword
@@ -52,8 +56,8 @@ Impressions. A user gets uniform [candidates_min, candidates_max] targets. A tar
 interest cluster with probability `target_interest_share` (uniform among the user's interests),
 another cluster of an interest cluster's home category with probability `target_same_category_share`
 (category match without semantic match; with one cluster per category it is the interest cluster
-itself), else a random cluster; the target
-is an item of that cluster. Its attributes 213/214 are a fixed hash of the item (vocab 542, 121).
+itself), else a random cluster; the target is an item of that cluster. Its attributes 213/214 are
+a fixed hash of the item (vocab 542, 121).
 
 Clicks. With m = the user's behaviours in the target's cluster (semantically close, and of the same
 category when G = 1) and s = how many of those are among the last `short_len`:
@@ -61,6 +65,25 @@ category when G = 1) and s = how many of those are among the last `short_len`:
 Only a model that reads the whole sequence and sees SCL similarity recovers m: a category match
 mixes interest targets with same-category siblings, and the last `short_len` behaviours are mostly
 off-interest. With the other defaults, click_bias = -4.4 gives a train click rate of about 14.5 %.
+
+IDs and splits. Every ID is a non-zero signed int64, the splitmix64 finaliser (a bijection of the
+64-bit integers that maps only 0 to 0) of (field slot << 56) + index: distinct inside a field and
+across fields, never 0. Test users are new users (indices after the train users), so their IDs are
+out of the user vocabulary; their histories come from the same model, so a few history items may be
+out of the item vocabulary. Joined rows are grouped by user in generation order, a user's rows in
+impression order; raw samples follow the joined rows and raw user features the same user order.
+Vocabularies follow `muse_rec.data.vocab`, built from the train users and the item features (every
+target of both splits, once).
+
+Output. A complete set made with the same config is reused. Otherwise the set is written into a
+staging directory and swapped in when complete (`atomic.staged_swap`: a failing or killed run leaves
+the earlier set, or after its commit point the new one), replacing train/, test/, feature_map/ and
+raw/. A directory holding any of those that synth did not write (no output marker of synth: a
+prepared or downloaded set, or an unmarked one of an earlier muse_rec version) is refused before
+anything is deleted unless `force` (`atomic.claim_output_dir`).
+
+Scale. Users are generated in blocks of BLOCK_USERS, each from its own seeded stream, so memory is
+bounded by one block plus per-item counters, and the output does not depend on anything but the config.
 
 The default ("classic") model and why the methods all reach its ceiling. An interest cluster holds
 about 150 of a full history's 1000 behaviours, spread over its whole length, and the click logit
@@ -94,10 +117,10 @@ behaviours (m, summed) that the method's 50 positions hold:
 - SIM-Soft (ID-embedding cosine top-50): 22 %. After the one epoch, the cosine of two items' ID
   embeddings is the same within a cluster as across clusters at every popularity level (0.11 to
   0.16 for items seen fewer than 100 times in training, 0.27 to 0.29 above): the embeddings learn
-  no semantics. What SIM-Soft finds is every earlier interaction with the target item itself (cosine 1
-  whatever the training; the popular head makes them 14 % of m) and a noisy category match from
-  the category half of the embedding (about a third of its 50 positions share the target's
-  category), blind to recency.
+  no semantics. What SIM-Soft finds is every earlier interaction with the target item itself
+  (cosine 1 whatever the training; the popular head makes them 14 % of m) and a noisy category
+  match from the category half of the embedding (about a third of its 50 positions share the
+  target's category), blind to recency.
 - SIM-Hard (the latest 50 of the target's category): 14 %. At most a quarter of the cluster lies in
   the target's category, and there the recent browsing fills the 50 latest slots with other
   clusters, so it sees mostly the few recent interest behaviours.
@@ -106,25 +129,6 @@ behaviours (m, summed) that the method's 50 positions hold:
 The ESU (SimTier, SA-TA) scores whatever was retrieved by SCL cosine, so these retrieval shares
 order the GAUCs: MUSE > SIM-Soft > SIM-Hard > DIN, each gap several bootstrap SEs (README,
 "Model quality").
-
-IDs and splits. Every ID is a non-zero signed int64, the splitmix64 finaliser (a bijection of the
-64-bit integers that maps only 0 to 0) of (field slot << 56) + index: distinct inside a field and
-across fields, never 0. Test users are new users (indices after the train users), so their IDs are
-out of the user vocabulary; their histories come from the same model, so a few history items may be
-out of the item vocabulary. Joined rows are grouped by user in generation order, a user's rows in
-impression order; raw samples follow the joined rows and raw user features the same user order.
-Vocabularies follow `muse_rec.data.vocab`, built from the train users and the item features (every
-target of both splits, once).
-
-Output. A complete set made with the same config is reused. Otherwise the set is written into a
-staging directory and swapped in when complete (`atomic.staged_swap`: a failing or killed run leaves
-the earlier set, or after its commit point the new one), replacing train/, test/, feature_map/ and
-raw/. A directory holding any of those that synth did not write (no output marker of synth: a
-prepared or downloaded set, or an unmarked one of an earlier muse_rec version) is refused before
-anything is deleted unless `force` (`atomic.claim_output_dir`).
-
-Scale. Users are generated in blocks of BLOCK_USERS, each from its own seeded stream, so memory is
-bounded by one block plus per-item counters, and the output does not depend on anything but the config.
 """
 from __future__ import annotations
 
