@@ -341,9 +341,15 @@ def _fill_sequences(
         return
     if scl_values is None:
         raise ValueError("a batch layout with SCL cosines needs the SCL values")
-    short = slice(decoded.items.shape[1] - layout.short_seq_len, None)
+    length = decoded.items.shape[1]
+    short = slice(length - layout.short_seq_len, None)
     window = short if layout.long == "none" else slice(None)  # din: nothing of the long sequence
-    cosines = gsu.scl_cosines(scl_values, decoded.scl_target[rows], decoded.scl[:, window], sequences)
+    positions, valid, at = None, None, None
+    if layout.long == "sim_hard":  # kept by category: cosines only at the kept and the recent positions
+        target_cates = decoded.scalar_rows[rows, _TARGET_COLUMNS[schema.TARGET_CATE]]
+        positions, valid = gsu.newest_matches(np.take(decoded.cates, sequences, axis=0), target_cates, layout.keep_top)
+        at = np.concatenate([positions, np.broadcast_to(np.arange(length)[short], (len(rows), layout.short_seq_len))], axis=1)
+    cosines = gsu.scl_cosines(scl_values, decoded.scl_target[rows], decoded.scl[:, window], sequences, at)
     short_cosines[:] = cosines[:, -layout.short_seq_len :]
     if layout.long == "all":  # sim_soft: its top-K needs the trained embeddings of every position
         top_cosines[:] = cosines
@@ -352,16 +358,14 @@ def _fill_sequences(
     out[schema.SHORT_CATES][:] = decoded.cates[:, short][sequences]
     if layout.long == "none":
         return
-    valid = None
     if layout.long == "muse":
         positions = gsu.top_k(cosines, layout.keep_top)
+        top_cosines[:] = cosines.ravel()[np.arange(0, cosines.size, length)[:, None] + positions]
     else:
-        target_cates = decoded.scalar_rows[rows, _TARGET_COLUMNS[schema.TARGET_CATE]]
-        positions, valid = gsu.newest_matches(decoded.cates[sequences], target_cates, layout.keep_top)
-    flat = sequences[:, None] * decoded.items.shape[1] + positions
+        top_cosines[:] = cosines[:, : layout.keep_top]
+    flat = sequences[:, None] * length + positions
     out[schema.TOP_ITEMS][:] = decoded.items.reshape(-1)[flat]
     out[schema.TOP_CATES][:] = decoded.cates.reshape(-1)[flat]
-    top_cosines[:] = np.take_along_axis(cosines, positions, axis=1)
     if valid is not None:  # sim_hard: slots past the match count read as item, category, SCL key 0
         for kept in (out[schema.TOP_ITEMS], out[schema.TOP_CATES], top_cosines):
             kept *= valid

@@ -62,3 +62,24 @@ def test_newest_matches_equal_the_reference(k):
 def test_k_outside_the_sequence_is_refused():
     with pytest.raises(ValueError, match="found k=5"):
         loader_gsu.top_k(np.zeros((1, 4), np.float32), 5)
+
+
+@pytest.mark.parametrize("int8_products", [False, True])
+def test_cosines_at_kept_positions_equal_the_whole_rows_on_either_product_kernel(int8_products, monkeypatch):
+    """sim_hard reads a history's vectors only where one of its samples keeps a position; the
+    cosines there equal the whole-row ones, with int8 (VNNI) or float32 products alike."""
+    if int8_products and not loader_gsu._INT8_PRODUCTS:
+        pytest.skip("this CPU has no int8 matrix-product kernel")
+    monkeypatch.setattr(loader_gsu, "_INT8_PRODUCTS", int8_products)
+    rng = np.random.default_rng(7)
+    values = rng.integers(-127, 128, (50, 128), dtype=np.int8)
+    values[3] = 0  # a stored zero vector
+    histories = rng.integers(0, 51, (3, 40))
+    targets, of_row = rng.integers(0, 51, 7), np.array([0, 0, 1, 1, 1, 2, 2])
+    targets[2] = 0  # a target without vector
+    positions = np.stack([rng.choice(40, 12, replace=False) for _ in of_row])
+    whole = loader_gsu.scl_cosines(values, targets, histories, of_row)
+    kept = loader_gsu.scl_cosines(values, targets, histories, of_row, positions)
+    np.testing.assert_array_equal(kept, np.take_along_axis(whole, positions, axis=1))
+    table = torch.cat([torch.zeros(1, 128), torch.from_numpy(values).float()])
+    assert torch.equal(torch.from_numpy(whole), gsu.scl_cosines(table[torch.from_numpy(targets)], table[torch.from_numpy(histories[of_row])]))
