@@ -222,6 +222,18 @@ def materialize(out) -> None:
             jagged.values()
 
 
+def profile_steps(pipeline, batches, steps: int) -> str:
+    """torch.profiler over `steps` pipelined steps: the operators by self CPU time (the whole step,
+    loader wait, collectives and the fused sparse update included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            pipeline.progress(batches)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+
+
 def plan_summary(plan) -> dict:
     return {
         f"{module}.{table}": {"type": p.sharding_type, "ranks": p.ranks}
@@ -310,6 +322,8 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
         result["device_memory"]["peak_pipelined"] = torch.cuda.max_memory_allocated(device)
     result["peak_rss_pipelined"] = status_bytes("VmHWM")
     times1, busy1 = os.times(), machine_ticks()
+    if opts["profile_steps"]:  # after the timed window: the profiler's overhead stays out of it
+        result["profile"] = profile_steps(pipeline, batches, opts["profile_steps"])
     faults1 = proc_snapshot()[os.getpid()][3]
     if rank == 0:
         result["cpu_cores_in_window"] = cpu_by_class(procs0, proc_snapshot(), set(rank_pids), window)
@@ -531,6 +545,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the method config's data.num_workers)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides, e.g. model.scl_storage=int8_replicated")
     parser.add_argument("--data", type=Path, default=RESULTS / "throughput-data", help="where the synthetic set goes (with --map-rows N: beside it, -N)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timed window, torch.profiler over STEPS pipelined steps; each rank's operator table "
+                             "(by self CPU time) is saved beside --out as <out stem>-profile-<label>-rank<r>.txt")
     parser.add_argument("--default-malloc", action="store_true",
                         help="skip keep_freed_memory (glibc's default mmap/trim behaviour), to measure its effect")
 
@@ -567,7 +584,7 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
     loader = loader_alone(config, maps, world, min(available, max(1, -(-20_000 // batch))))  # two row groups or more
 
     opts = {"steps": args.steps, "warmup": args.warmup, "split_steps": args.split_steps, "split_warmup": 1,
-            "threads": args.threads, "default_malloc": args.default_malloc, "device_type": device_type}
+            "threads": args.threads, "default_malloc": args.default_malloc, "device_type": device_type, "profile_steps": args.profile}
     with tempfile.TemporaryDirectory() as tmp:
         estimate = planned_offline(config, tmp) if args.hardware else None
         started = time.perf_counter()
@@ -666,6 +683,7 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
         "verdict": verdict,
         "caveats": caveats,
         "ranks_wall_s": round(ranks_s, 1),
+        "profiles": [r.get("profile") for r in ranks],
         "build_s": [r["build_s"] for r in ranks],
     }
 
@@ -715,6 +733,18 @@ def report(result: dict) -> None:
         print(f"  verdict: {result['target']['verdict']}")
 
 
+def save_profiles(result: dict, out: Path) -> list[Path]:
+    """Move the ranks' profiler tables (`--profile`) out of `result` into text files beside `out`."""
+    paths = []
+    for rank, table in enumerate(result.pop("profiles", [])):
+        if table:
+            path = out.with_name(f"{out.stem}-profile-{result['label'].replace(' ', '_').replace('/', '_')}-rank{rank}.txt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(table)
+            paths.append(path)
+    return paths
+
+
 def save_run(result: dict, out: Path) -> None:
     """Keep `result` as the entry of its label in `out`, beside the other runs there."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -739,8 +769,9 @@ def main() -> None:
         parser.error(str(e))
     report(result)
     out = args.out
+    profiles = save_profiles(result, out)
     save_run(result, out)
-    print(f"saved {out} (entry {result['label']!r})")
+    print(f"saved {out} (entry {result['label']!r})" + "".join(f", {p}" for p in profiles))
 
 
 if __name__ == "__main__":
