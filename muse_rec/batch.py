@@ -16,14 +16,27 @@ Which sequence features there are follows from the model config (`batch_layout`)
   last S, and sim_soft (which scores with trainable embeddings) the whole sequence; no SCL keys,
   but the SCL cosines of target and carried positions as dense tensors (`top_cosines`,
   `short_cosines`). The model's tables are then looked up at the rows the loss uses only.
+
+Distinct histories. The impressions of a user share one history (about 11 a user, and shards are
+grouped by user), so what depends on the history alone (`HISTORY_FEATURES`: the whole long
+sequence, or the last S positions at gsu_stage loader) is held once per distinct history of the
+batch: those features keep the batch's stride B (TorchRec wants one stride per KJT), the first U
+rows hold the U distinct histories (length L or S each) and the other B - U rows are empty;
+`history_of_row` maps each impression to its history. The model looks up U x L (or U x S) rows
+instead of B x L and gives each impression its history with an index_select on the lookup
+(`Batch.per_impression`), whose gradient sums the impressions of a history: what the fused
+optimizers do with repeated rows anyway. What depends on the target (its rows, the K kept
+positions, every SCL cosine) stays per impression. `per_impression_histories` is the plain layout, one
+history per impression, that tests hold the distinct one equal to.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from muse_rec import schema
@@ -41,6 +54,9 @@ ITEM_TABLE_FEATURES = (schema.TARGET_ITEM, schema.HIST_ITEMS, schema.TOP_ITEMS, 
 """Features looked up in the item table (the others of `sequence_features` in the category table)."""
 SCL_FEATURES = (schema.SCL_TARGET, schema.SCL_LONG)
 """Rows of the frozen SCL table: target (1) and sequence (L)."""
+HISTORY_FEATURES = (*LONG_FEATURES, schema.SCL_LONG, *SHORT_FEATURES)
+"""Features that depend on the history alone, not on the target: the whole long sequence (item,
+category and SCL rows) and the last S positions. Stored once per distinct history."""
 
 Selection = Literal["all", "muse", "sim_hard", "none"]
 
@@ -64,7 +80,8 @@ class BatchLayout:
         return not self.scl_features
 
     def sequence_lengths(self, long_seq_len: int) -> dict[str, int]:
-        """Length per sample of each feature of `sequence_features`, in KJT key order."""
+        """Length per sample of each feature of `sequence_features`, in KJT key order. A history
+        feature's is per distinct history: L is the upper bound of its lookups per impression."""
         lengths = dict.fromkeys(TARGET_FEATURES, 1)
         if self.long == "all":
             lengths |= dict.fromkeys(LONG_FEATURES, long_seq_len)
@@ -106,16 +123,28 @@ class Batch(Pipelineable):
     user_ids: torch.Tensor  # int64 (B,): raw 129_1 IDs, the groups of GAUC (test users are OOV rows)
     top_cosines: torch.Tensor  # float32 (B, K) (sim_soft: (B, L)): SCL cosine of target and long positions; (B, 0) at gsu_stage model
     short_cosines: torch.Tensor  # float32 (B, S): of target and the last S positions; (B, 0) at gsu_stage model
+    history_of_row: torch.Tensor  # int64 (B,): each impression's distinct history (0..U-1)
+    num_histories: int  # U, the distinct histories the HISTORY_FEATURES hold. A Python
+    # int, not a tensor: the model views the (U x L) lookup as (U, L, D) without a device sync
 
     @property
     def batch_size(self) -> int:
         return self.labels.numel()
 
-    @staticmethod
-    def sequence(kjt: KeyedJaggedTensor, key: str) -> torch.Tensor:
-        """Feature `key` of a fixed-length KJT as a (B, length) matrix (a view, no copy)."""
-        jagged = kjt[key]
-        return jagged.values().view(jagged.lengths().numel(), -1)
+    def per_impression(self, history_values: torch.Tensor, *width: int) -> torch.Tensor:
+        """A history feature's values or lookups, (U x L, *width) in the order of the distinct
+        histories, as (B, L, *width): each impression's history. Differentiable: the gradient of an
+        impression's positions flows to its history's rows, summed over the impressions sharing it."""
+        return history_values.view(self.num_histories, -1, *width).index_select(0, self.history_of_row)
+
+    def sequence(self, key: str) -> torch.Tensor:
+        """Feature `key` (of any of the batch's KJTs) as a (B, length) matrix of table rows, one row
+        per impression: a view of a fixed-length feature, a copy for a history feature."""
+        kjts = [kjt for kjt in (self.id_features, self.sequence_features, self.scl_features) if kjt is not None and key in kjt.keys()]
+        if not kjts:
+            raise KeyError(f"feature {key!r} is in none of the batch's KJTs")
+        values = kjts[0][key].values()
+        return self.per_impression(values) if key in HISTORY_FEATURES else values.view(self.batch_size, -1)
 
     def _map(self, kjt_op, tensor_op) -> "Batch":
         return Batch(
@@ -127,6 +156,8 @@ class Batch(Pipelineable):
             user_ids=tensor_op(self.user_ids),
             top_cosines=tensor_op(self.top_cosines),
             short_cosines=tensor_op(self.short_cosines),
+            history_of_row=tensor_op(self.history_of_row),
+            num_histories=self.num_histories,
         )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
@@ -136,8 +167,34 @@ class Batch(Pipelineable):
         for kjt in (self.id_features, self.sequence_features, self.scl_features):
             if kjt is not None:
                 kjt.record_stream(stream)
-        for tensor in (self.labels, self.weights, self.user_ids, self.top_cosines, self.short_cosines):
+        for tensor in (self.labels, self.weights, self.user_ids, self.top_cosines, self.short_cosines, self.history_of_row):
             tensor.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         return self._map(lambda k: k.pin_memory(), lambda t: t.pin_memory())
+
+
+def per_impression_histories(batch: Batch) -> Batch:
+    """`batch` in the plain layout: every impression holds its own copy of its history (U = B,
+    `history_of_row` the identity). The reference the distinct-history layout is tested against."""
+    if not batch.num_histories:
+        return batch
+
+    def expand(kjt: KeyedJaggedTensor | None) -> KeyedJaggedTensor | None:
+        if kjt is None:
+            return None
+        jagged = dict(kjt.to_dict())  # a copy: the KJT caches the dict it returns
+        for key in HISTORY_FEATURES:
+            if key in jagged:
+                rows = batch.sequence(key)
+                jagged[key] = JaggedTensor(values=rows.reshape(-1), lengths=torch.full_like(jagged[key].lengths(), rows.shape[1]))
+        return KeyedJaggedTensor.from_jt_dict(jagged)
+
+    size = batch.batch_size
+    return dataclasses.replace(
+        batch,
+        sequence_features=expand(batch.sequence_features),
+        scl_features=expand(batch.scl_features),
+        history_of_row=torch.arange(size, device=batch.history_of_row.device),
+        num_histories=size,
+    )

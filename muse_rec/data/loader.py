@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from muse_rec.batch import ID_FEATURES, TARGET_FEATURES, Batch, BatchLayout
+from muse_rec.batch import HISTORY_FEATURES, ID_FEATURES, TARGET_FEATURES, Batch, BatchLayout
 from muse_rec.config import DataConfig
 from muse_rec.data import gsu, schema
 from muse_rec.data.checks import check_aligned, check_columns, check_total_rows, clicks_from_labels, dense_list, open_parquet
@@ -254,11 +254,12 @@ def decode_reference(table: pa.Table, maps: FeatureMaps, long_len: int) -> Decod
 
 
 # -- batches ---------------------------------------------------------------------------------------
-def _kjt(keys: tuple[str, ...], values: np.ndarray | torch.Tensor, lengths: tuple[int, ...], batch_size: int) -> KeyedJaggedTensor:
+def _kjt(values: np.ndarray | torch.Tensor, lengths: dict[str, np.ndarray]) -> KeyedJaggedTensor:
+    """A KJT of the given per-row lengths (B each), key-major values."""
     return KeyedJaggedTensor(
-        keys=list(keys),
+        keys=list(lengths),
         values=torch.as_tensor(values),
-        lengths=torch.tensor(lengths, dtype=torch.int32).repeat_interleave(batch_size),
+        lengths=torch.from_numpy(np.concatenate(list(lengths.values())).astype(np.int32)),
     )
 
 
@@ -271,6 +272,20 @@ def _int64_buffer(size: int) -> tuple[torch.Tensor, np.ndarray]:
     return tensor, tensor.numpy()
 
 
+def _features(lengths: dict[str, int], size: int, histories: int) -> tuple[torch.Tensor, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One KJT's values buffer, a (rows, length) numpy view of it per feature (key-major, as KJT
+    values are) and each feature's per-row lengths: `size` rows, a history feature's first
+    `histories` rows only (the batch's distinct histories; `muse_rec.batch`)."""
+    rows = {key: histories if key in HISTORY_FEATURES else size for key in lengths}
+    tensor, values = _int64_buffer(sum(rows[key] * length for key, length in lengths.items()))
+    views, row_lengths, at = {}, {}, 0
+    for key, length in lengths.items():
+        views[key], at = values[at : at + rows[key] * length].reshape(rows[key], length), at + rows[key] * length
+        row_lengths[key] = np.zeros(size, np.int64)
+        row_lengths[key][: rows[key]] = length
+    return tensor, views, row_lengths
+
+
 def assemble_batch(
     pieces: list[tuple[DecodedRows, np.ndarray]],
     weights: np.ndarray,
@@ -279,42 +294,56 @@ def assemble_batch(
     scl_values: np.ndarray | None = None,
 ) -> Batch:
     """Gather rows (pieces of decoded row groups, in order) into one `Batch` laid out as `layout`.
+    A whole long sequence is carried once per distinct history of the batch (`muse_rec.batch`).
     Where the layout carries SCL cosines (gsu_stage loader), the GSU runs here on `scl_values`,
     the memory-mapped int8 values file (`muse_rec.data.gsu`)."""
     size = sum(len(rows) for _, rows in pieces)
-    lengths = layout.sequence_lengths(long_len)
-    sequence_tensor, sequence_values = _int64_buffer(size * sum(lengths.values()))
-    features, at = {}, 0
-    for key, length in lengths.items():  # key-major, as KJT values are
-        features[key], at = sequence_values[at : at + size * length].reshape(size, length), at + size * length
-    scl_lengths = layout.scl_lengths(long_len)
-    scl_tensor, scl_values_buffer = _int64_buffer(size * sum(scl_lengths.values()))
-    scl_target, scl_long = scl_values_buffer[:size], scl_values_buffer[size:].reshape(size, -1)
+    # each piece's distinct decoded sequences, and each row's index among them
+    distinct = [np.unique(decoded.sequence_of_row[rows], return_inverse=True) for decoded, rows in pieces]
+    histories = sum(len(d) for d, _ in distinct)
+    sequence_tensor, features, sequence_lengths = _features(layout.sequence_lengths(long_len), size, histories)
+    scl_tensor, scl_features, scl_lengths = _features(layout.scl_lengths(long_len), size, histories)
     top_width = {"all": long_len, "none": 0}.get(layout.long, layout.keep_top) if layout.cosines else 0
     top_cosines = np.zeros((size, top_width), np.float32)
     short_cosines = np.zeros((size, layout.short_seq_len if layout.cosines else 0), np.float32)
     scalar_rows = np.empty((len(_SCALAR_COLUMNS), size), np.int64)
     clicks, user_ids = np.empty(size, np.float32), np.empty(size, np.int64)
-    at = 0
-    for decoded, rows in pieces:
-        part = slice(at, at + len(rows))
+    history_of_row = np.empty(size, np.int64)
+    history_features = {key: f for key, f in (features | scl_features).items() if key in HISTORY_FEATURES}
+    at = first_history = 0
+    for (decoded, rows), (sequences, history) in zip(pieces, distinct):
+        part, history_part = slice(at, at + len(rows)), slice(first_history, first_history + len(sequences))
         scalar_rows[:, part] = decoded.scalar_rows[rows].T
         clicks[part], user_ids[part] = decoded.clicks[rows], decoded.user_ids[rows]
-        if layout.scl_features:
-            scl_target[part] = decoded.scl_target[rows]
-            if scl_long.shape[1]:
-                np.take(decoded.scl, decoded.sequence_of_row[rows], axis=0, out=scl_long[part])
-        _fill_sequences(decoded, rows, layout, scl_values, {key: f[part] for key, f in features.items()}, top_cosines[part], short_cosines[part])
-        at += len(rows)
+        if schema.SCL_TARGET in scl_features:
+            scl_features[schema.SCL_TARGET][part, 0] = decoded.scl_target[rows]
+        history_of_row[part] = first_history + history
+        for key, source in _history_sources(decoded, layout.short_seq_len):
+            if key in history_features:
+                np.take(source, sequences, axis=0, out=history_features[key][history_part])
+        per_row = {key: f[part] for key, f in features.items() if key not in HISTORY_FEATURES}
+        _fill_sequences(decoded, rows, layout, scl_values, per_row, top_cosines[part], short_cosines[part])
+        at, first_history = at + len(rows), first_history + len(sequences)
     return Batch(
-        id_features=_kjt(ID_FEATURES, scalar_rows[: len(ID_FEATURES)].reshape(-1), (1,) * len(ID_FEATURES), size),
-        sequence_features=_kjt(tuple(lengths), sequence_tensor, tuple(lengths.values()), size),
-        scl_features=_kjt(tuple(scl_lengths), scl_tensor, tuple(scl_lengths.values()), size) if scl_lengths else None,
+        id_features=_kjt(scalar_rows[: len(ID_FEATURES)].reshape(-1), {key: np.ones(size, np.int64) for key in ID_FEATURES}),
+        sequence_features=_kjt(sequence_tensor, sequence_lengths),
+        scl_features=_kjt(scl_tensor, scl_lengths) if scl_lengths else None,
         labels=torch.from_numpy(clicks * (weights > 0)),
         weights=torch.from_numpy(weights),
         user_ids=torch.from_numpy(user_ids),
         top_cosines=torch.from_numpy(top_cosines),
         short_cosines=torch.from_numpy(short_cosines),
+        history_of_row=torch.from_numpy(history_of_row),
+        num_histories=histories,
+    )
+
+
+def _history_sources(decoded: DecodedRows, short_len: int) -> tuple[tuple[str, np.ndarray], ...]:
+    """Each history feature with the decoded sequences (one row per distinct sequence) it reads."""
+    short = slice(decoded.items.shape[1] - short_len, None)
+    return (
+        (schema.HIST_ITEMS, decoded.items), (schema.HIST_CATES, decoded.cates), (schema.SCL_LONG, decoded.scl),
+        (schema.SHORT_ITEMS, decoded.items[:, short]), (schema.SHORT_CATES, decoded.cates[:, short]),
     )
 
 
@@ -330,13 +359,11 @@ def _fill_sequences(
     top_cosines: np.ndarray,
     short_cosines: np.ndarray,
 ) -> None:
-    """The sequence features and cosines of some rows of one decoded row group (see `BatchLayout`)."""
+    """The per-row sequence features and cosines of some rows of one decoded row group (see
+    `BatchLayout`; the distinct histories are `assemble_batch`'s)."""
     sequences = decoded.sequence_of_row[rows]
     for key, column in _TARGET_COLUMNS.items():
         out[key][:, 0] = decoded.scalar_rows[rows, column]
-    if layout.long == "all":
-        np.take(decoded.items, sequences, axis=0, out=out[schema.HIST_ITEMS])
-        np.take(decoded.cates, sequences, axis=0, out=out[schema.HIST_CATES])
     if not layout.cosines:
         return
     if scl_values is None:
@@ -354,8 +381,6 @@ def _fill_sequences(
     if layout.long == "all":  # sim_soft: its top-K needs the trained embeddings of every position
         top_cosines[:] = cosines
         return
-    out[schema.SHORT_ITEMS][:] = decoded.items[:, short][sequences]
-    out[schema.SHORT_CATES][:] = decoded.cates[:, short][sequences]
     if layout.long == "none":
         return
     if layout.long == "muse":

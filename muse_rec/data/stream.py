@@ -28,7 +28,7 @@ def stream_split(config: DataConfig, split: str, progress: bool = True) -> dict:
         clicks += int(batch.labels[real].sum())
         for kjt in _kjts(batch):
             for key in kjt.keys():
-                values = Batch.sequence(kjt, key)[real]
+                values = batch.sequence(key)[real]
                 zeros[key] = zeros.get(key, 0) + int((values == 0).sum())
                 lookups[key] = lookups.get(key, 0) + values.numel()
     seconds = time.perf_counter() - start
@@ -52,10 +52,10 @@ def _kjts(batch: Batch) -> list:
 
 def _first_row(batch: Batch) -> dict:
     """The first sample as table rows: scalars, and the last 5 positions of each sequence."""
-    row = {key: int(Batch.sequence(batch.id_features, key)[0, 0]) for key in batch.id_features.keys()}
+    row = {key: int(batch.sequence(key)[0, 0]) for key in batch.id_features.keys()}
     for kjt in _kjts(batch)[1:]:
         for key in kjt.keys():
-            row[f"{key}[-5:]"] = Batch.sequence(kjt, key)[0, -5:].tolist()
+            row[f"{key}[-5:]"] = batch.sequence(key)[0, -5:].tolist()
     return row | {"label": float(batch.labels[0]), "raw_user_id": int(batch.user_ids[0])}
 
 

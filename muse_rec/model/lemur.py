@@ -194,16 +194,15 @@ class LemurModel(MuseModel):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         c = self.config.lemur
-        size = batch.batch_size
         target_scl, history_scl = self.scl_vectors(batch)
         rows = batch.sequence_features.to_dict()
-        history_rows = rows[schema.HIST_ITEMS].values().view(size, -1)
+        history_rows = batch.per_impression(rows[schema.HIST_ITEMS].values())
         target_rows = rows[schema.TARGET_ITEM].values()
         encoded_target, encoded, encoded_history = self.targets(target_rows, target_scl, batch.weights, history_rows, history_scl)
         bank = self.bank_table(batch.sequence_features)  # after the write: this step's targets are in
         bank_target = bank[schema.TARGET_ITEM].values().detach().float()
         if c.history_source == "bank":
-            history = bank[schema.HIST_ITEMS].values().detach().float().view(size, -1, OUTPUT_DIM)
+            history = batch.per_impression(bank[schema.HIST_ITEMS].values().detach().float(), OUTPUT_DIM)
         else:
             history = encoded_history
         target_read = ~encoded & (target_rows != 0) & (batch.weights > 0)

@@ -10,14 +10,18 @@ Where the GSU runs (`model.gsu_stage`, `muse_rec.batch.BatchLayout`):
   only rows the loss uses, and `DenseInputs` are built directly.
 - model (and sim_soft, lemur at either stage): the whole sequence is looked up (`FullInputs`) and
   `select` keeps K positions. The SCL cosines come from the SCL table (gsu_stage model), from the
-  loader (sim_soft at gsu_stage loader) or from lemur's representations.
+  loader (sim_soft at gsu_stage loader) or from lemur's representations. The batch holds each
+  distinct history once (`muse_rec.batch`): U x L rows are looked up, not B x L, and
+  `Batch.per_impression` hands each impression its history's lookup.
 sim_soft scores with the current trainable embeddings, so its positions cannot be chosen before
 the lookup, and TorchRec's pipeline allows one call of each sharded collection per step: the L
-positions are looked up once, scored detached, and the kept K are gathered from that lookup
-with gradient. The other L - K rows get an exact zero gradient. Under the CPU optimizers (SGD,
-row-wise Adagrad) that moves nothing; under fused Adam (CUDA) a row with earlier momentum would
-still move, like a dense Adam step: a second lookup of the K kept rows would avoid it but needs a
-second sharded collection call per step, outside what the pipeline traces.
+positions of each distinct history are looked up once, scored detached, and the kept K are
+gathered from that lookup with gradient. The other rows of the histories get an exact zero
+gradient. Under the CPU optimizers (SGD, row-wise Adagrad) that moves nothing; under fused Adam
+(CUDA) a row with earlier momentum would still move, like a dense Adam step: a second lookup of
+the K kept rows would avoid it but needs a second sharded collection call per step, outside what
+the pipeline traces. Looking up each history once changes neither: the table rows a step touches
+are the same, and a row's gradient is the same sum over the impressions that keep it.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from muse_rec import schema
-from muse_rec.batch import ID_FEATURES, Batch, batch_layout
+from muse_rec.batch import HISTORY_FEATURES, ID_FEATURES, Batch, batch_layout
 from muse_rec.config import ModelConfig
 from muse_rec.model import gsu
 from muse_rec.model.esu import SelfAttentiveTargetAttention, SimTier, TargetAttention, mean_pool
@@ -191,15 +195,22 @@ class MuseModel(nn.Module):
         return self.retrieval(self.full_inputs(batch, cosines))
 
     def _lookups(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(user, ad attributes, embeddings (B, length, D) and rows (B, length) by sequence feature)."""
+        """(user, ad attributes, embeddings (B, length, D) and rows (B, length) by sequence feature).
+        A history feature is looked up once per distinct history, then given to each impression."""
         size, dim = batch.batch_size, self.config.embedding_dim
         pooled = self.id_tables(batch.id_features)
         id_rows = batch.id_features.to_dict()
         single = {key: _zero_row0(pooled[key], id_rows[key].values()) for key in ID_FEATURES}
         looked_up = self.sequence_tables(batch.sequence_features)
         jagged = batch.sequence_features.to_dict()
-        rows = {key: jagged[key].values().view(size, -1) for key in self.sequence_keys}
-        embeddings = {key: _zero_row0(looked_up[key].values(), jagged[key].values()).view(size, -1, dim) for key in self.sequence_keys}
+        rows, embeddings = {}, {}
+        for key in self.sequence_keys:
+            row = jagged[key].values()
+            embedding = _zero_row0(looked_up[key].values(), row)
+            if key in HISTORY_FEATURES:
+                rows[key], embeddings[key] = batch.per_impression(row), batch.per_impression(embedding, dim)
+            else:
+                rows[key], embeddings[key] = row.view(size, -1), embedding.view(size, -1, dim)
         user = torch.cat([single[key] for key in USER_FEATURES], dim=-1)
         return user, torch.cat([single[key] for key in AD_ATTRIBUTES], dim=-1), embeddings, rows
 
@@ -231,11 +242,12 @@ class MuseModel(nn.Module):
     def scl_vectors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """SCL vectors of the target (B, 128) and of the sequence (B, L, 128); (B, 0, 128) where the
         sequence's are not read (lemur, `muse_rec.batch.reads_scl_sequence`). gsu_stage model only."""
-        size = batch.batch_size
         out = self.scl_table(batch.scl_features)
-        scl = {key: out[key].values().detach().float().view(size, -1, schema.SCL_DIM) for key in self.layout.scl_features}
-        target = scl[schema.SCL_TARGET]
-        return target[:, 0], scl[schema.SCL_LONG] if schema.SCL_LONG in scl else target[:, :0]
+        scl = {key: out[key].values().detach().float() for key in self.layout.scl_features}
+        target = scl[schema.SCL_TARGET].view(batch.batch_size, 1, schema.SCL_DIM)
+        if schema.SCL_LONG not in scl:
+            return target[:, 0], target[:, :0]
+        return target[:, 0], batch.per_impression(scl[schema.SCL_LONG], schema.SCL_DIM)
 
 
 def _zero_row0(embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -83,9 +83,9 @@ def flatten(batches: list[Batch], real_only: bool = True) -> dict[str, np.ndarra
     for b in batches:
         keep = (b.weights > 0).numpy() if real_only else np.ones(b.batch_size, bool)
         fields = {
-            **{k: Batch.sequence(b.id_features, k) for k in ID_FEATURES},
-            **{k: Batch.sequence(b.sequence_features, k) for k in SEQUENCE_FEATURES},
-            **{k: Batch.sequence(b.scl_features, k) for k in SCL_FEATURES},
+            **{k: b.sequence(k) for k in ID_FEATURES},
+            **{k: b.sequence(k) for k in SEQUENCE_FEATURES},
+            **{k: b.sequence(k) for k in SCL_FEATURES},
         }
         fields = {k: v.squeeze(1) if v.shape[1] == 1 else v for k, v in fields.items()}
         fields |= {"labels": b.labels, "user_ids": b.user_ids, "weights": b.weights}
@@ -107,15 +107,23 @@ def test_every_field_of_every_row_matches_the_reference(handmade, vocab):
     assert (want[schema.SCL_TARGET] == 0).any() and (want[schema.SCL_TARGET] > 0).any()
 
 
-def test_batches_have_fixed_shapes_and_move_like_pipelineable(handmade):
+def test_batches_hold_each_distinct_history_once_and_move_like_pipelineable(handmade):
     root, _ = handmade
-    batch = next(iter(ShardDataset(config(root), "train")))
-    assert batch.batch_size == 7
-    assert batch.sequence_features.keys() == list(SEQUENCE_FEATURES)
-    assert batch.sequence_features.lengths().tolist() == [1] * 14 + [L] * 14
-    assert Batch.sequence(batch.scl_features, schema.SCL_LONG).shape == (7, L)
+    batches = list(ShardDataset(config(root), "train"))
+    for batch in batches:
+        size, u = batch.batch_size, batch.num_histories
+        history = [L] * u + [0] * (size - u)  # the first U rows hold the distinct histories
+        assert batch.sequence_features.keys() == list(SEQUENCE_FEATURES)
+        assert batch.sequence_features.lengths().tolist() == [1] * 2 * size + history * 2
+        assert batch.scl_features.lengths().tolist() == [1] * size + history
+        assert sorted(set(batch.history_of_row.tolist())) == list(range(u))  # each history serves an impression
+        assert len(set(zip(batch.history_of_row.tolist(), batch.user_ids.tolist()))) == u  # and one user's
+        assert batch.sequence(schema.SCL_LONG).shape == (size, L)
+    assert sum(b.num_histories for b in batches) < sum(b.batch_size for b in batches)  # users have several impressions
+    batch = batches[0]
     moved = batch.to(torch.device("cpu"))
     assert torch.equal(moved.sequence_features.values(), batch.sequence_features.values())
+    assert torch.equal(moved.history_of_row, batch.history_of_row) and moved.num_histories == batch.num_histories
 
 
 def test_without_the_scl_sequence_only_the_target_scl_row_is_assembled(handmade):
@@ -141,9 +149,9 @@ def reference_gsu(full: Batch, values: np.ndarray, method: str, k: int, short: i
     batch. The positions follow the exact cosines (`gsu.scl_cosines`), as both GSU stages do: the
     reference's normalise-then-multiply order of equal cosines depends on rounding."""
     table = torch.cat([torch.zeros(1, schema.SCL_DIM), torch.from_numpy(np.array(values, np.float32))])
-    items, cates = (Batch.sequence(full.sequence_features, key) for key in (schema.HIST_ITEMS, schema.HIST_CATES))
-    target = table[Batch.sequence(full.scl_features, schema.SCL_TARGET)[:, 0]]
-    sequence = table[Batch.sequence(full.scl_features, schema.SCL_LONG)]
+    items, cates = (full.sequence(key) for key in (schema.HIST_ITEMS, schema.HIST_CATES))
+    target = table[full.sequence(schema.SCL_TARGET)[:, 0]]
+    sequence = table[full.sequence(schema.SCL_LONG)]
     cosines = gsu.cosine(target.unsqueeze(1), sequence)
     out = {"short_cosines": cosines[:, -short:], schema.SHORT_ITEMS: items[:, -short:], schema.SHORT_CATES: cates[:, -short:]}
     if method == "sim_soft":
@@ -154,7 +162,7 @@ def reference_gsu(full: Batch, values: np.ndarray, method: str, k: int, short: i
         positions = gsu.top_k_positions(gsu.scores_of(gsu.scl_cosines(target, sequence)), k)
         valid = torch.ones(len(items), k, dtype=torch.bool)
     else:
-        positions, valid = gsu.sim_hard_positions(cates, Batch.sequence(full.sequence_features, schema.TARGET_CATE)[:, 0], k)
+        positions, valid = gsu.sim_hard_positions(cates, full.sequence(schema.TARGET_CATE)[:, 0], k)
     kept = {schema.TOP_ITEMS: items, schema.TOP_CATES: cates, "top_cosines": cosines}
     return out | {key: gsu.gather_positions(value, positions) * valid for key, value in kept.items()}
 
@@ -173,7 +181,7 @@ def test_loader_gsu_equals_the_model_reference(handmade, synthetic_root, method,
         want = reference_gsu(full, maps.scl.values, method, k, model.short_seq_len)
         assert lean.scl_features is None and list(lean.sequence_features.keys()) == list(layout.sequence_lengths(long_len))
         for key, expected in want.items():
-            got = getattr(lean, key) if key.endswith("cosines") else Batch.sequence(lean.sequence_features, key)
+            got = getattr(lean, key) if key.endswith("cosines") else lean.sequence(key)
             if key.endswith("cosines"):
                 torch.testing.assert_close(got, expected.float(), rtol=0, atol=COSINE_TOLERANCE, msg=lambda m: f"{key}: {m}")
             else:

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
+from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES
 from muse_rec.config import DataConfig
 from muse_rec.data import schema
 from muse_rec.data.atomic import MARKER, PARTIAL_SUFFIX
@@ -260,10 +260,9 @@ def loaded(root: Path, split: str, vocab: str, long_len: int) -> dict[str, np.nd
     assert all((b.weights > 0).all() for b in batches)  # one rank: no padding rows
     fields: dict[str, list] = {}
     for b in batches:
-        for kjt, keys in ((b.id_features, ID_FEATURES), (b.sequence_features, SEQUENCE_FEATURES), (b.scl_features, SCL_FEATURES)):
-            for key in keys:
-                values = Batch.sequence(kjt, key).numpy()
-                fields.setdefault(key, []).append(values[:, 0] if values.shape[1] == 1 else values)
+        for key in (*ID_FEATURES, *SEQUENCE_FEATURES, *SCL_FEATURES):
+            values = b.sequence(key).numpy()
+            fields.setdefault(key, []).append(values[:, 0] if values.shape[1] == 1 else values)
         fields.setdefault("labels", []).append(b.labels.numpy())
         fields.setdefault("user_ids", []).append(b.user_ids.numpy())
     return {key: np.concatenate(values) for key, values in fields.items()}

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from muse_rec.batch import Batch, batch_layout
+from muse_rec.batch import HISTORY_FEATURES, Batch, batch_layout
 from muse_rec.config import load_config
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
@@ -50,30 +50,37 @@ UNUSED_BY = {"din": ("dense.long_attention.", "dense.simtier_long.")}
 """Weights no gradient reaches, by key prefix: din turns the long branch off (its weights exist)."""
 
 
-def concat_kjt(a: KeyedJaggedTensor, b: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """Stack two batches' KJTs along the batch (per key: a's rows, then b's)."""
-    da, db = a.to_dict(), b.to_dict()
-    return KeyedJaggedTensor.from_jt_dict({k: _cat_jagged(da[k], db[k]) for k in a.keys()})
-
-
-def _cat_jagged(x: JaggedTensor, y: JaggedTensor) -> JaggedTensor:
-    return JaggedTensor(values=torch.cat([x.values(), y.values()]), lengths=torch.cat([x.lengths(), y.lengths()]))
-
-
 def concat_batches(a: Batch, b: Batch) -> Batch:
-    return _per_field(lambda x, y: concat_kjt(x, y) if isinstance(x, KeyedJaggedTensor) else torch.cat([x, y]), a, b)
+    """The two batches side by side (a's rows, then b's) as one valid batch: b's distinct histories
+    follow a's (its `history_of_row` offset by a's count) and the rows holding them come first."""
+
+    def cat(x: JaggedTensor, y: JaggedTensor, history: bool) -> JaggedTensor:
+        lengths = torch.cat([x.lengths(), y.lengths()])
+        if history:  # a's U_a rows of L, its empty rows, b's U_b rows of L, ...: the L's first again
+            lengths = lengths.sort(descending=True, stable=True).values
+        return JaggedTensor(values=torch.cat([x.values(), y.values()]), lengths=lengths)
+
+    def cat_kjt(x: KeyedJaggedTensor, y: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        dx, dy = x.to_dict(), y.to_dict()
+        return KeyedJaggedTensor.from_jt_dict({k: cat(dx[k], dy[k], k in HISTORY_FEATURES) for k in x.keys()})
+
+    both = _per_field(lambda x, y: cat_kjt(x, y) if isinstance(x, KeyedJaggedTensor) else torch.cat([x, y]) if isinstance(x, torch.Tensor) else x + y, a, b)
+    return dataclasses.replace(both, history_of_row=torch.cat([a.history_of_row, b.history_of_row + a.num_histories]))
 
 
 def reversed_rows(batch: Batch) -> Batch:
-    """The same samples in reverse order: every feature has one length for all rows here."""
+    """The same samples in reverse order, and their distinct histories too."""
+    histories = batch.num_histories
 
     def flip(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         return KeyedJaggedTensor.from_jt_dict({
-            k: JaggedTensor(values=j.values().view(batch.batch_size, -1).flip(0).reshape(-1), lengths=j.lengths().flip(0))
+            k: JaggedTensor(values=j.values().view(histories, -1).flip(0).reshape(-1), lengths=j.lengths()) if k in HISTORY_FEATURES
+            else JaggedTensor(values=j.values().view(batch.batch_size, -1).flip(0).reshape(-1), lengths=j.lengths().flip(0))
             for k, j in kjt.to_dict().items()
         })
 
-    return _per_field(lambda x: flip(x) if isinstance(x, KeyedJaggedTensor) else x.flip(0), batch)
+    flipped = _per_field(lambda x: flip(x) if isinstance(x, KeyedJaggedTensor) else x.flip(0) if isinstance(x, torch.Tensor) else x, batch)
+    return dataclasses.replace(flipped, history_of_row=histories - 1 - flipped.history_of_row)
 
 
 def _per_field(combine, *batches: Batch) -> Batch:
@@ -83,6 +90,19 @@ def _per_field(combine, *batches: Batch) -> Batch:
         parts = [getattr(b, field.name) for b in batches]
         values[field.name] = None if parts[0] is None else combine(*parts)
     return Batch(**values)
+
+
+def test_concatenated_and_reversed_batches_keep_every_impression(synthetic_root):
+    """The 1-rank runs below read valid batches: every impression keeps its features, histories included."""
+    config = load_config(None, [f"data.root={synthetic_root}", f"data.batch_size={BATCH_SIZE}", "model.gsu_stage=model"])
+    maps = FeatureMaps.load(DatasetLayout(synthetic_root), "p90")
+    a, b = (next(iter(ShardDataset(config.data, "train", r, 2, maps, layout=batch_layout(config.model)))) for r in range(2))
+    both, back = concat_batches(a, b), reversed_rows(a)
+    assert both.num_histories == a.num_histories + b.num_histories < 2 * BATCH_SIZE
+    keys = [*a.id_features.keys(), *a.sequence_features.keys(), *a.scl_features.keys()]
+    for key in keys:
+        assert torch.equal(both.sequence(key), torch.cat([a.sequence(key), b.sequence(key)])), key
+        assert torch.equal(back.sequence(key), a.sequence(key).flip(0)), key
 
 
 def full_weights(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
