@@ -5,22 +5,24 @@ A sweep of benchmarks/train_throughput.py's measurement (`measure`: 2 spawned CP
 those of a `--hardware` profile such as h100x1 on NCCL; the real TrainPipelineSparseDist loop,
 then instrumented steps split into data, embedding lookup, GSU, dense forward, dense backward,
 sparse backward and optimizer; see its docstring) over
---methods x --batch-sizes, on one synthetic set (made once, shared with train_throughput.py).
+--methods x --stages (model.gsu_stage: loader and model side by side) x --batch-sizes, on one
+synthetic set (made once, shared with train_throughput.py).
 P50/P90 are of the pipelined end-to-end step (the slowest rank's, as collectives end a step on
 all ranks together); samples/s is over the whole timed window.
 
 Prints a table, saves benchmarks/results/throughput.json (every run's full result under "runs")
 and throughput.png: samples/s bars by method x batch size (P50/P90 step time written on each),
 and the split of the instrumented step as stacked bars (share of the step; its length in ms on
-top). Each configuration spawns its own ranks; on a 2-core machine the default sweep takes
-about 6-10 minutes, dominated by muse and the SIM methods at batch 1000.
+top), and evaluation samples/s. Each configuration spawns its own ranks; on a 2-core machine the
+default sweep (16 runs) takes about 15-20 minutes, dominated by gsu_stage model at batch 1000.
 
-    python benchmarks/throughput.py [--methods muse,sim_soft,sim_hard,din] [--batch-sizes 250,1000]
+    python benchmarks/throughput.py [--methods muse,sim_soft,sim_hard,din] [--stages loader,model] [--batch-sizes 250,1000]
         [--steps 8] [--warmup 5] [--split-steps 4] [--users 4000] [--set model.scl_storage=int8_replicated]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -44,10 +46,12 @@ def summary(result: dict) -> dict:
     split = {key: round(statistics.mean(result["split_ms_per_rank"][key]), 1) for key, _ in STAGES}
     e2e = result["end_to_end"]
     setup = result["setup"]
-    return {"method": setup["method"], "batch_size": setup["batch_size_per_rank"], "world_size": setup["world_size"],
+    return {"method": setup["method"], "gsu_stage": setup["gsu_stage"], "name": f"{setup['method']} ({setup['gsu_stage']})",
+            "batch_size": setup["batch_size_per_rank"], "world_size": setup["world_size"],
             "device_type": setup.get("device_type", "cpu"),
             "samples_per_second": e2e["samples_per_second"], "step_ms_p50": e2e["step_ms_p50"], "step_ms_p90": e2e["step_ms_p90"],
-            "split_ms": split, "split_step_ms": result["split_step_ms"], "caveats": result["caveats"]}
+            "split_ms": split, "split_step_ms": result["split_step_ms"], "caveats": result["caveats"],
+            "eval_samples_per_second": result["evaluation"]["samples_per_second"]}
 
 
 def ranks_name(rows: list[dict]) -> str:
@@ -59,10 +63,10 @@ def ranks_name(rows: list[dict]) -> str:
 def print_table(rows: list[dict]) -> None:
     stage_head = "".join(f"{COLUMNS[k]:>11}" for k, _ in STAGES)
     print(f"\n{ranks_name(rows)}; split: mean ms per instrumented step over the ranks")
-    print(f"{'method':<10}{'batch':>6}{'samples/s':>11}{'P50 ms':>9}{'P90 ms':>9}{stage_head}{'split sum':>11}")
+    print(f"{'method (GSU stage)':<20}{'batch':>6}{'samples/s':>11}{'P50 ms':>9}{'P90 ms':>9}{stage_head}{'split sum':>11}{'eval/s':>9}")
     for r in rows:
-        print(f"{r['method']:<10}{r['batch_size']:>6}{r['samples_per_second']:>11,}{r['step_ms_p50']:>9,.0f}{r['step_ms_p90']:>9,.0f}"
-              + "".join(f"{r['split_ms'][k]:>11,.1f}" for k, _ in STAGES) + f"{r['split_step_ms']:>11,.0f}")
+        print(f"{r['name']:<20}{r['batch_size']:>6}{r['samples_per_second']:>11,}{r['step_ms_p50']:>9,.0f}{r['step_ms_p90']:>9,.0f}"
+              + "".join(f"{r['split_ms'][k]:>11,.1f}" for k, _ in STAGES) + f"{r['split_step_ms']:>11,.0f}{r['eval_samples_per_second']:>9,}")
     print("(data: wait for the next batch; lookup: the 3 embedding collections incl. input/output dist; sparse bwd: gradient\n"
           " all-to-all + fused table update + DDP wait; optimizer: zero_grad + dense AdamW; sync: barrier waits between stages)")
 
@@ -70,12 +74,12 @@ def print_table(rows: list[dict]) -> None:
 def draw(rows: list[dict], path: Path) -> Path:
     """Left: samples/s, a group of bars per method, one bar per batch size. Right: each run's
     instrumented step split into stages, as shares of the step."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(r["name"] for r in rows))
     batches = sorted({r["batch_size"] for r in rows})
     fig, (rate_ax, split_ax) = plotting.figure(1, 2, max(6.0, 0.9 * len(rows) + 3), 5.0)
     width = 0.8 / len(batches)
     for index, batch in enumerate(batches):
-        runs = [(methods.index(r["method"]), r) for r in rows if r["batch_size"] == batch]
+        runs = [(methods.index(r["name"]), r) for r in rows if r["batch_size"] == batch]
         x = [m + (index - (len(batches) - 1) / 2) * width for m, _ in runs]
         bars = rate_ax.bar(x, [r["samples_per_second"] for _, r in runs], width * 0.9, color=plotting.COLORS[index], label=f"batch {batch} per rank")
         for bar, (_, r) in zip(bars, runs):
@@ -97,7 +101,7 @@ def draw(rows: list[dict], path: Path) -> Path:
     for x, (top, r) in enumerate(zip(tops, rows)):
         split_ax.text(x, top, f"{r['split_step_ms']:,.0f} ms", ha="center", va="bottom", fontsize=7)
     split_ax.set_xticks(range(len(rows)))
-    split_ax.set_xticklabels([f"{r['method']}\n{r['batch_size']}" for r in rows], fontsize=8)
+    split_ax.set_xticklabels([f"{r['name']}\n{r['batch_size']}" for r in rows], fontsize=8)
     split_ax.set_ylim(0, 112)
     split_ax.set_ylabel("% of the instrumented step")
     split_ax.set_title("where a step goes (instrumented, non-pipelined; step length on top)", fontsize=9)
@@ -109,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods (default {','.join(METHODS)})")
     parser.add_argument("--batch-sizes", default="250,1000", help="comma-separated samples per batch on each rank (default 250,1000)")
+    parser.add_argument("--stages", default="loader,model", help="comma-separated model.gsu_stage values, side by side (default loader,model)")
     add_run_arguments(parser)
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -120,41 +125,41 @@ def main() -> None:
     except ValueError:
         parser.error(f"--batch-sizes: {args.batch_sizes!r} is not a comma-separated list of integers")
 
-    for method in methods:  # a wrong --set fails now, not after minutes of runs
+    stages = args.stages.split(",")
+    for method, stage in itertools.product(methods, stages):  # a wrong --set or stage fails now, not after minutes of runs
         try:
-            load_config(ROOT / "configs" / f"{method}.yaml", args.set)
+            load_config(ROOT / "configs" / f"{method}.yaml", [*args.set, f"model.gsu_stage={stage}"])
         except MuseRecError as e:
-            parser.error(f"configs/{method}.yaml with --set {' '.join(args.set)}: {e}")
+            parser.error(f"configs/{method}.yaml with --set {' '.join(args.set)} model.gsu_stage={stage}: {e}")
 
     started = time.perf_counter()
     runs, rows = [], []
-    for method in methods:
-        for batch in batch_sizes:
-            label = " ".join([method, f"batch {batch}", *([args.hardware] if args.hardware else []),
-                              *([f"map-rows {args.map_rows}"] if args.map_rows else []), *args.set,
-                              *(["default-malloc"] if args.default_malloc else [])])
-            print(f"-- {label}", flush=True)
-            try:
-                result = measure(method, batch, args, label)
-            except MuseRecError as e:  # a profile this machine cannot run, a plan that does not fit
-                parser.error(str(e))
-            for path in save_profiles(result, RESULTS / "throughput.json"):
-                print(f"   profile: {path}")
-            runs.append(result)
-            rows.append(summary(result))
-            print(f"   {rows[-1]['samples_per_second']:,} samples/s, step P50 {rows[-1]['step_ms_p50']:,.0f} ms, "
-                  f"P90 {rows[-1]['step_ms_p90']:,.0f} ms ({result['ranks_wall_s']:.0f} s)", flush=True)
+    for method, stage, batch in itertools.product(methods, stages, batch_sizes):
+        label = " ".join([method, f"gsu_stage {stage}", f"batch {batch}", *([args.hardware] if args.hardware else []),
+                          *([f"map-rows {args.map_rows}"] if args.map_rows else []), *args.set,
+                          *(["default-malloc"] if args.default_malloc else [])])
+        print(f"-- {label}", flush=True)
+        try:
+            result = measure(method, batch, argparse.Namespace(**{**vars(args), "set": [*args.set, f"model.gsu_stage={stage}"]}), label)
+        except MuseRecError as e:  # a profile this machine cannot run, a plan that does not fit
+            parser.error(str(e))
+        for path in save_profiles(result, RESULTS / "throughput.json"):
+            print(f"   profile: {path}")
+        runs.append(result)
+        rows.append(summary(result))
+        print(f"   {rows[-1]['samples_per_second']:,} samples/s, step P50 {rows[-1]['step_ms_p50']:,.0f} ms, "
+              f"P90 {rows[-1]['step_ms_p90']:,.0f} ms ({result['ranks_wall_s']:.0f} s)", flush=True)
     print_table(rows)
     for r in rows:
         for caveat in r["caveats"][:-1]:  # the last one (synthetic table sizes) is the same for all
-            print(f"caveat ({r['method']}, batch {r['batch_size']}): {caveat}")
+            print(f"caveat ({r['name']}, batch {r['batch_size']}): {caveat}")
     if runs:
         print(f"caveat: {runs[0]['caveats'][-1]}")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "throughput.json"
     out.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.perf_counter() - started, 1),
-                               "methods": methods, "batch_sizes": batch_sizes, "overrides": args.set,
+                               "methods": methods, "gsu_stages": stages, "batch_sizes": batch_sizes, "overrides": args.set,
                                "table": rows, "runs": runs}, indent=2) + "\n")
     png = draw(rows, RESULTS / "throughput.png")
     print(f"saved {out} and {png}")

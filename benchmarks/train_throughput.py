@@ -32,7 +32,9 @@ verdict against `--target` (25,000 samples/s, issue 4's figure for one H100) is 
    mark is taken after torch.cuda.synchronize (only here). A separate pass times each collection
    and the GSU's scores and top-K alone. The pipelined step overlaps the next batch's input dist
    and the loader with compute, so it can be shorter than the instrumented one.
-3. The loader alone: samples/s of rank 0's batches on one core in this process (workers=0),
+3. Evaluation: the model in eval mode without gradient, as `muse-rec evaluate` runs it, the
+   loader included, at the training batch size (`--eval-steps` batches a rank).
+4. The loader alone: samples/s of rank 0's batches on one core in this process (workers=0),
    compared with the training samples/s per rank to say whether the loader is the bottleneck.
 
 Prints a table and saves benchmarks/results/train_throughput.json (`--out`; one entry per run
@@ -232,6 +234,25 @@ def profile_steps(pipeline, batches, steps: int) -> str:
         for _ in range(steps):
             pipeline.progress(batches)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+
+
+def evaluation_rate(model, batches, steps: int, barrier, now) -> dict:
+    """Evaluation as `muse_rec.train.loop.evaluate` runs it (the model in eval mode, no gradient,
+    the next batch from the loader inside the window): samples/s of this rank over `steps`
+    batches after one warm-up, at the training batch size."""
+    model.eval()
+    with torch.no_grad():
+        model(next(batches))
+        barrier()
+        start, rows = now(), 0
+        for _ in range(steps):
+            batch = next(batches)
+            model(batch.to(next(model.parameters()).device, non_blocking=True))
+            rows += batch.batch_size
+        barrier()
+        seconds = now() - start
+    model.train()
+    return {"steps": steps, "samples": rows, "seconds": round(seconds, 3)}
 
 
 def plan_summary(plan) -> dict:
@@ -454,6 +475,7 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
         name: {key: round(statistics.mean(c[key] for c in counts[opts["split_warmup"]:])) for key in counts[0]} for name, counts in anatomy_counts.items()
     }
     result["split_minor_faults_per_step"] = round((faults1 - faults0) / (opts["split_warmup"] + opts["split_steps"]))
+    result["evaluation"] = evaluation_rate(model, batches, opts["eval_steps"], barrier, now)
     result["loader_restarts"] = restarts[0]
     if cuda:
         result["device_memory"]["peak"] = torch.cuda.max_memory_allocated(device)
@@ -545,6 +567,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the method config's data.num_workers)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides, e.g. model.scl_storage=int8_replicated")
     parser.add_argument("--data", type=Path, default=RESULTS / "throughput-data", help="where the synthetic set goes (with --map-rows N: beside it, -N)")
+    parser.add_argument("--eval-steps", type=int, default=6, help="timed evaluation batches (no gradient, after the split)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after the timed window, torch.profiler over STEPS pipelined steps; each rank's operator table "
                              "(by self CPU time) is saved beside --out as <out stem>-profile-<label>-rank<r>.txt")
@@ -577,14 +600,15 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
     label = label or " ".join([method, *([args.hardware] if args.hardware else []), *([f"map-rows {args.map_rows}"] if args.map_rows else []),
                                *args.set, *(["default-malloc"] if args.default_malloc else [])])
 
-    needed = args.warmup + args.steps + 2 + 1 + args.split_steps
+    needed = args.warmup + args.steps + 2 + 1 + args.split_steps + args.profile + 1 + args.eval_steps
     available = len(ShardDataset(config.data, "train", 0, world, maps))
     if available < needed:
         print(f"note: {available} batches per rank, {needed} needed: the loader starts over (a restart is counted in the JSON)", file=sys.stderr)
     loader = loader_alone(config, maps, world, min(available, max(1, -(-20_000 // batch))))  # two row groups or more
 
     opts = {"steps": args.steps, "warmup": args.warmup, "split_steps": args.split_steps, "split_warmup": 1,
-            "threads": args.threads, "default_malloc": args.default_malloc, "device_type": device_type, "profile_steps": args.profile}
+            "threads": args.threads, "default_malloc": args.default_malloc, "device_type": device_type, "profile_steps": args.profile,
+            "eval_steps": args.eval_steps}
     with tempfile.TemporaryDirectory() as tmp:
         estimate = planned_offline(config, tmp) if args.hardware else None
         started = time.perf_counter()
@@ -646,7 +670,7 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "load_average_before": [round(v, 2) for v in load_before], "busy_processes_before": busy_before,
                     "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "LD_PRELOAD", "GLIBC_TUNABLES"))}},
-        "setup": {"method": config.model.method, "device_type": device_type, "hardware": args.hardware, "world_size": world,
+        "setup": {"method": config.model.method, "gsu_stage": config.model.stage, "device_type": device_type, "hardware": args.hardware, "world_size": world,
                   "batch_size_per_rank": batch, "map_rows": args.map_rows, "table_rows": maps.table_rows(),
                   "long_seq_len": config.data.long_seq_len, "keep_top": config.model.keep_top,
                   "scl_storage": config.model.scl_storage, "loader_workers_per_rank": config.data.num_workers,
@@ -678,6 +702,9 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
         "anatomy_cpu_per_rank": [r["anatomy_cpu"] for r in ranks],
         "anatomy_note": "a separate no-grad pass per step, not part of the step: each collection alone (input dist, lookup, "
                         "output dist) and the GSU's scores and top-K alone; with page faults in play it is not additive with the step",
+        "evaluation": {"samples_per_second": round(sum(r["evaluation"]["samples"] for r in ranks) / max(r["evaluation"]["seconds"] for r in ranks)),
+                       "batches_per_rank": ranks[0]["evaluation"]["steps"],
+                       "note": "model.eval(), no gradient, loader included, at the training batch size, all ranks together"},
         "loader_alone": loader,
         "loader_is_bottleneck": bottleneck,
         "verdict": verdict,
@@ -715,6 +742,8 @@ def report(result: dict) -> None:
     for key, values in result["anatomy_ms_per_rank"].items():
         print(f"      {key:<52}" + "".join(f"{v:>11,.0f}" for v in values))
     print("    (the sparse tables' optimizer is fused into backward: its update is in 'sparse backward')")
+    evaluation = result["evaluation"]
+    print(f"  evaluation (no gradient, loader included, {evaluation['batches_per_rank']} batches a rank): {evaluation['samples_per_second']:,} samples/s")
     print(f"  loader alone: {loader['samples_per_second_one_core']:,} samples/s on one core ({loader['ms_per_batch']} ms a batch)")
     print(f"  loader is the bottleneck: {result['verdict']}")
     memory = result.get("memory")
