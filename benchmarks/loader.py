@@ -24,6 +24,7 @@ import torch
 
 from muse_rec.batch import BatchLayout, batch_layout
 from muse_rec.config import DataConfig, SynthConfig, load_config
+from muse_rec.data import gsu as loader_gsu
 from muse_rec.data import schema
 from muse_rec.data.atomic import npy_memmap_writer, save_npy
 from muse_rec.data.feature_map import FeatureMaps
@@ -52,24 +53,57 @@ def inflate_maps(root: Path, rows: int, seed: int = 0) -> None:
     save_npy(layout.scl_keys_path, new_keys)
 
 
+class GsuClock:
+    """Seconds spent in the loader's GSU (`muse_rec.data.gsu`: cosines, top-K, category matches)
+    while in use: its functions are wrapped in this process only."""
+
+    FUNCTIONS = ("scl_cosines", "top_k", "newest_matches")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> "GsuClock":
+        self.originals = {name: getattr(loader_gsu, name) for name in self.FUNCTIONS}
+        for name, function in self.originals.items():
+            setattr(loader_gsu, name, self._timed(function))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, function in self.originals.items():
+            setattr(loader_gsu, name, function)
+
+    def _timed(self, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+
 def phase_times(config: DataConfig, maps: FeatureMaps, layout: BatchLayout) -> dict:
-    """Milliseconds per 1000 samples of each step on one core (second pass: caches warm)."""
+    """Milliseconds per 1000 samples of each step on one core (second pass: caches warm), the
+    GSU's share of assembly apart."""
     groups = list_row_groups(DatasetLayout(config.root), "train")
+    clock = GsuClock()
     for group in (*groups, *groups):
         if group is groups[0]:  # a pass starts: only the second one (warm caches) counts
-            read = decode = assemble = 0.0
+            read = decode = assemble = clock.seconds = 0.0
             rows = 0
         t0 = time.perf_counter()
         table = pq.ParquetFile(group.path).read_row_group(group.index, columns=schema.JOINED_SCHEMA.names, use_threads=False)
         t1 = time.perf_counter()
         decoded = decode_row_group(table, maps, config.long_seq_len, str(group.path))
         t2 = time.perf_counter()
-        for start in range(0, group.num_rows, config.batch_size):
-            rows_in_batch = np.arange(start, min(start + config.batch_size, group.num_rows))
-            assemble_batch([(decoded, rows_in_batch)], np.ones(len(rows_in_batch), np.float32), config.long_seq_len, layout, maps.scl.values)
+        with clock:
+            for start in range(0, group.num_rows, config.batch_size):
+                rows_in_batch = np.arange(start, min(start + config.batch_size, group.num_rows))
+                assemble_batch([(decoded, rows_in_batch)], np.ones(len(rows_in_batch), np.float32), config.long_seq_len, layout, maps.scl.values)
         t3 = time.perf_counter()
         read, decode, assemble, rows = read + t1 - t0, decode + t2 - t1, assemble + t3 - t2, rows + group.num_rows
-    return {name: round(1e6 * t / rows, 2) for name, t in (("read_parquet", read), ("decode_remap_pad", decode), ("assemble_batch_and_gsu", assemble))}
+    times = {"read_parquet": read, "decode_remap_pad": decode, "assemble_batch_and_gsu": assemble, "of_which_gsu": clock.seconds}
+    return {name: round(1e6 * t / rows, 2) for name, t in times.items()}
 
 
 def throughput(config: DataConfig, maps: FeatureMaps, workers: int, layout: BatchLayout) -> float:
