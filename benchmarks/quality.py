@@ -159,8 +159,8 @@ def common_overrides(args: argparse.Namespace, data_root: Path, run_dir: Path) -
 
 
 def run_training(config_file: Path, overrides: list[str], run_dir: Path, nproc: int, quiet: bool, label: str) -> tuple[list[dict], float]:
-    """`muse-rec train` as its own torchrun job in a fresh run directory (a stale checkpoint would be
-    resumed and metrics.jsonl appended to); returns the metrics.jsonl records and the seconds taken."""
+    """`muse-rec train` as its own torchrun job in a fresh run directory (a stale checkpoint there
+    would be resumed, not retrained); returns the metrics.jsonl records and the seconds taken."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     load_config(config_file, overrides)  # fail here, not in the ranks, on a bad override
