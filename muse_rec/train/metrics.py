@@ -23,6 +23,8 @@ RATE_EPSILON = 1e-6
 """The reference's `epsilon` in `calc_auroc_gpu`, added to the true positive rate's terms."""
 PROBABILITY_EPSILON = 1e-7
 """The reference's `clip_prop(softmax + 1e-7)`: keeps log finite."""
+BOOTSTRAP_DRAWS = 200
+"""Resamplings of the users behind `gauc_bootstrap_se` (its own relative error is about 1/sqrt(2 * 200) = 5 %)."""
 
 
 def _sorted_keys(groups: np.ndarray | None, scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +116,27 @@ def exact_gauc(user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> 
     if not aucs.size:
         return math.nan, 0
     return float(np.dot(aucs, rows) / rows.sum()), int(aucs.size)
+
+
+def gauc_bootstrap_se(user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> float:
+    """Standard error of the exact GAUC from the sampling of users: its spread over resamplings of
+    the users (Poisson bootstrap: each user counted Poisson(1) times; per-user AUCs and row weights
+    fixed). Two models' GAUCs on one test set differ by more than noise when the gap is well above
+    this (a paired comparison is tighter, their errors being correlated). NaN below two users."""
+    aucs, rows = group_aucs(np.asarray(user_ids), scores, labels, tie_credit=0.5)
+    return _bootstrap_se(aucs, rows, draws, seed)
+
+
+def _bootstrap_se(aucs: np.ndarray, rows: np.ndarray, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> float:
+    if aucs.size < 2:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    values = np.empty(draws)
+    weighted = aucs * rows
+    for draw in range(draws):
+        counts = rng.poisson(1.0, aucs.size)
+        values[draw] = np.dot(counts, weighted) / max(np.dot(counts, rows), 1)
+    return float(values.std(ddof=1))
 
 
 def reference_batch_gauc(user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
@@ -216,12 +239,14 @@ class EvalAccumulator:
             columns = _all_gather_rows(columns, process_group)
             reference = _all_reduce_sum(reference, process_group)
         user_ids, scores, labels = columns
-        gauc, gauc_users = exact_gauc(user_ids, scores, labels)
+        aucs, rows = group_aucs(user_ids, scores, labels, tie_credit=0.5)  # exact_gauc's, kept for the bootstrap
+        gauc, gauc_users = (float(np.dot(aucs, rows) / rows.sum()), int(aucs.size)) if aucs.size else (math.nan, 0)
         reference_sum, reference_rows = reference
         return {
             "auc": exact_auc(scores, labels),
             "gauc": gauc,
             "gauc_users": gauc_users,
+            "gauc_bootstrap_se": _bootstrap_se(aucs, rows),
             "reference_batch_gauc": float(reference_sum / reference_rows) if reference_rows else math.nan,
             "reference_auc": reference_threshold_auc(scores, labels) if labels.size else math.nan,
             "rows": int(labels.size),
