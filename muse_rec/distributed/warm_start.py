@@ -124,13 +124,14 @@ def warm_start_bank(model: nn.Module, config: Config, maps: FeatureMaps, out: Pa
         chosen = np.ones(item_map.num_rows, bool)
         chosen[0] = False
     scan_seconds = time.perf_counter() - start
-    if lemur.content_input == "scl" and not targets.item_scl.shape[0]:
-        targets.set_item_scl(item_scl_matrix(maps).to(targets.steps.device))
+    if lemur.content_input == "scl" and targets.content_source is None:
+        targets.set_content_source(scl_content_source(maps))
     writer = targets.writer
+    device = targets.steps.device
     everyone = np.flatnonzero(chosen)  # the same on every rank: the sample the centring is calibrated on
-    calibrated = targets.calibrate_centring(torch.from_numpy(everyone[:: max(1, len(everyone) // chunk)][:chunk]).to(writer.held_rows.device))
-    held = writer.held_rows.cpu().numpy()
-    mine = torch.from_numpy(held[chosen[held]]).to(writer.held_rows.device)
+    calibrated = targets.calibrate_centring(torch.from_numpy(everyone[:: max(1, len(everyone) // chunk)][:chunk]).to(device))
+    mine_rows = [lo + np.flatnonzero(chosen[lo:hi]) for lo, hi in writer.held_ranges]
+    mine = torch.from_numpy(np.concatenate(mine_rows) if mine_rows else np.zeros(0, np.int64)).to(device)
     rounds = _max_over_ranks(math.ceil(mine.numel() / chunk))
     total = int(chosen.sum())
     identity = {"warm_start": lemur.warm_start, "items": total, "chunk": chunk, "rounds": rounds, "world_size": world,
@@ -174,16 +175,21 @@ def warm_start_bank(model: nn.Module, config: Config, maps: FeatureMaps, out: Pa
     return record
 
 
-def item_scl_matrix(maps: FeatureMaps) -> torch.Tensor:
-    """content_input=scl: (item rows, 128) int8, row r the SCL values of item row r (zeros where the
-    item has none, and row 0)."""
-    items = maps.of_column(schema.TARGET_ITEM)
-    rows = np.arange(1, items.num_rows)
-    scl_rows = maps.scl_of_items(np.asarray(items.keys), rows)
-    out = np.zeros((items.num_rows, schema.SCL_DIM), np.int8)
-    has = scl_rows > 0
-    out[rows[has]] = maps.scl.values[scl_rows[has] - 1]
-    return torch.from_numpy(out)
+def scl_content_source(maps: FeatureMaps):
+    """content_input=scl: item rows -> (N, 128) float SCL values (zeros where an item has none, and
+    for row 0), gathered from the memory-mapped values file on the host."""
+    keys = maps.of_column(schema.TARGET_ITEM).keys
+
+    def content(rows: torch.Tensor) -> torch.Tensor:
+        item_rows = rows.cpu().numpy()
+        raw = np.where(item_rows > 0, keys[np.maximum(item_rows - 1, 0)], 0)
+        scl_rows = maps.scl_of_items(raw, item_rows)
+        out = np.zeros((len(item_rows), schema.SCL_DIM), np.float32)
+        has = scl_rows > 0
+        out[has] = maps.scl.values[scl_rows[has] - 1]
+        return torch.from_numpy(out).to(rows.device)
+
+    return content
 
 
 def _merge(local: np.ndarray) -> np.ndarray:

@@ -80,7 +80,7 @@ class TargetEncoding(nn.Module):
         self.reduce: Callable[[torch.Tensor], torch.Tensor] = _local_sum  # an all-reduce once bound to the ranks
         self.writer = BankWriter()
         self.register_buffer("tokens", torch.zeros(0, config.max_tokens, dtype=torch.int32), persistent=False)
-        self.register_buffer("item_scl", torch.zeros(0, OUTPUT_DIM, dtype=torch.int8), persistent=False)
+        self.content_source: Callable[[torch.Tensor], torch.Tensor] | None = None  # content_input=scl: rows -> SCL values
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # training steps drawn: checkpointed,
         # so a resumed run draws exactly the p / q shares (and sweeps the rows) the uninterrupted run would have
         self.draw_seed = 0
@@ -104,10 +104,12 @@ class TargetEncoding(nn.Module):
             raise ValueError(f"item content holds token ID {too_large}, but model.lemur.vocab_size is {self.config.vocab_size}")
         self.tokens = tokens
 
-    def set_item_scl(self, values: torch.Tensor) -> None:
-        """content_input=scl: the (item rows, 128) int8 SCL values by item row, for encoding items
-        that are not this batch's targets (warm start, refresh); targets keep their looked-up vectors."""
-        self.item_scl = values
+    def set_content_source(self, source: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """content_input=scl: a function from item rows (N,) to their (N, 128) SCL values, for encoding
+        items that are not this batch's targets (warm start, refresh); targets keep their looked-up
+        vectors. `muse_rec.distributed.warm_start.scl_content_source` reads the memory-mapped values
+        file (shared by the ranks of a host through the page cache), so no rank holds a copy."""
+        self.content_source = source
 
     def seed(self, seed: int) -> None:
         """Seed of the p / q draws (give each rank its own); step s draws from seed and s alone."""
@@ -172,9 +174,9 @@ class TargetEncoding(nn.Module):
         """The encoder input of item rows: title tokens, or (content_input=scl) SCL values."""
         if self.config.content_input == "tokens":
             return self.tokens[rows.to(self.tokens.device)].to(rows.device)
-        if not self.item_scl.shape[0]:
-            raise RuntimeError("content_input=scl: set_item_scl was not called (the warm start and the refresh encode items from it)")
-        return self.item_scl[rows.to(self.item_scl.device)].to(rows.device).float()
+        if self.content_source is None:
+            raise RuntimeError("content_input=scl: set_content_source was not called (the warm start and the refresh encode items from it)")
+        return self.content_source(rows).to(rows.device).float()
 
     def _most_read(self, history_rows: torch.Tensor, written: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """refresh_policy most_read: the `refresh_rows` distinct rows this rank's batch reads most
@@ -194,12 +196,12 @@ class TargetEncoding(nn.Module):
         a step, so each is re-encoded every (rows held / refresh_rows) steps and the rows swept are
         those swept longest ago. Local: the rows are this rank's, no exchange; a never-written row
         stays missing. The position follows the checkpointed step count."""
-        held = self.writer.held_rows
-        if not held.numel():
+        count = self.writer.held_count
+        if not count:
             return
-        take = min(self.config.refresh_rows, held.numel())
-        positions = ((self.steps - 1) * take + torch.arange(take, device=held.device)) % held.numel()
-        rows = held[positions]
+        take = min(self.config.refresh_rows, count)
+        positions = ((self.steps - 1) * take + torch.arange(take, device=self.steps.device)) % count
+        rows = self.writer.held_rows(positions)
         self.writer.store_local(rows, self.encode_for_bank(rows), only_written=True)
 
     def _encode_the_rest(

@@ -68,16 +68,30 @@ class BankWriter(nn.Module):
         self.pieces: list[tuple[int, int, torch.Tensor]] | None = None  # None until bound; [] on a rank holding none
         self.exchange: Exchange = _local_exchange
         self.register_buffer("stats", torch.zeros(len(self.STATS), dtype=torch.float64), persistent=False)
-        self.register_buffer("held_rows", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.held_ranges: list[tuple[int, int]] = []  # the rows this rank holds: sorted, disjoint [start, stop)
+        self.register_buffer("_held_starts", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("_held_offsets", torch.zeros(1, dtype=torch.long), persistent=False)
 
     def bind(self, pieces: list[tuple[int, int, torch.Tensor]], exchange: Exchange | None = None) -> None:
         """(first row, first column, tensor) of every piece of the bank this rank holds."""
         self.pieces = pieces
         self.exchange = exchange or _local_exchange
-        ranges = sorted({(first, first + piece.shape[0]) for first, _, piece in pieces})
-        device = pieces[0][2].device if pieces else self.held_rows.device
-        held = [torch.arange(lo, hi, device=device) for lo, hi in ranges]
-        self.held_rows = torch.unique(torch.cat(held)) if held else torch.zeros(0, dtype=torch.long, device=device)
+        self.held_ranges = _union(sorted((first, first + piece.shape[0]) for first, _, piece in pieces))
+        device = pieces[0][2].device if pieces else self._held_starts.device
+        sizes = torch.tensor([hi - lo for lo, hi in self.held_ranges], dtype=torch.long, device=device)
+        self._held_starts = torch.tensor([lo for lo, _ in self.held_ranges], dtype=torch.long, device=device)
+        self._held_offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+
+    @property
+    def held_count(self) -> int:
+        """Rows this rank holds (a row held by several column pieces counts once)."""
+        return sum(hi - lo for lo, hi in self.held_ranges)
+
+    def held_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rows at `positions` (< held_count) of this rank's held rows in ascending order; from
+        the ranges, so no per-row index is kept (243 M rows would take 2 GB of int64)."""
+        index = torch.searchsorted(self._held_offsets[1:], positions, right=True)
+        return self._held_starts[index] + positions - self._held_offsets[index]
 
     @torch.no_grad()
     def clear(self) -> None:
@@ -174,6 +188,17 @@ def bank_metrics(sums: torch.Tensor) -> dict[str, float | None]:
         "bank_refreshed_rows": s["refreshed_items"],
         "bank_staleness_refresh": share("refresh_staleness_sum", "refreshed_items"),
     }
+
+
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted [start, stop) ranges merged where they overlap or touch."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        elif hi > lo:
+            out.append((lo, hi))
+    return out
 
 
 def _last_of_each(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

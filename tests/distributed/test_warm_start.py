@@ -98,7 +98,7 @@ def run(rank: int, root: str, init_file: str, tmp: str) -> None:
     results["record"] = warm_start_bank(whole.model, config, maps, Path(config.train.out), 0, progress=False)
     results["encoded_here"] = sum(calls)
     targets = dense_module(whole.model).targets
-    results["held"] = targets.writer.held_rows.tolist()
+    results["held"] = targets.writer.held_rows(torch.arange(targets.writer.held_count)).tolist()
     rows = sorted(loader_items(Path(root), config.data.long_seq_len, rank, WORLD))  # this rank's batches' items
     results["rows"] = rows
     results["bank"] = bank_rows(whole.model, rows)

@@ -273,7 +273,7 @@ def test_most_read_refresh_rewrites_a_bounded_number_of_the_rows_the_batch_reads
 def test_oldest_refresh_sweeps_the_held_rows_in_turn_and_leaves_missing_rows_missing(synthetic_root):
     model, batch = make(synthetic_root, "model.lemur.refresh_rows=25", "model.lemur.refresh_policy=oldest")
     writer = model.targets.writer
-    held = writer.held_rows
+    held = writer.held_rows(torch.arange(writer.held_count))
     with torch.no_grad():  # rows 1..60 already in the bank; the rest missing
         bank_weight(model)[1:61] = 1.0
     swept, means = [], []
@@ -333,3 +333,20 @@ def test_sorted_similarities_are_the_largest_cosines_and_train_the_encoder(synth
     model, batch = make(synthetic_root, "model.lemur.ranker_gradient=false", "model.lemur.contrastive_weight=0")
     model(batch)[0].backward()
     assert encoder_grad_norm(model) == 0.0  # the stop-gradient ablation: no path from the ranking loss
+
+
+def test_scl_content_source_reads_the_vectors_the_scl_table_holds(synthetic_root):
+    """content_input=scl: the warm start and the refresh encode an item from the values file's
+    vector, the one the SCL table gives the same item as a target."""
+    from muse_rec.distributed.table_weights import load_scl_table
+    from muse_rec.distributed.warm_start import scl_content_source
+
+    model, batch = make(synthetic_root, "model.lemur.content_input=scl", "model.lemur.refresh_rows=20")
+    maps = FeatureMaps.load(DatasetLayout(synthetic_root), "p90")
+    load_scl_table(model, maps.scl, torch.device("cpu"))
+    model.targets.set_content_source(scl_content_source(maps))
+    rows = batch.sequence_features[schema.TARGET_ITEM].values()
+    looked_up = model.dense_inputs(batch).target_scl
+    torch.testing.assert_close(model.targets._content(rows), looked_up)
+    assert looked_up[rows != 0].abs().sum(dim=1).gt(0).any()
+    model(batch)[0].backward()  # the refresh encodes history items from the same source
