@@ -128,12 +128,23 @@ class LemurConfig:
         "Let the ranking loss train the encoder through the target's representation (false: the ranker reads it "
         "detached and only the contrastive loss trains the encoder: the paper's stop-gradient ablation).",
     )
+    tower_reads_target: bool = option(
+        True,
+        "The tower reads the target's (L2-normalised) representation as a feature, as the paper's ranker reads the "
+        "encoded target (false: the representation reaches the ranker only through its similarities to the history).",
+    )
     sorted_similarities: int = option(
         0,
         "n > 0: the tower also reads the n largest cosines between the target's representation and the long history "
         "(the paper's cosine-similarity feature in sorted form), a path by which the ranking loss trains the encoder "
         "(the GSU's top-K and SimTier's histogram pass no gradient). 0: off.",
         at_least=0,
+    )
+    soft_simtier: bool = option(
+        False,
+        "Share each cosine between SimTier's two nearest bins instead of counting it in one: the histogram becomes "
+        "differentiable in the cosine, another path by which the ranking loss trains the encoder (the hard one passes "
+        "no gradient).",
     )
     warm_start: Literal["none", "train_items", "all_items"] = option(
         "train_items",
@@ -215,6 +226,11 @@ class OptimConfig:
     dense_weight_decay: float = option(0.01, "AdamW weight decay of the dense parameters (reference: 0.01).", at_least=0)
     encoder_lr: float | None = option(
         None, "AdamW learning rate of lemur's content encoder (null: dense_lr). The rest of the dense part keeps dense_lr."
+    )
+    encoder_embedding_lr: float | None = option(
+        None,
+        "AdamW learning rate of the content encoder's token embeddings (null: that of the rest of the encoder). Each "
+        "step moves only the tokens of its items, like a sparse table's rows.",
     )
     sparse_lr: float = option(2e-3, "Learning rate of the fused Adam on the embedding tables on CUDA (reference: lazy Adam 2e-3).", at_least=0)
     sparse_cpu: Literal["rowwise_adagrad", "sgd"] = option(

@@ -10,8 +10,9 @@ of only the items that happened to be targets already.
 2. Who encodes. Each rank encodes the chosen rows of the bank pieces it holds (row-wise: 1/world of
    the rows each) and stores them in place: no value crosses the network, and each distinct item is
    encoded once (a row held by several column-wise pieces on one rank once per rank). Chunks of
-   `warm_start_chunk` items, without gradient (`ContentEncoder.encode_for_bank`: a frozen encoder as
-   in evaluation; a fresh trainable one centred by each chunk's mean, like a training batch).
+   `warm_start_chunk` items, without gradient (`ContentEncoder.encode_for_bank`), centred by the
+   running mean as evaluation is; a fresh encoder's running mean is first set to the mean output over
+   a sample of train targets (`calibration_rows`, the same on every rank).
 3. Progress and resume. tqdm over rank 0's chunks; the log and the returned record (written to
    metrics.jsonl) give items, seconds for the scan and the encoding, items/s and the share of the
    item table covered. The bank and the chunks done are saved to `<train.out>/warm_start/` every
@@ -79,6 +80,19 @@ def items_read(layout: DatasetLayout, items: IdMap, long_len: int, rank: int = 0
     return seen
 
 
+def calibration_rows(layout: DatasetLayout, items: IdMap, count: int) -> np.ndarray:
+    """Up to `count` item rows of train targets, as training meets them (popular items as often as
+    they come: the running mean the centring then keeps is over targets too): the first row groups'."""
+    out: list[np.ndarray] = []
+    for group in list_row_groups(layout, "train"):
+        table = open_parquet(group.path).read_row_group(group.index, columns=[schema.TARGET_ITEM], use_threads=False)
+        rows = items.remap(table.column(schema.TARGET_ITEM).fill_null(0).to_numpy())
+        out.append(rows[rows != 0])
+        if sum(map(len, out)) >= count:
+            break
+    return np.concatenate(out)[:count] if out else np.zeros(0, np.int64)
+
+
 def _first_of_repeats(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """(rows,) bool: False for a row whose list equals the previous row's (same length, same items)."""
     lengths = np.diff(offsets)
@@ -128,8 +142,8 @@ def warm_start_bank(model: nn.Module, config: Config, maps: FeatureMaps, out: Pa
         targets.set_content_source(scl_content_source(maps))
     writer = targets.writer
     device = targets.steps.device
-    everyone = np.flatnonzero(chosen)  # the same on every rank: the sample the centring is calibrated on
-    calibrated = targets.calibrate_centring(torch.from_numpy(everyone[:: max(1, len(everyone) // chunk)][:chunk]).to(device))
+    sample = calibration_rows(DatasetLayout(config.data.root), item_map, chunk)  # the same on every rank
+    calibrated = targets.calibrate_centring(torch.from_numpy(sample).to(device))
     mine_rows = [lo + np.flatnonzero(chosen[lo:hi]) for lo, hi in writer.held_ranges]
     mine = torch.from_numpy(np.concatenate(mine_rows) if mine_rows else np.zeros(0, np.int64)).to(device)
     rounds = _max_over_ranks(math.ceil(mine.numel() / chunk))

@@ -29,9 +29,10 @@ class OutputCentring(nn.Module):
     ([CLS] and position vectors, biases), and any loss can lower itself by growing it: every item
     then points one way and cosine retrieval has nothing left (benchmarks/lemur.py measured cosine
     1.000 within and across clusters). Training centres the gradient by the batch mean, which has
-    no common part, so nothing grows it; the *value* is centred by the running mean, the reference
-    that evaluation and every value written to the memory bank use too, so a fresh target and the
-    cached items it is compared with are centred alike.
+    no common part, so nothing grows it. Evaluation, and every value written to the memory bank,
+    are centred by the running mean instead, so cached items and evaluated targets share one
+    reference: `last_shift` (batch mean - running mean of the last training call) turns a training
+    value into that (lemur's `TargetEncoding` adds it to the targets it writes).
 
     `deferred` (set by lemur's `TargetEncoding`): the running mean moves once a training step, in
     `commit`, by the mean over every item this step encoded on any rank; so it is the same on every
@@ -44,22 +45,24 @@ class OutputCentring(nn.Module):
         self.register_buffer("batches_tracked", torch.zeros(()))  # updates the running mean has had
         self.deferred = False
         self._pending: list[tuple[torch.Tensor, int]] = []  # (sum, count) of this step's training batches
+        self.last_shift = torch.zeros(OUTPUT_DIM)
 
     def reset_parameters(self) -> None:
         self.running_mean.zero_()
         self.batches_tracked.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_shift = self.running_mean.new_zeros(OUTPUT_DIM)
         if not self.training or x.shape[0] < 2:
             return x - self.running_mean
         mean = x.mean(dim=0)
+        reference = torch.where(self.batches_tracked > 0, self.running_mean, mean.detach())  # before any update: the batch's
+        self.last_shift = mean.detach() - reference
         if self.deferred:
             self._pending.append((x.detach().sum(dim=0), x.shape[0]))
         else:
             self._update(mean.detach())
-        # Before the first update (no warm start calibrated it) the batch mean is the only reference.
-        reference = torch.where(self.batches_tracked > 0, self.running_mean, mean.detach())
-        return x - mean + (mean.detach() - reference)  # value: x - reference; gradient: that of x - mean
+        return x - mean
 
     @torch.no_grad()
     def commit(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -128,7 +131,8 @@ class ContentEncoder(nn.Module):
         nn.init.normal_(self.cls, std=INIT_STD)
         nn.init.normal_(self.positions, std=INIT_STD)
         if isinstance(self.embed, nn.Embedding):  # BERT's scale: AdamW's steps of about lr move tokens from the start
-            nn.init.normal_(self.embed.weight, std=INIT_STD)
+            import os
+            nn.init.normal_(self.embed.weight, std=float(os.environ.get("MUSE_REC_TOKEN_STD", INIT_STD)))
             with torch.no_grad():
                 self.embed.weight[schema.PAD_TOKEN].zero_()
 

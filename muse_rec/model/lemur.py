@@ -32,6 +32,7 @@ from muse_rec.config import LemurConfig, ModelConfig
 from muse_rec.data import schema
 from muse_rec.model.encoder import OUTPUT_DIM, ContentEncoder, OutputCentring
 from muse_rec.model.memory_bank import READ_STATS, BankWriter, bank_table_config, missing
+from muse_rec.model.esu import SimTier
 from muse_rec.model.gsu import NORMALIZE_EPS
 from muse_rec.model.muse import MuseDense, MuseModel
 from muse_rec.model.tower import two_class_loss_and_prob
@@ -128,28 +129,33 @@ class TargetEncoding(nn.Module):
         if not self.training:
             encoded = encodable & (c.eval_target == "encoder")
             if c.eval_target == "encoder":
-                target = target.index_put((encoded,), self.encode(rows[encoded], scl[encoded], grad=False))
+                target = target.index_put((encoded,), self.encode(rows[encoded], scl[encoded], grad=False)[0])
         else:
             draw = self._draw(rows.numel()).to(rows.device)
             encoded = encodable & (draw < c.encode_share)
             with_grad = encoded & (draw < c.backward_share) & c.train_encoder
+            written = target.clone()  # the values stored: centred by the running mean, as the bank's other rows
             if c.train_encoder:  # even with no row selected: DDP expects the encoder in every rank's graph
-                target = target.index_put((with_grad,), self.encode(rows[with_grad], scl[with_grad], grad=True))
-            target = self._encode_the_rest(target, rows, scl, encoded, with_grad)
+                values, shift = self.encode(rows[with_grad], scl[with_grad], grad=True)
+                target = target.index_put((with_grad,), values)
+                written = written.index_put((with_grad,), values.detach() + shift)
+            target, written = self._encode_the_rest(target, written, rows, scl, encoded, with_grad)
             refresh = self._most_read(history_rows, rows[encoded]) if c.refresh_rows and c.refresh_policy == "most_read" else None
-            self.writer(rows[encoded], target[encoded].detach(), *(refresh or ()))
+            self.writer(rows[encoded], written[encoded], *(refresh or ()))
             if c.refresh_rows and c.refresh_policy == "oldest":
                 self._sweep()
         history = scl.new_zeros(0)
         if c.history_source == "encoder":
-            flat = self.encode(history_rows.reshape(-1), history_scl.reshape(-1, OUTPUT_DIM), grad=self.training and c.train_encoder)
+            flat = self.encode(history_rows.reshape(-1), history_scl.reshape(-1, OUTPUT_DIM), grad=self.training and c.train_encoder)[0]
             history = (flat * (history_rows.reshape(-1, 1) != 0)).view(*history_rows.shape, OUTPUT_DIM)
         if self.training and self.centring is not None:  # collective: every rank, once a training step
             self.centring.commit(self.reduce)
         return target, encoded, encodable, history
 
-    def encode(self, rows: torch.Tensor, scl: torch.Tensor, grad: bool) -> torch.Tensor:
-        """Representations (N, 128) of items `rows` (N,), each distinct item encoded once."""
+    def encode(self, rows: torch.Tensor, scl: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representations (N, 128) of items `rows` (N,), each distinct item encoded once, and the
+        (128,) shift that centres them by the running mean instead of their batch's (the values to
+        store in the bank: `OutputCentring.last_shift`; zero outside training)."""
         unique, inverse = torch.unique(rows, return_inverse=True)
         if self.config.content_input == "tokens":
             content = self.tokens[unique.to(self.tokens.device)].to(rows.device)
@@ -158,7 +164,9 @@ class TargetEncoding(nn.Module):
             first.scatter_reduce_(0, inverse, torch.arange(rows.numel(), device=rows.device), reduce="amin")
             content = scl[first]
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return self.encoder(content)[inverse]
+            values = self.encoder(content)[inverse]
+        centring = self.centring
+        return values, (centring.last_shift if centring is not None else values.new_zeros(OUTPUT_DIM))
 
     @torch.no_grad()
     def encode_for_bank(self, rows: torch.Tensor) -> torch.Tensor:
@@ -205,23 +213,27 @@ class TargetEncoding(nn.Module):
         self.writer.store_local(rows, self.encode_for_bank(rows), only_written=True)
 
     def _encode_the_rest(
-        self, target: torch.Tensor, rows: torch.Tensor, scl: torch.Tensor, encoded: torch.Tensor, with_grad: torch.Tensor
-    ) -> torch.Tensor:
+        self, target: torch.Tensor, written: torch.Tensor, rows: torch.Tensor, scl: torch.Tensor, encoded: torch.Tensor, with_grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The p share outside q, without gradient: an item already encoded with gradient this step
-        takes that value (detached) instead of running the encoder a second time."""
+        takes that value (detached) instead of running the encoder a second time. Returns the
+        targets and the values to store (`forward`)."""
         without = encoded & ~with_grad
         if not without.any():
-            return target
+            return target, written
         samples = with_grad.nonzero().squeeze(-1)
         items, inverse = torch.unique(rows[samples], return_inverse=True)
         done = torch.isin(rows, items) & without
         if done.any():  # the value of any with-gradient sample of the same item (all are equal)
             source = torch.empty_like(items).scatter_(0, inverse, samples)[torch.searchsorted(items, rows[done])]
             target = target.index_put((done,), target[source].detach())
+            written = written.index_put((done,), written[source])
         fresh = without & ~done
         if fresh.any():
-            target = target.index_put((fresh,), self.encode(rows[fresh], scl[fresh], grad=False))
-        return target
+            values, shift = self.encode(rows[fresh], scl[fresh], grad=False)
+            target = target.index_put((fresh,), values)
+            written = written.index_put((fresh,), values + shift)
+        return target, written
 
     def _draw(self, n: int) -> torch.Tensor:
         """n uniforms for this training step, from (seed, step) alone; advances the step. The step
@@ -297,8 +309,11 @@ class LemurModel(MuseModel):
         lemur = config.lemur
         if not 0.0 <= lemur.backward_share <= lemur.encode_share <= 1.0:
             raise ValueError(f"model.lemur: expected 0 <= backward_share <= encode_share <= 1, found {lemur.backward_share}, {lemur.encode_share}")
-        if lemur.sorted_similarities:
-            self.dense = MuseDense(config, self.TOWER_EXTRA_INPUTS + lemur.sorted_similarities)
+        extra = (self.TOWER_EXTRA_INPUTS if lemur.tower_reads_target else 2) + lemur.sorted_similarities
+        if extra != self.TOWER_EXTRA_INPUTS:
+            self.dense = MuseDense(config, extra)
+        if lemur.soft_simtier:
+            self.dense.simtier_short, self.dense.simtier_long = SoftSimTier(), SoftSimTier()
         self.bank_table = EmbeddingCollection([bank_table_config(table_rows[schema.ITEM_MAP], lemur.bank_dtype)], device=device)
         self.targets = TargetEncoding(lemur)
         self.read_coverage = ReadCoverage(config.short_seq_len)
@@ -326,6 +341,8 @@ class LemurModel(MuseModel):
         ranked = target if c.ranker_gradient else target.detach()  # false: the ranking loss leaves the encoder alone
         x = x._replace(target_scl=ranked, scl=history)
         extra = self._missing_flags_and_target(ranked, history, history_rows)
+        if not c.tower_reads_target:
+            extra = extra[:, OUTPUT_DIM:]  # the missing flags alone
         if c.sorted_similarities:
             extra = torch.cat([extra, self.sorted_similarities(ranked, history)], dim=-1)
         ranking, scores = two_class_loss_and_prob(self.dense(x, extra), batch.labels, batch.weights)
@@ -344,6 +361,22 @@ class LemurModel(MuseModel):
     def pop_bank_stats(self) -> torch.Tensor:
         """`BankWriter.STATS` + `READ_STATS` sums since the last call, this rank's share."""
         return torch.cat([self.targets.writer.pop_stats(), self.read_coverage.pop_stats()])
+
+
+class SoftSimTier(SimTier):
+    """SimTier with each cosine shared linearly between the two nearest bin centres instead of counted
+    in its one bin: the same histogram up to that smoothing, but differentiable in the cosine, so the
+    ranking loss reaches the encoder through the model's main similarity feature (`soft_simtier`).
+    Bin b's centre is the middle of the hard bin's interval ((b - 10.5) / 10 with 22 bins)."""
+
+    def forward(self, similarity: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        position = (similarity * float(self.steps_per_unit) + (self.steps_per_unit + 0.5)).clamp(0, self.bins - 1)
+        lower = position.detach().floor().clamp(max=self.bins - 2)
+        upper_share = position - lower
+        increments = torch.ones_like(similarity) if mask is None else mask.to(similarity.dtype)
+        counts = similarity.new_zeros(similarity.shape[0], self.bins)
+        counts = counts.scatter_add(1, lower.long(), increments * (1 - upper_share)).scatter_add(1, lower.long() + 1, increments * upper_share)
+        return torch.log(counts + 1.0) * self.weight
 
 
 class SortedSimilarities(nn.Module):

@@ -21,6 +21,7 @@ from muse_rec.model.encoder import ContentEncoder
 from muse_rec.model.lemur import InBatchContrastive, LemurModel, TargetEncoding
 from muse_rec.model.memory_bank import bank_metrics
 from muse_rec.model.tables import reads_scl_sequence
+from muse_rec.model.tower import tower_input_dim
 
 
 def make(synthetic_root, *overrides: str) -> tuple[LemurModel, object]:
@@ -350,3 +351,27 @@ def test_scl_content_source_reads_the_vectors_the_scl_table_holds(synthetic_root
     torch.testing.assert_close(model.targets._content(rows), looked_up)
     assert looked_up[rows != 0].abs().sum(dim=1).gt(0).any()
     model(batch)[0].backward()  # the refresh encodes history items from the same source
+
+
+def test_soft_simtier_is_the_histogram_at_bin_centres_and_passes_gradient():
+    from muse_rec.model.esu import SimTier
+    from muse_rec.model.lemur import SoftSimTier
+
+    torch.manual_seed(0)
+    hard, soft = SimTier(), SoftSimTier()
+    soft.weight.data.copy_(hard.weight.data)
+    centres = torch.tensor([[0.25, -0.55, 0.95, 0.05, 0.05, -0.95]], requires_grad=True)  # the middle of hard bins
+    torch.testing.assert_close(soft(centres), hard(centres.detach()))
+    mask = torch.tensor([[True, True, False, True, False, True]])
+    torch.testing.assert_close(soft(centres, mask), hard(centres.detach(), mask))
+    between = torch.tensor([[0.3]])  # a bin edge: half in each neighbour
+    counts = torch.exp(soft(between) / soft.weight) - 1
+    torch.testing.assert_close(counts[0, 13:15], torch.tensor([0.5, 0.5]))
+    soft(centres).sum().backward()
+    assert centres.grad.abs().sum() > 0
+
+
+def test_the_tower_can_leave_the_target_representation_out(synthetic_root):
+    model, batch = make(synthetic_root, "model.lemur.tower_reads_target=false", "model.lemur.sorted_similarities=5")
+    assert model.dense.tower.layers[0].in_features == tower_input_dim(model.config.embedding_dim) + 2 + 5
+    model(batch)[0].backward()
