@@ -72,7 +72,8 @@ def two_stage(data, tmp_path_factory) -> tuple[dict, dict, list[dict]]:
     train(data, pretrain, "model.lemur.ranking_weight=0", "model.lemur.contrastive_weight=1")
     frozen = tmp_path_factory.mktemp("two_stage")
     records = train(data, frozen, "model.lemur.train_encoder=false", f"model.lemur.encoder_checkpoint={latest(pretrain)}",
-                    "model.lemur.warm_start=all_items", "model.lemur.encode_share=0", "model.lemur.backward_share=0")
+                    "model.lemur.warm_start=all_items", "model.lemur.encode_share=0", "model.lemur.backward_share=0",
+                    "model.lemur.refresh_rows=0")
     return final_state(pretrain), final_state(frozen), records
 
 
