@@ -69,6 +69,7 @@ for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere: the c
 import plotting  # noqa: E402
 from quality import common_overrides, oracle_metrics, run_training, summarize  # noqa: E402
 
+from muse_rec.batch import batch_layout  # noqa: E402
 from muse_rec.config import SynthConfig, load_config  # noqa: E402
 from muse_rec.data import schema  # noqa: E402
 from muse_rec.data import synth  # noqa: E402
@@ -82,7 +83,6 @@ from muse_rec.errors import MuseRecError  # noqa: E402
 from muse_rec.model.encoder import ContentEncoder  # noqa: E402
 from muse_rec.model.factory import make_model  # noqa: E402
 from muse_rec.model.lemur import LemurModel  # noqa: E402
-from muse_rec.model.tables import reads_scl_sequence  # noqa: E402
 from muse_rec.train.checkpoint import latest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -234,7 +234,7 @@ def cost(args: argparse.Namespace, data_root: Path) -> dict:
             model.targets.writer.clear()
             model.targets.writer.store_local(torch.arange(1, maps.table_rows()[schema.ITEM_MAP]), torch.randn(maps.table_rows()[schema.ITEM_MAP] - 1, 128),
                                              only_written=False)  # a full bank, as after the warm start
-        batches = iter(ShardDataset(config.data, "train", 0, 1, maps, scl_sequence=reads_scl_sequence(config.model)))
+        batches = iter(ShardDataset(config.data, "train", 0, 1, maps, layout=batch_layout(config.model)))
         seconds, distinct = [], []
         for step in range(2 + args.cost_steps):
             batch = next(batches)

@@ -2,10 +2,12 @@
 
 The synthetic catalogue is small, so by default the item and SCL maps are padded with filler keys
 up to the real p90 size (35.46 M rows): lookups then miss caches as they do on TAOBAO-MM. The SCL
-values file is grown as a sparse file (only real rows are written). Prints a table and saves
-benchmarks/results/loader.json. Target: 20,000 samples/s per core.
+values file is grown as a sparse file (only real rows are written). `--method` sets the batch
+layout of that method's model (`muse_rec.batch.batch_layout`, gsu_stage loader by default: the
+loader's GSU included; `--set model.gsu_stage=model`: whole sequences). Prints a table and saves
+benchmarks/results/loader.json. Target: 20,000 samples/s per core, GSU included.
 
-    python benchmarks/loader.py [--users 10000] [--map-rows 35460000] [--workers 0 1 2]
+    python benchmarks/loader.py [--users 10000] [--map-rows 35460000] [--workers 0 1 2] [--method muse] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from muse_rec.config import DataConfig, SynthConfig
+from muse_rec.batch import BatchLayout, batch_layout
+from muse_rec.config import DataConfig, SynthConfig, load_config
 from muse_rec.data import schema
 from muse_rec.data.atomic import npy_memmap_writer, save_npy
 from muse_rec.data.feature_map import FeatureMaps
@@ -49,7 +52,7 @@ def inflate_maps(root: Path, rows: int, seed: int = 0) -> None:
     save_npy(layout.scl_keys_path, new_keys)
 
 
-def phase_times(config: DataConfig, maps: FeatureMaps) -> dict:
+def phase_times(config: DataConfig, maps: FeatureMaps, layout: BatchLayout) -> dict:
     """Milliseconds per 1000 samples of each step on one core (second pass: caches warm)."""
     groups = list_row_groups(DatasetLayout(config.root), "train")
     for group in (*groups, *groups):
@@ -63,15 +66,15 @@ def phase_times(config: DataConfig, maps: FeatureMaps) -> dict:
         t2 = time.perf_counter()
         for start in range(0, group.num_rows, config.batch_size):
             rows_in_batch = np.arange(start, min(start + config.batch_size, group.num_rows))
-            assemble_batch([(decoded, rows_in_batch)], np.ones(len(rows_in_batch), np.float32), config.long_seq_len)
+            assemble_batch([(decoded, rows_in_batch)], np.ones(len(rows_in_batch), np.float32), config.long_seq_len, layout, maps.scl.values)
         t3 = time.perf_counter()
         read, decode, assemble, rows = read + t1 - t0, decode + t2 - t1, assemble + t3 - t2, rows + group.num_rows
-    return {name: round(1e6 * t / rows, 2) for name, t in (("read_parquet", read), ("decode_remap_pad", decode), ("assemble_batch", assemble))}
+    return {name: round(1e6 * t / rows, 2) for name, t in (("read_parquet", read), ("decode_remap_pad", decode), ("assemble_batch_and_gsu", assemble))}
 
 
-def throughput(config: DataConfig, maps: FeatureMaps, workers: int) -> float:
+def throughput(config: DataConfig, maps: FeatureMaps, workers: int, layout: BatchLayout) -> float:
     """Samples/s of one whole pass, worker start-up included (the page cache is warm by now)."""
-    dataset = ShardDataset(config, "train", maps=maps)
+    dataset = ShardDataset(config, "train", maps=maps, layout=layout)
     start = time.perf_counter()
     rows = sum(batch.batch_size for batch in make_dataloader(dataset, num_workers=workers))
     return rows / (time.perf_counter() - start)
@@ -83,6 +86,8 @@ def main() -> None:
     parser.add_argument("--map-rows", type=int, default=35_460_000, help="pad item/SCL maps to this many keys (0: no padding)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts to measure (0 = in process)")
     parser.add_argument("--data", type=Path, default=RESULTS / "loader-data", help="where the synthetic shards go")
+    parser.add_argument("--method", default="muse", help="model.method whose batch layout the loader assembles")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. model.gsu_stage=model")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -90,7 +95,8 @@ def main() -> None:
     synthesize(synth, args.data, progress=True)
     if args.map_rows:
         inflate_maps(args.data, args.map_rows)
-    config = DataConfig(root=str(args.data), batch_size=1000)
+    full_config = load_config(None, [f"data.root={args.data}", "data.batch_size=1000", f"model.method={args.method}", *args.set])
+    config, layout = full_config.data, batch_layout(full_config.model)
     maps = FeatureMaps.load(DatasetLayout(args.data), config.vocab)
     sequence_bytes = 8 * 2 * config.long_seq_len
 
@@ -98,12 +104,13 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "threads_per_process": torch.get_num_threads(), "platform": platform.platform(), "processor": platform.processor()},
         "data": {"train_rows": ShardDataset(config, "train", maps=maps).plan.total_rows, "item_map_rows": maps.of_column(schema.HIST_ITEMS).num_rows,
                  "scl_rows": maps.scl.num_rows, "id_bytes_per_sample": sequence_bytes},
-        "ms_per_1000_samples_one_core": phase_times(config, maps),
+        "layout": {"method": args.method, "gsu_stage": full_config.model.stage, "sequence_features": layout.sequence_lengths(config.long_seq_len)},
+        "ms_per_1000_samples_one_core": phase_times(config, maps, layout),
         "runs": [],
         "target_samples_per_second_per_core": TARGET_PER_CORE,
     }
     for workers in args.workers:
-        rate = throughput(config, maps, workers)
+        rate = throughput(config, maps, workers, layout)
         per_worker = rate / max(workers, 1)
         result["runs"].append({"workers": workers, "samples_per_second": round(rate), "per_worker": round(per_worker),
                                "of_target": round(per_worker / TARGET_PER_CORE, 3)})

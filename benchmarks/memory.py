@@ -50,7 +50,7 @@ from muse_rec.data.loader import ShardDataset
 from muse_rec.distributed.planning import load_config_with_profile, plan_offline, save_plan, table_rows
 from muse_rec.distributed.sharding import DENSE_MULTIPLIER
 from muse_rec.errors import MuseRecError
-from muse_rec.model.tables import reads_scl_sequence
+from muse_rec.batch import batch_layout
 from train_throughput import ESTIMATE, METHODS, batches_forever, plan_summary, prepare_data, save_run, status_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def worker(rank: int, world: int, config: Config, port: int, out_dir: str, opts:
     device = {"after_build": torch.cuda.memory_allocated(runtime.device)} if cuda else {}
 
     restarts = [0]
-    dataset = ShardDataset(config.data, "train", rank, world, maps, scl_sequence=reads_scl_sequence(config.model))
+    dataset = ShardDataset(config.data, "train", rank, world, maps, layout=batch_layout(config.model))
     batches = batches_forever(dataset, config.data.num_workers, restarts, pin_memory=cuda)
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, runtime.device, execute_all_batches=True)
     sharded.model.train()

@@ -1,32 +1,43 @@
 """Model quality: MUSE, SIM-soft, SIM-hard and DIN trained on one synthetic set, a table like the paper's.
 
-One synthetic data set (`muse_rec.data.synth.synthesize`: the default generative model, planted
-long-sequence SCL-aware click signal included, only the sizes and the seed set here) is written
-once under <out-dir>/quality-data/. Each method then trains one epoch and is evaluated on the test
-split by `muse-rec train`, launched per method as its own job on `--nproc` CPU ranks through
-`python -m torch.distributed.run` with the method's configs/<method>.yaml (DIN reads the last 50
-behaviours, data.long_seq_len=50; the others the 1000-long sequence) and the same overrides for
-every method: data root, batch size, seed, optimizer settings. The test metrics are read back from
-the last record of each run's metrics.jsonl (<out-dir>/quality-runs/<method>/; a run directory is
-emptied first, so no run resumes from an older checkpoint).
+One synthetic data set (`muse_rec.data.synth.synthesize`) is written once under
+<out-dir>/quality-data/. Its generative model is the synth section of --synth-config, by default
+configs/synthetic_separating.yaml: evidence of the user's interests that is scarce, old, cut across
+categories and told through many different items, so that what each GSU retrieves of it decides
+the GAUC (the synth module doc, "The separating preset", says why each method lands where it does).
+`--synth-config builtin` takes SynthConfig's defaults instead, the classic model on which MUSE,
+SIM-Soft and SIM-Hard all reach the oracle. Only the sizes and the seed are set here. Each method then
+trains one epoch and is evaluated on the test split by `muse-rec train`, launched per method as its
+own job on `--nproc` CPU ranks through `python -m torch.distributed.run` with the method's
+configs/<method>.yaml (DIN reads the last 50 behaviours, data.long_seq_len=50; the others the
+1000-long sequence) and the same overrides for every method: data root, batch size, seed, optimizer
+settings. The jobs import this checkout's muse_rec (its root goes first on their PYTHONPATH). The
+test metrics are read back from the last record of each run's metrics.jsonl
+(<out-dir>/quality-runs/<method>/; a run directory is emptied first, so no run resumes from an older
+checkpoint).
 
-The table holds exact GAUC (the paper's metric, computed over the whole test split), exact AUC, the
-reference code's per-batch GAUC, logloss, and the gain over DIN both as (gauc - gauc_din) / gauc_din
-and as RelaImpr = (gauc - 0.5) / (gauc_din - 0.5) - 1, beside the paper's Open-Source-1k GAUCs. An
-"oracle" row scores every test impression with its true click probability from the generative model
-(recomputed from the same seeded draws as the data), the ceiling any model can reach on this set.
-Everything is printed and saved to <out-dir>/quality.json and <out-dir>/quality.md.
+The table holds exact GAUC (the paper's metric, computed over the whole test split) with its
+bootstrap standard error over the test users, exact AUC, the reference code's per-batch GAUC,
+logloss, and the gain over DIN both as (gauc - gauc_din) / gauc_din and as RelaImpr = (gauc - 0.5) /
+(gauc_din - 0.5) - 1, beside the paper's Open-Source-1k GAUCs. An "oracle" row scores every test
+impression with its true click probability from the generative model (recomputed from the same
+seeded draws as the data), the ceiling any model can reach on this set. The separation check is the
+target of issue #13: MUSE > SIM-Soft > SIM-Hard > DIN, each gap above two bootstrap SEs, and MUSE at
+least 0.01 GAUC below the oracle. Everything is printed and saved to <out-dir>/quality.json,
+<out-dir>/quality.md and <out-dir>/quality.png (GAUC bars with +-1 SE error bars, beside the
+paper's GAUCs); `--replot quality.json` redraws the figure alone.
 
-Optimizer: one setting for every method, chosen on a small set (1,500 / 800 users, DIN and MUSE):
-batch 250 per rank, dense AdamW 2e-3, CPU embedding row-wise Adagrad 0.05. The paper's dense 2e-4
-underfits the few hundred steps of a small CPU epoch (MUSE logloss 0.43 at batch 250 and 0.58 at
-batch 1000 against 0.27 here; DIN's GAUC 0.55 and 0.51 against 0.66); 1e-3 and 5e-3 were within
-noise of 2e-3. On CPU the tables are trained by fbgemm's row-wise Adagrad (`optim.sparse_cpu_lr`),
-not the reference's lazy Adam, which fbgemm lacks on CPU.
+Optimizer: one setting for every method, chosen on a small set of the classic model (1,500 / 800
+users, DIN and MUSE): batch 250 per rank, dense AdamW 2e-3, CPU embedding row-wise Adagrad 0.05. The
+paper's dense 2e-4 underfits the few hundred steps of a small CPU epoch (MUSE logloss 0.43 at batch
+250 and 0.58 at batch 1000 against 0.27 here; DIN's GAUC 0.55 and 0.51 against 0.66); 1e-3 and 5e-3
+were within noise of 2e-3. On CPU the tables are trained by fbgemm's row-wise Adagrad
+(`optim.sparse_cpu_lr`), not the reference's lazy Adam, which fbgemm lacks on CPU.
 
     python benchmarks/quality.py [--users 6000] [--test-users 4000] [--nproc 2] [--batch-size 250]
         [--methods muse,sim_soft,sim_hard,din] [--seed 42] [--dense-lr 2e-3] [--sparse-lr 0.05]
-        [--out-dir benchmarks/results] [--set KEY=VALUE ...] [--quiet]
+        [--synth-config configs/synthetic_separating.yaml | builtin] [--synth-set KEY=VALUE ...]
+        [--out-dir benchmarks/results] [--set KEY=VALUE ...] [--quiet] [--replot QUALITY_JSON]
 """
 from __future__ import annotations
 
@@ -47,13 +58,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: import the checkout's muse_rec
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:  # imported (tests): plotting sits beside this file
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import plotting  # noqa: E402  (benchmarks/plotting.py, beside this script)
 from muse_rec.config import SynthConfig, load_config  # noqa: E402
 from muse_rec.data import schema  # noqa: E402
 from muse_rec.data import synth  # noqa: E402
-from muse_rec.train.metrics import group_aucs, exact_auc, exact_gauc, logloss  # noqa: E402
+from muse_rec.train.metrics import GAUC_BOOTSTRAP_DRAWS, exact_auc, exact_gauc, gauc_bootstrap_se, logloss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SEPARATING = ROOT / "configs" / "synthetic_separating.yaml"
 METHODS = ("muse", "sim_soft", "sim_hard", "din")
 LABELS = {"muse": "MUSE", "sim_soft": "SIM-Soft", "sim_hard": "SIM-Hard", "din": "DIN"}
 GSU = {
@@ -79,9 +94,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="learning rate of the CPU embedding optimizer (optim.sparse_cpu_lr, row-wise Adagrad), every "
                         "method (default 0.05); CUDA runs keep optim.sparse_lr (Adam, reference 2e-3) unless --set")
     p.add_argument("--out-dir", default=str(RESULTS), help="results directory (default benchmarks/results)")
+    p.add_argument("--synth-config", default=str(SEPARATING),
+                   help="YAML whose synth: section is the generative model (sizes and seed replaced by --users, "
+                        f"--test-users, --seed); default {SEPARATING.relative_to(ROOT)}; 'builtin' for SynthConfig's "
+                        "defaults (the classic model, on which the long-sequence methods all reach the ceiling)")
+    p.add_argument("--synth-set", dest="synth_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of a synth key (without the synth. prefix), after --synth-config (repeatable)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override passed to every method's job (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars from the training jobs")
+    p.add_argument("--replot", metavar="QUALITY_JSON", help="only redraw the figure of an earlier run's quality.json (beside it)")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -92,8 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- data ------------------------------------------------------------------------------------------
 def synth_config(args: argparse.Namespace) -> SynthConfig:
-    """The default generative model; only the sizes and the seed change."""
-    return dataclasses.replace(SynthConfig(), seed=args.seed, train_users=args.users, test_users=args.test_users)
+    """The generative model of --synth-config (and --synth-set); the sizes and the seed from the arguments."""
+    path = None if args.synth_config == "builtin" else args.synth_config
+    base = load_config(path, [f"synth.{item}" for item in args.synth_overrides]).synth
+    return dataclasses.replace(base, seed=args.seed, train_users=args.users, test_users=args.test_users)
 
 
 def oracle_metrics(config: SynthConfig) -> dict:
@@ -118,19 +142,6 @@ def oracle_metrics(config: SynthConfig) -> dict:
     }
 
 
-def gauc_bootstrap_se(user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray, draws: int = 2000, seed: int = 0) -> float:
-    """Standard error of a GAUC from the sampling of test users: the spread of the GAUC over users
-    drawn with replacement (per-user AUCs and row weights fixed). Computed for the oracle's scores,
-    it says how far apart two models' GAUCs on this test set must be to mean anything (a paired
-    comparison of two models is tighter than this, their errors being correlated)."""
-    aucs, rows = group_aucs(user_ids, scores, labels, tie_credit=0.5)
-    if aucs.size < 2:
-        return math.nan
-    picks = np.random.default_rng(seed).integers(aucs.size, size=(draws, aucs.size))
-    values = (aucs[picks] * rows[picks]).sum(axis=1) / rows[picks].sum(axis=1)
-    return float(values.std(ddof=1))
-
-
 # -- training jobs ---------------------------------------------------------------------------------
 def common_overrides(args: argparse.Namespace, data_root: Path, run_dir: Path) -> list[str]:
     """Every method gets the same overrides (only its config file's method and sequence length differ)."""
@@ -142,6 +153,7 @@ def common_overrides(args: argparse.Namespace, data_root: Path, run_dir: Path) -
         "train.resume=false",
         f"optim.dense_lr={args.dense_lr}",
         f"optim.sparse_cpu_lr={args.sparse_lr}",
+        f"train.eval_gauc_se_draws={GAUC_BOOTSTRAP_DRAWS}",  # each method's GAUC gets its bootstrap SE
         *args.overrides,
     ]
 
@@ -195,6 +207,78 @@ def run_method(args: argparse.Namespace, method: str, data_root: Path, runs: Pat
     return {"method": method, "gsu": GSU[method], "long_seq_len": config.data.long_seq_len, **summarize(records, seconds, run_dir)}
 
 
+# -- the target: separation without a ceiling -----------------------------------------------------
+ORDER = ("muse", "sim_soft", "sim_hard", "din")
+"""The order the paper's argument predicts, best first (shared/spec/muse-model.md; issue #13)."""
+GAP_SES = 2.0
+"""Each neighbouring gap must exceed this many bootstrap SEs (the larger SE of the two methods)."""
+CEILING_MARGIN = 0.01
+"""MUSE must stay at least this far (GAUC) below the oracle: a ceiling would hide a regression."""
+
+
+def separation(results: dict[str, dict], oracle: dict) -> dict | None:
+    """Whether the methods separate as the paper says (None unless all four ran): MUSE > SIM-Soft >
+    SIM-Hard > DIN, each gap above GAP_SES bootstrap SEs, and MUSE CEILING_MARGIN below the oracle."""
+    if not all(method in results for method in ORDER):
+        return None
+    gaps = []
+    for better, worse in zip(ORDER, ORDER[1:]):
+        gap = results[better]["gauc"] - results[worse]["gauc"]
+        se = max(results[better]["gauc_bootstrap_se"], results[worse]["gauc_bootstrap_se"])
+        gaps.append({"better": better, "worse": worse, "gap": gap, "se": se, "gap_in_se": gap / se, "ok": gap > GAP_SES * se})
+    below = oracle["gauc"] - results["muse"]["gauc"]
+    ceiling_ok = below >= CEILING_MARGIN
+    return {"gaps": gaps, "muse_below_oracle": below, "ceiling_ok": ceiling_ok, "ok": ceiling_ok and all(g["ok"] for g in gaps)}
+
+
+def separation_text(check: dict | None) -> str:
+    if check is None:
+        return f"separation: not checked (needs all of {', '.join(ORDER)})"
+    gaps = "; ".join(
+        f"{LABELS[g['better']]} - {LABELS[g['worse']]} {g['gap']:+.4f} ({g['gap_in_se']:.1f} SE)" for g in check["gaps"]
+    )
+    verdict = "MET" if check["ok"] else "NOT MET"
+    return (f"separation target {verdict}: {gaps} (each must exceed {GAP_SES:g} SE); MUSE {check['muse_below_oracle']:.4f} "
+            f"below the oracle (must be >= {CEILING_MARGIN})")
+
+
+# -- figure ----------------------------------------------------------------------------------------
+def plot(report: dict, path: Path) -> Path:
+    """GAUC of each method and of the oracle with +-1 bootstrap SE, beside the paper's GAUCs."""
+    results, oracle, setup = report["results"], report["oracle"], report["setup"]
+    methods = list(results)
+    fig, (ax, paper_ax) = plotting.figure(1, 2, 5.4, 4.2)
+    names = [LABELS[m] for m in methods] + ["oracle"]
+    values = [results[m]["gauc"] for m in methods] + [oracle["gauc"]]
+    errors = [results[m]["gauc_bootstrap_se"] for m in methods] + [oracle["gauc_bootstrap_se"]]
+    colors = [plotting.COLORS[ORDER.index(m) if m in ORDER else 4] for m in methods] + ["0.6"]
+    x = list(range(len(names)))
+    ax.bar(x, [v - 0.5 for v in values], 0.7, bottom=0.5, yerr=errors, capsize=5, color=colors, edgecolor="black", linewidth=0.5)
+    ax.axhline(oracle["gauc"], color="0.4", linestyle="--", linewidth=1)
+    for xi, value, error in zip(x, values, errors):
+        ax.text(xi, value + error + 0.004, f"{value:.3f}", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(x, names)
+    ax.set_ylim(min(0.5, min(values) - 0.03), max(values) + 0.04)  # a model below chance shows as a bar down from 0.5
+    ax.set_ylabel("test GAUC ± 1 bootstrap SE (axis from 0.5)")
+    ax.set_title(f"this benchmark: {setup['users']:,} train / {setup['test_users']:,} test users,\n"
+                 f"1 epoch, {setup['nproc']} CPU ranks, same optimizer for all", fontsize=10)
+    paper = [m for m in ORDER if m in results]
+    paper_ax.bar(range(len(paper)), [PAPER_GAUC[m] for m in paper], 0.7, color=[plotting.COLORS[ORDER.index(m)] for m in paper],
+                 edgecolor="black", linewidth=0.5)
+    for xi, m in enumerate(paper):
+        paper_ax.text(xi, PAPER_GAUC[m] + 0.0003, f"{PAPER_GAUC[m]:.4f}", ha="center", va="bottom", fontsize=9)
+    paper_ax.set_xticks(range(len(paper)), [LABELS[m] for m in paper])
+    paper_ax.set_ylim(0.605, 0.618)
+    paper_ax.set_ylabel("GAUC (axis from 0.605)")
+    paper_ax.set_title("paper, Open-Source-1k (TAOBAO-MM),\n1 epoch, no error bars published", fontsize=10)
+    check = report.get("separation")
+    title = f"GAUC of MUSE and its baselines, generative model {Path(setup.get('synth_config', '?')).name}"
+    if check is not None:
+        gaps = ", ".join(f"{g['gap_in_se']:.1f}" for g in check["gaps"])
+        title += f"\nneighbour gaps {gaps} SE; MUSE {check['muse_below_oracle']:.3f} below the oracle"
+    return plotting.save(fig, path, title)
+
+
 # -- table -----------------------------------------------------------------------------------------
 def add_gains(results: dict[str, dict]) -> None:
     base = results.get("din")
@@ -217,7 +301,7 @@ def markdown_table(results: dict[str, dict], oracle: dict | None) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 100:+.2f}%"
 
     lines = [
-        "| method | GSU | seq | GAUC | AUC | ref. batch GAUC | logloss | GAUC gain vs DIN | RelaImpr vs DIN "
+        "| method | GSU | seq | GAUC ± SE | AUC | ref. batch GAUC | logloss | GAUC gain vs DIN | RelaImpr vs DIN "
         "| paper GAUC | paper gain / RelaImpr | train+eval |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -225,7 +309,7 @@ def markdown_table(results: dict[str, dict], oracle: dict | None) -> str:
         paper_gain, paper_rela = paper_gains(method)
         paper = f"{pct(paper_gain)} / {pct(paper_rela)}" if method != "din" else "-"
         lines.append(
-            f"| {LABELS[method]} | {r['gsu']} | {r['long_seq_len']} | {r['gauc']:.4f} | {r['auc']:.4f} "
+            f"| {LABELS[method]} | {r['gsu']} | {r['long_seq_len']} | {r['gauc']:.4f} ± {r['gauc_bootstrap_se']:.4f} | {r['auc']:.4f} "
             f"| {r['reference_batch_gauc']:.4f} | {r['logloss']:.4f} | {pct(r['gauc_gain_vs_din'])} "
             f"| {pct(r['relaimpr_vs_din'])} | {PAPER_GAUC[method]:.4f} | {paper} | {r['seconds'] / 60:.1f} min |"
         )
@@ -236,7 +320,7 @@ def markdown_table(results: dict[str, dict], oracle: dict | None) -> str:
             gain = (oracle["gauc"] - din["gauc"]) / din["gauc"]
             rela = (oracle["gauc"] - 0.5) / (din["gauc"] - 0.5) - 1.0
         lines.append(
-            f"| oracle (true click probability) | - | - | {oracle['gauc']:.4f} | {oracle['auc']:.4f} | - "
+            f"| oracle (true click probability) | - | - | {oracle['gauc']:.4f} ± {oracle['gauc_bootstrap_se']:.4f} | {oracle['auc']:.4f} | - "
             f"| {oracle['logloss']:.4f} | {pct(gain)} | {pct(rela)} | - | - | - |"
         )
     return "\n".join(lines)
@@ -244,6 +328,10 @@ def markdown_table(results: dict[str, dict], oracle: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        print(f"figure written to {plot(report, Path(args.replot).with_suffix('.png'))}")
+        return 0
     out = Path(args.out_dir).resolve()
     data_root, runs = out / "quality-data", out / "quality-runs"
     started = time.perf_counter()
@@ -263,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         results[method] = run_method(args, method, data_root, runs)
     add_gains(results)
+    check = separation(results, oracle)
     table = markdown_table(results, oracle)
     total = time.perf_counter() - started
     setup = {
@@ -274,14 +363,16 @@ def main(argv: list[str] | None = None) -> int:
         "dense_optimizer": f"AdamW lr {args.dense_lr} (weight decay and betas from configs/<method>.yaml)",
         "sparse_optimizer": f"CPU: {load_config().optim.sparse_cpu} lr {args.sparse_lr} (CUDA: fused Adam, optim.sparse_lr)",
         "extra_overrides": args.overrides,
+        "synth_config": args.synth_config,
+        "synth_overrides": args.synth_overrides,
         "synth": dataclasses.asdict(synth_cfg),
         "data_root": str(data_root),
     }
     note = (
         f"One epoch on {summary['splits']['train']['rows']:,} train rows (test {summary['splits']['test']['rows']:,}), evaluated on the whole test split (exact GAUC, "
         "users with one class skipped). Paper columns: Open-Source-1k (TAOBAO-MM), not this synthetic set. "
-        f"Sampling noise of a GAUC on this test set: SE {oracle['gauc_bootstrap_se']:.4f} (bootstrap over test users, "
-        "oracle scores); differences between two models are less noisy than that, their errors being correlated."
+        f"± SE: bootstrap standard error of each GAUC over the test users (per-user AUCs fixed, {GAUC_BOOTSTRAP_DRAWS} resamples); "
+        "differences between two models are less noisy than that, their errors being correlated."
     )
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -292,22 +383,26 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": round(total, 1),
         "oracle": oracle,
         "results": results,
+        "separation": check,
         "paper_gauc": PAPER_GAUC,
         "table_markdown": table,
     }
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "quality.json", out / "quality.md"
+    json_path, md_path, png_path = out / "quality.json", out / "quality.md", out / "quality.png"
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     md_path.write_text(
         "# Model quality on synthetic data\n\n"
         f"{args.users:,} train users / {args.test_users:,} test users, seed {args.seed}, {args.nproc} ranks x batch "
-        f"{args.batch_size}, {setup['dense_optimizer']}, sparse {setup['sparse_optimizer']}. {note}\n\n{table}\n\n"
+        f"{args.batch_size}, {setup['dense_optimizer']}, sparse {setup['sparse_optimizer']}, generative model "
+        f"{args.synth_config}. {note}\n\n{table}\n\n{separation_text(check)}.\n\n"
         f"Total time {total / 60:.1f} min (data {synth_seconds:.0f} s).\n"
     )
+    plot(report, png_path)
     print("\n" + table + "\n")
     print(note)
+    print(separation_text(check))
     print(f"total {total / 60:.1f} min")
-    print(f"results written to {json_path} and {md_path}")
+    print(f"results written to {json_path}, {md_path} and {png_path}")
     return 0
 
 

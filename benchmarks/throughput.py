@@ -30,7 +30,7 @@ import plotting
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from muse_rec.config import load_config
 from muse_rec.errors import MuseRecError
-from train_throughput import METHODS, RESULTS, ROOT, STAGES, add_run_arguments, measure
+from train_throughput import METHODS, RESULTS, ROOT, STAGES, add_run_arguments, measure, save_profiles
 
 SHORT_STAGES = {"data": "data", "lookup": "embedding lookup", "gsu": "GSU", "dense_forward": "dense forward",
                 "dense_backward": "dense backward", "sparse_backward": "sparse backward + DDP wait",
@@ -138,6 +138,8 @@ def main() -> None:
                 result = measure(method, batch, args, label)
             except MuseRecError as e:  # a profile this machine cannot run, a plan that does not fit
                 parser.error(str(e))
+            for path in save_profiles(result, RESULTS / "throughput.json"):
+                print(f"   profile: {path}")
             runs.append(result)
             rows.append(summary(result))
             print(f"   {rows[-1]['samples_per_second']:,} samples/s, step P50 {rows[-1]['step_ms_p50']:,.0f} ms, "

@@ -74,6 +74,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from loader import inflate_maps
+from muse_rec.batch import batch_layout
 from muse_rec.config import Config, SynthConfig, load_config
 from muse_rec.data import schema
 from muse_rec.data.feature_map import FeatureMaps
@@ -93,8 +94,8 @@ ESTIMATE = ("weights", "optimizer", "buffers", "replicated")
 """The parts of the planner's per-rank estimate (muse_rec.distributed.planning.RankMemory)."""
 STAGES = (
     ("data", "data (wait for next batch; CUDA: + host-to-device copy)"),
-    ("lookup", "embedding lookup (3 collections, in/out dist)"),
-    ("gsu", "GSU (scores + top-K + gather)"),
+    ("lookup", "embedding lookup (all collections, in/out dist)"),
+    ("gsu", "GSU in the model (top-K + gather)"),
     ("dense_forward", "dense forward (ESU + tower + loss)"),
     ("dense_backward", "dense backward"),
     ("sparse_backward", "sparse backward (grad a2a + fused update) + DDP wait"),
@@ -221,6 +222,18 @@ def materialize(out) -> None:
             jagged.values()
 
 
+def profile_steps(pipeline, batches, steps: int) -> str:
+    """torch.profiler over `steps` pipelined steps: the operators by self CPU time (the whole step,
+    loader wait, collectives and the fused sparse update included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            pipeline.progress(batches)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+
+
 def plan_summary(plan) -> dict:
     return {
         f"{module}.{table}": {"type": p.sharding_type, "ranks": p.ranks}
@@ -269,7 +282,7 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     result["peak_rss_after_build"] = status_bytes("VmHWM")
     if rank == 0:
         result["plan"] = plan_summary(sharded.plan)
-    dataset = ShardDataset(config.data, "train", rank, world, maps)
+    dataset = ShardDataset(config.data, "train", rank, world, maps, layout=batch_layout(config.model))
     result["batches_per_rank"] = len(dataset)
     restarts = [0]
     batches = batches_forever(dataset, config.data.num_workers, restarts, pin_memory=cuda)
@@ -309,6 +322,8 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
         result["device_memory"]["peak_pipelined"] = torch.cuda.max_memory_allocated(device)
     result["peak_rss_pipelined"] = status_bytes("VmHWM")
     times1, busy1 = os.times(), machine_ticks()
+    if opts["profile_steps"]:  # after the timed window: the profiler's overhead stays out of it
+        result["profile"] = profile_steps(pipeline, batches, opts["profile_steps"])
     faults1 = proc_snapshot()[os.getpid()][3]
     if rank == 0:
         result["cpu_cores_in_window"] = cpu_by_class(procs0, proc_snapshot(), set(rank_pids), window)
@@ -351,16 +366,18 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     def after_dense(module, args, output):
         marks["dense_end"] = now()
 
-    original_retrieve = dense._retrieve
+    retrieval = inner.retrieval
+    original_retrieve = retrieval.forward
 
-    def timed_retrieve(*args, **kwargs):
+    def timed_retrieve(full):
         t = now()
-        out = original_retrieve(*args, **kwargs)
+        out = original_retrieve(full)
         marks["gsu"] = marks.get("gsu", 0.0) + now() - t
+        marks["full"] = full
         return out
 
     hooks = [dense.register_forward_pre_hook(before_dense), dense.register_forward_hook(after_dense)]
-    dense._retrieve = timed_retrieve  # this process's instance only
+    retrieval.forward = timed_retrieve  # this process's instance only
     split_steps: list[dict] = []
     anatomy_steps: list[dict] = []
     anatomy_counts: dict[str, list[dict]] = {}
@@ -387,19 +404,22 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
         dense_backward_end = marks.get("dense_backward_end", t5)
         stage = {
             "data": t2 - t1,
-            "lookup": marks["lookup_end"] - t3,
+            "lookup": marks["lookup_end"] - t3 - gsu_s,  # the model's GSU runs before the dense module
             "gsu": gsu_s,
-            "dense_forward": (t4 - marks["dense_start"]) - gsu_s,
+            "dense_forward": t4 - marks["dense_start"],
             "dense_backward": dense_backward_end - t5,
             "sparse_backward": t6 - dense_backward_end,
             "optimizer": (t1 - t0) + (t7 - t6),
             "sync": marks["sync"],
         }
         # anatomy (not part of the step): each collection alone, then the GSU's scores and top-K
-        x = marks.pop("inputs")
+        marks.pop("inputs")
+        full = marks.pop("full", None)  # None where the loader ran the GSU
         anatomy = {}
         with torch.no_grad():
             for name, kjt in (("id_tables", batch.id_features), ("sequence_tables", batch.sequence_features), ("scl_table", batch.scl_features)):
+                if kjt is None:  # gsu_stage loader: no SCL table
+                    continue
                 barrier()
                 f, c, t = proc_snapshot()[os.getpid()][3], os.times(), now()
                 materialize(getattr(inner, name)(kjt))
@@ -409,23 +429,23 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
                     {"user_ms": 1e3 * (c2.user - c.user), "sys_ms": 1e3 * (c2.system - c.system), "minor_faults": proc_snapshot()[os.getpid()][3] - f}
                 )
             method, k = config.model.method, config.model.keep_top
-            if method in ("muse", "sim_soft"):
+            if full is not None and method in ("muse", "sim_soft"):
                 t = now()
                 if method == "muse":
-                    scores = gsu.gsu_scores(x.target_scl, x.scl)
+                    scores = gsu.scores_of(full.cosines)
                 else:
-                    scores = gsu.sim_soft_scores(x.target_item, x.target_cate, x.items, x.cates)
+                    scores = gsu.sim_soft_scores(full.target_item, full.target_cate, full.items, full.cates)
                 t_mid = now()
                 gsu.top_k_positions(scores, k)
                 anatomy["gsu_scores"], anatomy["gsu_top_k"] = t_mid - t, now() - t_mid
-        del x, batch, loss
+        del full, batch, loss
         if step >= opts["split_warmup"]:
             split_steps.append({k: 1e3 * v for k, v in stage.items()})
             anatomy_steps.append({k: 1e3 * v for k, v in anatomy.items()})
     faults1 = proc_snapshot()[os.getpid()][3]
     for h in hooks:
         h.remove()
-    del dense._retrieve
+    del retrieval.forward
     result["split_ms"] = {k: round(statistics.mean(s[k] for s in split_steps), 1) for k in split_steps[0]}
     result["split_ms_per_step"] = [{k: round(v, 1) for k, v in s.items()} for s in split_steps]
     result["anatomy_ms"] = {k: round(statistics.mean(s[k] for s in anatomy_steps), 1) for k in anatomy_steps[0]}
@@ -449,7 +469,7 @@ def loader_alone(config: Config, maps: FeatureMaps, world: int, batches: int) ->
     passes, the second (page cache and allocator warm) is the figure."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    dataset = ShardDataset(config.data, "train", 0, world, maps)
+    dataset = ShardDataset(config.data, "train", 0, world, maps, layout=batch_layout(config.model))
     rates = []
     for _ in range(2):
         rows, count, start = 0, 0, time.perf_counter()
@@ -525,6 +545,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the method config's data.num_workers)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides, e.g. model.scl_storage=int8_replicated")
     parser.add_argument("--data", type=Path, default=RESULTS / "throughput-data", help="where the synthetic set goes (with --map-rows N: beside it, -N)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timed window, torch.profiler over STEPS pipelined steps; each rank's operator table "
+                             "(by self CPU time) is saved beside --out as <out stem>-profile-<label>-rank<r>.txt")
     parser.add_argument("--default-malloc", action="store_true",
                         help="skip keep_freed_memory (glibc's default mmap/trim behaviour), to measure its effect")
 
@@ -561,7 +584,7 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
     loader = loader_alone(config, maps, world, min(available, max(1, -(-20_000 // batch))))  # two row groups or more
 
     opts = {"steps": args.steps, "warmup": args.warmup, "split_steps": args.split_steps, "split_warmup": 1,
-            "threads": args.threads, "default_malloc": args.default_malloc, "device_type": device_type}
+            "threads": args.threads, "default_malloc": args.default_malloc, "device_type": device_type, "profile_steps": args.profile}
     with tempfile.TemporaryDirectory() as tmp:
         estimate = planned_offline(config, tmp) if args.hardware else None
         started = time.perf_counter()
@@ -660,6 +683,7 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
         "verdict": verdict,
         "caveats": caveats,
         "ranks_wall_s": round(ranks_s, 1),
+        "profiles": [r.get("profile") for r in ranks],
         "build_s": [r["build_s"] for r in ranks],
     }
 
@@ -709,6 +733,18 @@ def report(result: dict) -> None:
         print(f"  verdict: {result['target']['verdict']}")
 
 
+def save_profiles(result: dict, out: Path) -> list[Path]:
+    """Move the ranks' profiler tables (`--profile`) out of `result` into text files beside `out`."""
+    paths = []
+    for rank, table in enumerate(result.pop("profiles", [])):
+        if table:
+            path = out.with_name(f"{out.stem}-profile-{result['label'].replace(' ', '_').replace('/', '_')}-rank{rank}.txt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(table)
+            paths.append(path)
+    return paths
+
+
 def save_run(result: dict, out: Path) -> None:
     """Keep `result` as the entry of its label in `out`, beside the other runs there."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -733,8 +769,9 @@ def main() -> None:
         parser.error(str(e))
     report(result)
     out = args.out
+    profiles = save_profiles(result, out)
     save_run(result, out)
-    print(f"saved {out} (entry {result['label']!r})")
+    print(f"saved {out} (entry {result['label']!r})" + "".join(f", {p}" for p in profiles))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print()
     print(memory_table(memory, config.hardware.device_type))
     out = Path(args.out) / f"{hardware_profile_path(args.hardware).stem}-{vocab}.json"
-    save_plan(out, plan, config.hardware)
+    save_plan(out, plan, config.hardware, memory[0].host_mapped)
     print(f"\nplan for {config.hardware.world_size} x {config.hardware.device_type} written to {out} (use it: train --plan {out})")
 
 

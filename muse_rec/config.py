@@ -54,11 +54,41 @@ class SynthConfig:
     clusters_per_category: int = option(4, "Semantic clusters per category: items of one cluster have close SCL vectors.")
     item_zipf: float = option(1.1, "Zipf exponent of item popularity inside a cluster (a long tail makes the p90 cut real).")
     interests_per_user: int = option(3, "Long-term interest clusters per user.")
+    interest_zipf: float = option(
+        0.0,
+        "Weights of a user's interests in the history: the k-th interest (k = 0, 1, ...) has weight (k + 1) ** -z "
+        "(0: all equal). Targets still pick an interest uniformly, so the same-cluster count of interest targets is graded.",
+        at_least=0,
+    )
+    cluster_categories: int = option(
+        1,
+        "Categories one semantic cluster's items spread over. 1: a cluster lies in one category. G > 1: categories "
+        "form groups of G consecutive ones and each item of a cluster lies in one of its group's G categories (a fixed "
+        "hash of the item), so clusters cut across categories and a category match catches about 1/G of a cluster. "
+        "`categories` must be a multiple of G.",
+        at_least=1,
+    )
     history_len: int = option(1000, "Maximum lifelong behaviours per user.")
     full_history_share: float = option(0.9, "Share of users with a full-length history; the rest get 50..history_len.")
     interest_share: float = option(0.5, "Share of long-history behaviours drawn from the user's interest clusters.")
     short_len: int = option(50, "The most recent behaviours, drawn mostly off-interest (a weakly informative recent session).")
     short_interest_share: float = option(0.03, "Share of the recent behaviours drawn from the interest clusters.")
+    recent_len: int = option(
+        0,
+        "The most recent behaviours (short_len of them included) whose older part, beyond the last short_len, draws from "
+        "the interest clusters with recent_interest_share instead of interest_share (0: no such window).",
+        at_least=0,
+    )
+    recent_sibling_share: float = option(
+        0.0,
+        "Share of the off-interest behaviours among the last recent_len (short_len included) drawn from another cluster "
+        "of an interest's category group (category browsing: same categories, other semantics) instead of a random cluster.",
+        at_least=0, at_most=1,
+    )
+    recent_interest_share: float = option(
+        0.5, "Share of the behaviours between the last short_len and the last recent_len drawn from the interest clusters.",
+        at_least=0, at_most=1,
+    )
     candidates_min: int = option(6, "Fewest impressions per user.")
     candidates_max: int = option(16, "Most impressions per user.")
     target_interest_share: float = option(0.3, "Share of targets drawn from one of the user's interest clusters.")
@@ -212,12 +242,29 @@ class ModelConfig:
         "lookups through all-to-all) or 'int8_replicated' (the int8 values file itself on every rank, 128 B a row, "
         "memory-mapped and shared by the ranks of a CPU host, no communication).",
     )
+    gsu_stage: Literal["loader", "model"] | None = option(
+        None,
+        "Where the GSU's frozen inputs are computed. 'loader': in the data pipeline, once per distinct history of a "
+        "batch, from the memory-mapped int8 SCL values file (one copy in the page cache per host, no SCL table in the "
+        "model): muse's SCL-cosine top-K and sim_hard's category matches are selected there, so the batch carries "
+        "only the target, the K kept positions and the last short_seq_len positions with their SCL cosines, and "
+        "the model looks up nothing else; din reads nothing of the long sequence; sim_soft (scores from trainable "
+        "embeddings) keeps its top-K in the model but takes the SCL cosines of all positions from the loader. "
+        "'model': whole sequences in the batch and the SCL table in the model (`scl_storage`), the GSU on the "
+        "accelerator. null: 'loader', except for lemur, whose bank representations change while training "
+        "('model' only).",
+    )
     masked: bool = option(
         False,
         "Corrected variant (off = reference semantics): padded positions are masked out of attention, mean pools "
         "and SimTier counts instead of entering them with zero vectors.",
     )
     lemur: LemurConfig = section(LemurConfig, "Content encoder and memory bank of method 'lemur' (ignored by the others).")
+
+    @property
+    def stage(self) -> Literal["loader", "model"]:
+        """`gsu_stage` resolved: null is 'loader' for every method but lemur."""
+        return self.gsu_stage or ("model" if self.method == "lemur" else "loader")
 
 
 @dataclass
@@ -246,13 +293,21 @@ class TrainConfig:
     out: str = option("runs/muse", "Run directory: checkpoints, metrics.jsonl, the resolved config.")
     log_every: int = option(50, "Steps between metric lines in metrics.jsonl.", at_least=1)
     eval_batch_size: int = option(1000, "Samples per evaluation batch on each rank.", at_least=1)
+    eval_gauc_se_draws: int = option(
+        0,
+        "Evaluation: resamples of the test users behind gauc_bootstrap_se, the bootstrap standard error of the GAUC "
+        "(0: not computed, the key left out). Costs draws x users gathers on every rank: 1000 draws take a fraction of a second over "
+        "thousands of users, about a minute over a million; benchmarks/quality.py asks for 1000.",
+        at_least=0,
+    )
     checkpoint_every: int = option(0, "Steps between checkpoints (0: only at the end). A checkpoint is always written at the end.", at_least=0)
     keep_checkpoints: int = option(2, "Checkpoints kept in <out>/checkpoints (the newest ones).", at_least=1)
     resume: bool = option(
         True,
         "Resume from the newest checkpoint in <out> if there is one. It must be this run's (model.method, data.root, "
         "data.vocab, table sizes) with the same world size, data.batch_size and data.num_workers, else the run stops "
-        "with the key that differs: false starts fresh (another train.out keeps the old run).",
+        "with the key that differs: false starts fresh, and the earlier run's metrics.jsonl, config.yaml and "
+        "checkpoints/ move to <out>/prev-run-<date>-<time>/ (nothing is overwritten or deleted).",
     )
 
 
@@ -447,7 +502,15 @@ def check_relations(config: Config) -> Config:
     combine badly with a YAML file's values."""
     model, lemur, data = config.model, config.model.lemur, config.data
     rules = (
-        (model.keep_top <= data.long_seq_len, "model.keep_top", f"at most data.long_seq_len = {data.long_seq_len} (the GSU keeps K of the long sequence)"),
+        (
+            not (model.method == "lemur" and model.gsu_stage == "loader"), "model.gsu_stage",
+            "'model' or null for method 'lemur' (it scores with bank representations that change while training, so "
+            "its GSU runs in the model)",
+        ),
+        (
+            model.method == "din" or model.keep_top <= data.long_seq_len, "model.keep_top",
+            f"at most data.long_seq_len = {data.long_seq_len} (the GSU keeps K of the long sequence)",
+        ),
         (model.short_seq_len <= data.long_seq_len, "model.short_seq_len", f"at most data.long_seq_len = {data.long_seq_len} (the short sequence is its last N positions)"),
         (model.embedding_dim % 2 == 0, "model.embedding_dim", "an even number (130_3..130_5 use D/2)"),
         (lemur.backward_share <= lemur.encode_share, "model.lemur.backward_share", f"at most model.lemur.encode_share = {lemur.encode_share} (q <= p)"),

@@ -14,7 +14,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def test_plans_script_writes_per_rank_memory_costs_and_a_figure(tmp_path):
     out = tmp_path / "results"
     # run where no data/ folder is: table sizes are the released TAOBAO-MM ones
-    done = subprocess.run([sys.executable, str(SCRIPT), "--profiles", "cpu-2core,h100x1", "--out", str(out)],
+    # gsu_stage model: with the fp16 SCL table the full vocabulary does not fit cpu-2core (the case to check)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--profiles", "cpu-2core,h100x1", "--out", str(out), "--set", "model.gsu_stage=model"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"saved {out / 'plans.json'} and {out / 'plans.png'}" in done.stdout
@@ -65,3 +66,42 @@ def test_train_throughput_refuses_a_gpu_profile_without_the_gpus(tmp_path):
     done = subprocess.run([sys.executable, str(TRAIN_THROUGHPUT), "--hardware", "h100x1", "--users", "20", "--data", str(tmp_path / "data"),
                            "--out", str(tmp_path / "tt.json")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "profile h100x1 needs 1 GPU(s), this machine has 0" in done.stderr
+
+
+QUALITY = SCRIPT.with_name("quality.py")
+
+
+def quality_report(gaucs: dict[str, float], oracle: float, se: float = 0.003) -> dict:
+    """The parts of a quality.json that the separation check and the figure read."""
+    results = {m: {"gauc": g, "gauc_bootstrap_se": se} for m, g in gaucs.items()}
+    return {"results": results, "oracle": {"gauc": oracle, "gauc_bootstrap_se": se},
+            "setup": {"users": 6000, "test_users": 4000, "nproc": 2, "synth_config": "configs/synthetic_separating.yaml"}}
+
+
+def test_quality_separation_check_needs_the_order_the_gaps_and_room_below_the_oracle():
+    sys.path.insert(0, str(QUALITY.parent))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(QUALITY.parent))
+    separated = quality_report({"muse": 0.75, "sim_soft": 0.72, "sim_hard": 0.70, "din": 0.66}, oracle=0.77)
+    check = quality.separation(separated["results"], separated["oracle"])
+    assert check["ok"] and [round(g["gap_in_se"], 3) for g in check["gaps"]] == [10.0, 6.667, 13.333]
+    assert "MET" in quality.separation_text(check) and "NOT MET" not in quality.separation_text(check)
+    ceiling = quality_report({"muse": 0.765, "sim_soft": 0.72, "sim_hard": 0.70, "din": 0.66}, oracle=0.77)
+    assert not quality.separation(ceiling["results"], ceiling["oracle"])["ok"]  # MUSE within 0.01 of the oracle
+    tied = quality_report({"muse": 0.75, "sim_soft": 0.70, "sim_hard": 0.695, "din": 0.66}, oracle=0.77)
+    check = quality.separation(tied["results"], tied["oracle"])
+    assert not check["ok"] and [g["ok"] for g in check["gaps"]] == [True, False, True]  # 0.005 < 2 SE
+    partial = quality_report({"muse": 0.75, "din": 0.66}, oracle=0.77)
+    assert quality.separation(partial["results"], partial["oracle"]) is None
+
+
+def test_quality_replot_draws_the_figure_beside_the_json(tmp_path):
+    report = quality_report({"muse": 0.75, "sim_soft": 0.72, "sim_hard": 0.70, "din": 0.66}, oracle=0.77)
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(report))
+    done = subprocess.run([sys.executable, str(QUALITY), "--replot", str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    png = (tmp_path / "quality.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000

@@ -73,3 +73,22 @@ def test_every_key_is_documented():
     walk(Config())
     text = "\n".join(describe(Config()))
     assert "  batch_size: 1000" in text and "# Samples per batch on each rank." in text
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["model.method=lemur", "model.gsu_stage=loader"], "model.gsu_stage"),
+        (["data.long_seq_len=40", "model.keep_top=50"], "model.keep_top"),
+        (["data.long_seq_len=40", "model.method=din", "model.keep_top=50"], "model.short_seq_len"),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused_by_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"config key {key}:"):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("method,stage", [("muse", "loader"), ("sim_hard", "loader"), ("din", "loader"), ("sim_soft", "loader"), ("lemur", "model")])
+def test_gsu_stage_null_runs_the_gsu_in_the_loader_except_for_lemur(method, stage):
+    assert load_config(None, [f"model.method={method}"]).model.stage == stage
+    assert load_config(None, [f"model.method={method}", "model.gsu_stage=model"]).model.stage == "model"

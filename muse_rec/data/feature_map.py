@@ -152,7 +152,7 @@ class SclIndex:
                 f"{values_path}: expected int8 of shape ({len(keys)}, {schema.SCL_DIM}) to match {keys_path.name}, "
                 f"found {values.dtype} of shape {values.shape}"
             )
-        self.values = values
+        self.values = values.view(np.ndarray)  # still the memory map (pages shared by every process of a host); a plain view gathers faster
         self.values_path = values_path
         self._value_rows: np.ndarray | None = None  # sorted-key position -> values row, when reordered
         bad = first_unsorted_position(keys)

@@ -16,6 +16,11 @@ truncated, remapped and left-padded once. A null ID reads as 0 ('missing') and a
 empty sequence, exactly as `prepare` writes them. `decode_reference` is the plain per-row
 definition of the same output, and the tests hold the two equal.
 
+Assembly. A batch is laid out as the model reads it (`muse_rec.batch.BatchLayout`). At
+`model.gsu_stage: loader` the GSU runs here (`muse_rec.data.gsu`): the SCL cosines of each
+distinct history against all of its targets, from the memory-mapped values file, then muse's
+top-K or sim_hard's newest category matches; the batch holds only the rows the loss uses.
+
 Opening a split checks that its metadata.json exists and that its total_rows equals the rows in
 the parquet footers, so an interrupted or mixed write is refused instead of read in part.
 """
@@ -33,9 +38,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
+from muse_rec.batch import ID_FEATURES, TARGET_FEATURES, Batch, BatchLayout
 from muse_rec.config import DataConfig
-from muse_rec.data import schema
+from muse_rec.data import gsu, schema
 from muse_rec.data.checks import check_aligned, check_columns, check_total_rows, clicks_from_labels, dense_list, open_parquet
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
@@ -266,40 +271,104 @@ def _int64_buffer(size: int) -> tuple[torch.Tensor, np.ndarray]:
     return tensor, tensor.numpy()
 
 
-def assemble_batch(pieces: list[tuple[DecodedRows, np.ndarray]], weights: np.ndarray, long_len: int, scl_sequence: bool = True) -> Batch:
-    """Gather rows (pieces of decoded row groups, in order) into one `Batch`; without
-    `scl_sequence`, the SCL rows of the target alone."""
+def assemble_batch(
+    pieces: list[tuple[DecodedRows, np.ndarray]],
+    weights: np.ndarray,
+    long_len: int,
+    layout: BatchLayout = BatchLayout(),
+    scl_values: np.ndarray | None = None,
+) -> Batch:
+    """Gather rows (pieces of decoded row groups, in order) into one `Batch` laid out as `layout`.
+    Where the layout carries SCL cosines (gsu_stage loader), the GSU runs here on `scl_values`,
+    the memory-mapped int8 values file (`muse_rec.data.gsu`)."""
     size = sum(len(rows) for _, rows in pieces)
-    L = long_len
-    scalar_rows = np.empty((len(_SCALAR_COLUMNS), size), np.int64)  # key-major, as KJT values are
-    sequence_tensor, sequence_values = _int64_buffer(size * (2 + 2 * L))
-    target_rows, items, cates = np.split(sequence_values, [2 * size, (2 + L) * size])
-    items, cates = items.reshape(size, L), cates.reshape(size, L)
-    scl_len = L if scl_sequence else 0
-    scl_tensor, scl_values = _int64_buffer(size * (1 + scl_len))
-    scl_target, scl_long = scl_values[:size], scl_values[size:].reshape(size, scl_len)
+    lengths = layout.sequence_lengths(long_len)
+    sequence_tensor, sequence_values = _int64_buffer(size * sum(lengths.values()))
+    features, at = {}, 0
+    for key, length in lengths.items():  # key-major, as KJT values are
+        features[key], at = sequence_values[at : at + size * length].reshape(size, length), at + size * length
+    scl_lengths = layout.scl_lengths(long_len)
+    scl_tensor, scl_values_buffer = _int64_buffer(size * sum(scl_lengths.values()))
+    scl_target, scl_long = scl_values_buffer[:size], scl_values_buffer[size:].reshape(size, -1)
+    top_width = {"all": long_len, "none": 0}.get(layout.long, layout.keep_top) if layout.cosines else 0
+    top_cosines = np.zeros((size, top_width), np.float32)
+    short_cosines = np.zeros((size, layout.short_seq_len if layout.cosines else 0), np.float32)
+    scalar_rows = np.empty((len(_SCALAR_COLUMNS), size), np.int64)
     clicks, user_ids = np.empty(size, np.float32), np.empty(size, np.int64)
     at = 0
     for decoded, rows in pieces:
         part = slice(at, at + len(rows))
-        sequences = decoded.sequence_of_row[rows]
-        np.take(decoded.items, sequences, axis=0, out=items[part])
-        np.take(decoded.cates, sequences, axis=0, out=cates[part])
-        if scl_sequence:
-            np.take(decoded.scl, sequences, axis=0, out=scl_long[part])
         scalar_rows[:, part] = decoded.scalar_rows[rows].T
-        scl_target[part] = decoded.scl_target[rows]
         clicks[part], user_ids[part] = decoded.clicks[rows], decoded.user_ids[rows]
+        if layout.scl_features:
+            scl_target[part] = decoded.scl_target[rows]
+            if scl_long.shape[1]:
+                np.take(decoded.scl, decoded.sequence_of_row[rows], axis=0, out=scl_long[part])
+        _fill_sequences(decoded, rows, layout, scl_values, {key: f[part] for key, f in features.items()}, top_cosines[part], short_cosines[part])
         at += len(rows)
-    target_rows[:] = scalar_rows[len(ID_FEATURES) :].reshape(-1)  # 205 then 206
     return Batch(
         id_features=_kjt(ID_FEATURES, scalar_rows[: len(ID_FEATURES)].reshape(-1), (1,) * len(ID_FEATURES), size),
-        sequence_features=_kjt(SEQUENCE_FEATURES, sequence_tensor, (1, 1, L, L), size),
-        scl_features=_kjt(SCL_FEATURES, scl_tensor, (1, L), size) if scl_sequence else _kjt((schema.SCL_TARGET,), scl_tensor, (1,), size),
+        sequence_features=_kjt(tuple(lengths), sequence_tensor, tuple(lengths.values()), size),
+        scl_features=_kjt(tuple(scl_lengths), scl_tensor, tuple(scl_lengths.values()), size) if scl_lengths else None,
         labels=torch.from_numpy(clicks * (weights > 0)),
         weights=torch.from_numpy(weights),
         user_ids=torch.from_numpy(user_ids),
+        top_cosines=torch.from_numpy(top_cosines),
+        short_cosines=torch.from_numpy(short_cosines),
     )
+
+
+_TARGET_COLUMNS = {key: _SCALAR_COLUMNS.index(key) for key in TARGET_FEATURES}
+
+
+def _fill_sequences(
+    decoded: DecodedRows,
+    rows: np.ndarray,
+    layout: BatchLayout,
+    scl_values: np.ndarray | None,
+    out: dict[str, np.ndarray],
+    top_cosines: np.ndarray,
+    short_cosines: np.ndarray,
+) -> None:
+    """The sequence features and cosines of some rows of one decoded row group (see `BatchLayout`)."""
+    sequences = decoded.sequence_of_row[rows]
+    for key, column in _TARGET_COLUMNS.items():
+        out[key][:, 0] = decoded.scalar_rows[rows, column]
+    if layout.long == "all":
+        np.take(decoded.items, sequences, axis=0, out=out[schema.HIST_ITEMS])
+        np.take(decoded.cates, sequences, axis=0, out=out[schema.HIST_CATES])
+    if not layout.cosines:
+        return
+    if scl_values is None:
+        raise ValueError("a batch layout with SCL cosines needs the SCL values")
+    length = decoded.items.shape[1]
+    short = slice(length - layout.short_seq_len, None)
+    window = short if layout.long == "none" else slice(None)  # din: nothing of the long sequence
+    positions, valid, at = None, None, None
+    if layout.long == "sim_hard":  # kept by category: cosines only at the kept and the recent positions
+        target_cates = decoded.scalar_rows[rows, _TARGET_COLUMNS[schema.TARGET_CATE]]
+        positions, valid = gsu.newest_matches(np.take(decoded.cates, sequences, axis=0), target_cates, layout.keep_top)
+        at = np.concatenate([positions, np.broadcast_to(np.arange(length)[short], (len(rows), layout.short_seq_len))], axis=1)
+    cosines = gsu.scl_cosines(scl_values, decoded.scl_target[rows], decoded.scl[:, window], sequences, at)
+    short_cosines[:] = cosines[:, -layout.short_seq_len :]
+    if layout.long == "all":  # sim_soft: its top-K needs the trained embeddings of every position
+        top_cosines[:] = cosines
+        return
+    out[schema.SHORT_ITEMS][:] = decoded.items[:, short][sequences]
+    out[schema.SHORT_CATES][:] = decoded.cates[:, short][sequences]
+    if layout.long == "none":
+        return
+    if layout.long == "muse":
+        positions = gsu.top_k(cosines, layout.keep_top)
+        top_cosines[:] = cosines.ravel()[np.arange(0, cosines.size, length)[:, None] + positions]
+    else:
+        top_cosines[:] = cosines[:, : layout.keep_top]
+    flat = sequences[:, None] * length + positions
+    out[schema.TOP_ITEMS][:] = decoded.items.reshape(-1)[flat]
+    out[schema.TOP_CATES][:] = decoded.cates.reshape(-1)[flat]
+    if valid is not None:  # sim_hard: slots past the match count read as item, category, SCL key 0
+        for kept in (out[schema.TOP_ITEMS], out[schema.TOP_CATES], top_cosines):
+            kept *= valid
 
 
 class ShardDataset(IterableDataset):
@@ -313,20 +382,21 @@ class ShardDataset(IterableDataset):
         world_size: int = 1,
         maps: FeatureMaps | None = None,
         start_step: int = 0,
-        scl_sequence: bool = True,
+        layout: BatchLayout | None = None,
     ) -> None:
-        """`scl_sequence` false: `scl_features` holds the target's SCL row alone (for a model that
-        reads no SCL sequence, `muse_rec.model.tables.reads_scl_sequence`)."""
+        """`layout`: what the batches carry, `muse_rec.batch.batch_layout` of the model config
+        (default: the whole sequence and its SCL keys, `model.gsu_stage: model`)."""
         if config.long_seq_len < 1:
             raise DataError(f"data.long_seq_len must be positive, got {config.long_seq_len}")
-        layout = DatasetLayout(config.root)
+        files = DatasetLayout(config.root)
         self.config, self.split = config, split
-        row_groups = list_row_groups(layout, split)  # first: an empty directory is named as such, not by a missing map
-        self.maps = maps or FeatureMaps.load(layout, config.vocab, strict=config.strict)
+        row_groups = list_row_groups(files, split)  # first: an empty directory is named as such, not by a missing map
+        self.maps = maps or FeatureMaps.load(files, config.vocab, strict=config.strict)
         self.plan = plan_rank(row_groups, config.batch_size, rank, world_size)
         if not 0 <= start_step <= len(self.plan.batches):
             raise ValueError(f"start_step {start_step} is outside 0..{len(self.plan.batches)}")
-        self.start_step, self.scl_sequence = start_step, scl_sequence
+        self.start_step = start_step
+        self.layout = layout or BatchLayout()
         self._log_plan(rank, world_size)
 
     def _log_plan(self, rank: int, world_size: int) -> None:
@@ -359,7 +429,7 @@ class ShardDataset(IterableDataset):
                 pieces.append((decoded, np.full(spec.padding, last)))
             weights = np.ones(spec.stop - spec.start + spec.padding, np.float32)
             weights[spec.stop - spec.start :] = 0.0
-            yield assemble_batch(pieces, weights, self.config.long_seq_len, self.scl_sequence)
+            yield assemble_batch(pieces, weights, self.config.long_seq_len, self.layout, self.maps.scl.values)
 
 
 class _RowGroupReader:

@@ -1,27 +1,13 @@
-"""Column names and Arrow types of the TAOBAO-MM tables, in one place.
-
-Field names are the data set's own (`150_2_180` = lifelong behaviour items, ...); see
-`shared/spec/taobao-mm.md`. Every other module refers to these constants, never to literals.
-"""
+"""Arrow types of the TAOBAO-MM tables, in one place; the field names are `muse_rec.schema`'s
+(re-exported here, so data code reads `schema.HIST_ITEMS` beside `schema.JOINED_SCHEMA`)."""
 from __future__ import annotations
 
 import pyarrow as pa
 
-LABEL = "label_0"  # list<int8> one-hot: [1, 0] no click, [0, 1] click
-USER = "129_1"
-USER_ATTRS = ("130_1", "130_2", "130_3", "130_4", "130_5")
-HIST_ITEMS = "150_2_180"  # lifelong behaviour items, oldest first, not padded
-HIST_CATES = "151_2_180"  # category of each behaviour
-TARGET_ITEM = "205"
-TARGET_CATE = "206"
-ITEM_ATTRS = ("213", "214")
-
-# Derived by the loader (never stored): the SCL-table keys of the target and of the sequence
-# (the same raw IDs, looked up in the SCL table instead of the item table).
-SCL_TARGET = "205_c"
-SCL_LONG = "150_2_180_c"
-
-SCL_DIM = 128
+from muse_rec.schema import (  # noqa: F401  the names, re-exported for the data modules
+    CATE_MAP, FEATURE_MAPS, HIST_CATES, HIST_ITEMS, ITEM_ATTRS, ITEM_MAP, LABEL, MAP_OF_COLUMN, SCL_DIM, SCL_LONG,
+    PAD_TOKEN, SCL_TARGET, SEP_TOKEN, SHORT_CATES, SHORT_ITEMS, TARGET_CATE, TARGET_ITEM, TOP_CATES, TOP_ITEMS, USER, USER_ATTRS, VOCABS,
+)
 
 _INT = pa.int64()
 _ID_LIST = pa.list_(pa.int64())
@@ -47,23 +33,5 @@ RAW_SCL_SCHEMA = pa.schema([pa.field(TARGET_ITEM, _INT), pa.field(SCL_TARGET, pa
 TITLE_TOKENS = "title_tokens"
 CONTENT_SCHEMA = pa.schema([pa.field(TARGET_ITEM, _INT), pa.field(TITLE_TOKENS, pa.list_(pa.int32()))])
 """feature_map/item_content.parquet: one row per item (raw 205 ID, unique), its title as token IDs.
-Further list<int32> columns are extra text fields. Token 0 is padding and 1 the field separator."""
-PAD_TOKEN, SEP_TOKEN = 0, 1
-
-# Which sorted map remaps which stored column. Item and category tables are shared between the
-# target and the sequences; there is no map of 206 (it uses the category map).
-ITEM_MAP = HIST_ITEMS
-CATE_MAP = HIST_CATES
-MAP_OF_COLUMN = {
-    USER: USER,
-    **{name: name for name in USER_ATTRS},
-    HIST_ITEMS: ITEM_MAP,
-    HIST_CATES: CATE_MAP,
-    TARGET_ITEM: ITEM_MAP,
-    TARGET_CATE: CATE_MAP,
-    **{name: name for name in ITEM_ATTRS},
-}
-FEATURE_MAPS = (USER, *USER_ATTRS, ITEM_MAP, CATE_MAP, *ITEM_ATTRS)
-"""Fields with a `{field}_sorted_map.npy` file (the item map also has a p90 variant)."""
-
-VOCABS = ("p90", "full")
+Further list<int32> columns are extra text fields. Token 0 is padding and 1 the field separator
+(`PAD_TOKEN`, `SEP_TOKEN`)."""

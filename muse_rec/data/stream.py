@@ -6,7 +6,7 @@ import time
 
 from tqdm import tqdm
 
-from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
+from muse_rec.batch import Batch
 from muse_rec.config import DataConfig
 from muse_rec.data.loader import ShardDataset, make_dataloader
 
@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 def stream_split(config: DataConfig, split: str, progress: bool = True) -> dict:
     """Read a whole split as rank 0 of 1; report rows, clicks, speed and the share of row-0 lookups."""
     dataset = ShardDataset(config, split)
-    zeros = {key: 0 for key in (*ID_FEATURES, *SEQUENCE_FEATURES, *SCL_FEATURES)}
-    lookups = dict.fromkeys(zeros, 0)
+    zeros: dict[str, int] = {}
+    lookups: dict[str, int] = {}
     rows = clicks = 0
     first: Batch | None = None
     start = time.perf_counter()
@@ -26,11 +26,11 @@ def stream_split(config: DataConfig, split: str, progress: bool = True) -> dict:
         real = batch.weights > 0
         rows += int(real.sum())
         clicks += int(batch.labels[real].sum())
-        for kjt in (batch.id_features, batch.sequence_features, batch.scl_features):
+        for kjt in _kjts(batch):
             for key in kjt.keys():
                 values = Batch.sequence(kjt, key)[real]
-                zeros[key] += int((values == 0).sum())
-                lookups[key] += values.numel()
+                zeros[key] = zeros.get(key, 0) + int((values == 0).sum())
+                lookups[key] = lookups.get(key, 0) + values.numel()
     seconds = time.perf_counter() - start
     summary = {
         "split": split,
@@ -46,10 +46,14 @@ def stream_split(config: DataConfig, split: str, progress: bool = True) -> dict:
     return summary
 
 
+def _kjts(batch: Batch) -> list:
+    return [kjt for kjt in (batch.id_features, batch.sequence_features, batch.scl_features) if kjt is not None]
+
+
 def _first_row(batch: Batch) -> dict:
     """The first sample as table rows: scalars, and the last 5 positions of each sequence."""
-    row = {key: int(Batch.sequence(batch.id_features, key)[0, 0]) for key in ID_FEATURES}
-    for kjt in (batch.sequence_features, batch.scl_features):
+    row = {key: int(Batch.sequence(batch.id_features, key)[0, 0]) for key in batch.id_features.keys()}
+    for kjt in _kjts(batch)[1:]:
         for key in kjt.keys():
             row[f"{key}[-5:]"] = Batch.sequence(kjt, key)[0, -5:].tolist()
     return row | {"label": float(batch.labels[0]), "raw_user_id": int(batch.user_ids[0])}

@@ -117,7 +117,10 @@ class RankMemory:
     """What one rank holds, in bytes. `weights` and `optimizer` are its shards of the planned tables
     wherever they live (device memory; host memory for UVM kernels and on CPU); `buffers` is the
     rest of the planner's estimate (lookup inputs and outputs, UVM caches); `replicated` the int8
-    SCL table outside the plan. `hbm` and `ddr` are the totals per memory with their caps.
+    SCL table outside the plan; `host_mapped` the SCL values file the data loaders map at
+    `model.gsu_stage: loader`, held once per host (page cache shared by every process there),
+    outside the plan and the caps: a profile's host-memory cap leaves headroom for the page cache
+    (configs/hardware/). `hbm` and `ddr` are the totals per memory with their caps.
     `cost_ms` is the planner's estimate of the rank's step time, by part (its shards' perf sums)."""
 
     rank: int
@@ -125,6 +128,7 @@ class RankMemory:
     optimizer: int
     buffers: int
     replicated: int
+    host_mapped: int
     hbm: int
     hbm_cap: int
     ddr: int
@@ -152,14 +156,15 @@ def plan_offline(config: Config, hardware: HardwareConfig, vocab: str) -> tuple[
             f"the {vocab} tables do not fit {hardware.world_size} x {hardware.device_type} as profiled "
             f"(let sharding.tables shard the big tables row_wise or with fused_uvm_caching, or change model.scl_storage): {e}"
         ) from None
-    return plan, rank_memory(planner._best_plan, topology, replicated_bytes(model))
+    host_mapped = (rows["scl"] - 1) * schema.SCL_DIM if model.layout.cosines else 0
+    return plan, rank_memory(planner._best_plan, topology, replicated_bytes(model), host_mapped)
 
 
 COST_PARTS = ("fwd_compute", "fwd_comms", "bwd_compute", "bwd_comms", "prefetch_compute")
 """The parts of TorchRec's per-shard `Perf` estimate, in ms per step."""
 
 
-def rank_memory(options: list[ShardingOption], topology: Topology, replicated: int) -> list[RankMemory]:
+def rank_memory(options: list[ShardingOption], topology: Topology, replicated: int, host_mapped: int = 0) -> list[RankMemory]:
     """Per-rank sums over the planner's chosen shards. Optimizer state is TorchRec's own estimate
     (Adam: 2 x the weights, row-wise Adagrad: one float a row, SGD: none)."""
     totals = {rank: dict(weights=0, optimizer=0, hbm=0, ddr=0) for rank in range(topology.world_size)}
@@ -183,6 +188,7 @@ def rank_memory(options: list[ShardingOption], topology: Topology, replicated: i
             optimizer=t["optimizer"],
             buffers=t["hbm"] + t["ddr"] - t["weights"] - t["optimizer"],
             replicated=replicated,
+            host_mapped=host_mapped,
             hbm=t["hbm"] + (0 if on_cpu else replicated),
             hbm_cap=topology.devices[rank].storage.hbm,
             ddr=t["ddr"] + (replicated if on_cpu else 0),
@@ -196,11 +202,11 @@ def rank_memory(options: list[ShardingOption], topology: Topology, replicated: i
 # -- reports ---------------------------------------------------------------------------------------
 def memory_table(memory: list[RankMemory], device_type: str) -> str:
     """Markdown, GiB: one row per rank."""
-    header = ["rank", "weights", "optimizer", "weights + optimizer", "I/O buffers, caches", "replicated SCL"]
+    header = ["rank", "weights", "optimizer", "weights + optimizer", "I/O buffers, caches", "replicated SCL", "SCL file (mmap, per host)"]
     header += (["device memory / cap"] if device_type == "cuda" else []) + ["host memory / cap", "fits"]
     lines = [_row(header), _row(["---"] * len(header))]
     for m in memory:
-        cells = [str(m.rank), _gib(m.weights), _gib(m.optimizer), _gib(m.weights + m.optimizer), _gib(m.buffers), _gib(m.replicated)]
+        cells = [str(m.rank), _gib(m.weights), _gib(m.optimizer), _gib(m.weights + m.optimizer), _gib(m.buffers), _gib(m.replicated), _gib(m.host_mapped)]
         cells += [f"{_gib(m.hbm)} / {_gib(m.hbm_cap)}"] if device_type == "cuda" else []
         cells += [f"{_gib(m.ddr)} / {_gib(m.ddr_cap)}", "yes" if m.fits else "NO"]
         lines.append(_row(cells))
@@ -240,9 +246,10 @@ def _ranges(ranks: list[int]) -> str:
 _SAVED_FIELDS = ("sharding_type", "compute_kernel", "ranks", "sharding_spec", "cache_params")
 
 
-def save_plan(path: str | Path, plan: ShardingPlan, hardware: HardwareConfig) -> None:
+def save_plan(path: str | Path, plan: ShardingPlan, hardware: HardwareConfig, host_mapped: int = 0) -> None:
     """The plan as JSON (written atomically), with the device type and world size it was made for
-    (and the whole profile, for the record)."""
+    (and the whole profile, for the record), and what each host holds outside the plan: the SCL
+    values file the loaders map at gsu_stage loader (`RankMemory.host_mapped`)."""
     if hardware.device_type is None or hardware.world_size is None:
         raise ConfigError("a saved plan needs hardware.device_type and hardware.world_size (a hardware profile)")
     saved = {
@@ -250,6 +257,7 @@ def save_plan(path: str | Path, plan: ShardingPlan, hardware: HardwareConfig) ->
         "device_type": hardware.device_type,
         "world_size": hardware.world_size,
         "hardware": dataclasses.asdict(hardware),
+        "host": {"scl_values_file_bytes": host_mapped, "held": "memory-mapped by the data loaders, once per host (page cache)"},
         "plan": {module: {name: _parameter_to_json(name, p) for name, p in tables.items()} for module, tables in plan.plan.items()},
     }
     with atomic_path(path) as tmp:  # keys in the plan's order, so the loaded plan prints the same

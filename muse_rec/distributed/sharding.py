@@ -33,8 +33,8 @@ from torchrec.optim.optimizers import Adam as TorchRecAdam
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from muse_rec import schema
 from muse_rec.config import DataConfig, HardwareConfig, OptimConfig, ShardingConfig, TableShardingConfig
-from muse_rec.data import schema
 from muse_rec.distributed.topology import running_hardware, topology_from_profile
 from muse_rec.errors import ConfigError
 from muse_rec.model.lemur import LemurModel
@@ -66,7 +66,7 @@ def attach_sparse_optimizers(model: MuseModel, config: OptimConfig, device_type:
     """The configured sparse optimizer on the trained tables; SGD lr 0 (no state) on the frozen
     ones, and on every table when not `train` (evaluation: no Adam state to allocate or plan for)."""
     trainable = [*model.id_tables.parameters(), *model.sequence_tables.parameters()]
-    frozen = list(model.scl_table.parameters())  # none when the table is replicated int8
+    frozen = list(model.scl_table.parameters()) if model.scl_table is not None else []  # none when replicated int8
     frozen += list(model.bank_table.parameters()) if isinstance(model, LemurModel) else []  # written in place, never trained
     if train:
         optimizer, kwargs = sparse_optimizer(config, device_type)
@@ -79,8 +79,6 @@ def attach_sparse_optimizers(model: MuseModel, config: OptimConfig, device_type:
 
 TABLE_GROUPS = {ITEM_TABLE: "item", CATE_TABLE: "category", SCL_TABLE: "scl", schema.USER: "user", BANK_TABLE: "bank"}
 """Key under `sharding.tables` of each table; every other table is one of the small `attributes`."""
-LONG_FEATURES = frozenset({schema.HIST_ITEMS, schema.HIST_CATES, schema.SCL_LONG})
-"""Features looked up at every position of the long sequence (the others once per sample)."""
 
 
 def sharders() -> list[ModuleSharder]:
@@ -89,7 +87,8 @@ def sharders() -> list[ModuleSharder]:
 
 def planned_tables(model: MuseModel) -> list[tuple[str, ModuleSharder, BaseEmbeddingConfig]]:
     """(module path, its sharder, table config) of every table the planner places; the replicated
-    int8 SCL table is no TorchRec module and is not among them."""
+    int8 SCL table is no TorchRec module and is not among them, and at gsu_stage loader there is
+    no SCL table at all (the loaders read the values file)."""
     ebc, ec = sharders()
     tables = [("id_tables", ebc, t) for t in model.id_tables.embedding_bag_configs()]
     tables += [("sequence_tables", ec, t) for t in model.sequence_tables.embedding_configs()]
@@ -104,7 +103,9 @@ def table_constraints(model: MuseModel, sharding: ShardingConfig, device_type: s
     """Each table's choices from `sharding.tables` (data_parallel is never among them: such tables
     would lose their fused optimizer), narrowed to what its sharder supports on `device_type`
     (on CPU, EmbeddingBagCollections shard neither row-wise nor with UVM), and its lookups per
-    sample, so the planner sizes the input/output buffers of a 1000-long sequence as such."""
+    sample (`Batch`'s feature lengths: L for a whole sequence, K and S at gsu_stage loader), so the
+    planner sizes the input/output buffers of each feature as such."""
+    lengths = model.layout.sequence_lengths(long_seq_len) | model.layout.scl_lengths(long_seq_len)
     constraints = {}
     for _, sharder, table in planned_tables(model):
         group = TABLE_GROUPS.get(table.name, "attributes")
@@ -122,7 +123,7 @@ def table_constraints(model: MuseModel, sharding: ShardingConfig, device_type: s
             if chosen_kernels is None
             else _supported(f"{key}.compute_kernels", chosen_kernels, kernels, table.name, device_type),
             cache_params=None if choice.cache_load_factor is None else CacheParams(load_factor=choice.cache_load_factor),
-            pooling_factors=[float(long_seq_len) if f in LONG_FEATURES else 1.0 for f in table.feature_names],
+            pooling_factors=[float(lengths.get(f, 1)) for f in table.feature_names],
         )
     return constraints
 

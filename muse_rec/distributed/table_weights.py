@@ -77,7 +77,8 @@ def init_trainable_tables(model: nn.Module, seed: int, std: float) -> list[str]:
 def load_scl_table(model: nn.Module, scl: SclIndex, device: torch.device) -> None:
     """Table row i + 1 = line i of the SCL values file (raw int8 values: exact in fp16; cosines
     are scale invariant); row 0 stays zero. A replicated int8 table takes the memory-mapped file
-    itself on CPU (one copy in the page cache for all ranks of a host), a copy on a GPU."""
+    itself on CPU (one copy in the page cache for all ranks of a host), a copy on a GPU. A model
+    without SCL table (gsu_stage loader: the loaders read the file) is left as it is."""
     replicated = [m for m in model.modules() if isinstance(m, ReplicatedInt8Table)]
     if replicated:
         writable_view = np.load(scl.values_path, mmap_mode="c")  # copy-on-write: torch wants writable memory; nothing writes
@@ -93,5 +94,5 @@ def load_scl_table(model: nn.Module, scl: SclIndex, device: torch.device) -> Non
             out[lo - first : hi - first] = values[lo - 1 : hi - 1]
         return out
 
-    (key,) = [k for k in model.state_dict() if k.endswith(SCL_WEIGHT_SUFFIX)]
-    _write_blocks(model.state_dict()[key], rows_of_block)
+    for key in [k for k in model.state_dict() if k.endswith(SCL_WEIGHT_SUFFIX)]:
+        _write_blocks(model.state_dict()[key], rows_of_block)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from muse_rec import schema
 from muse_rec.config import LemurConfig
-from muse_rec.data import schema
 
 OUTPUT_DIM = schema.SCL_DIM
 """The representation replaces the SCL vector in the GSU and ESU, so it has its width."""

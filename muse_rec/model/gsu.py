@@ -26,18 +26,36 @@ def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = NORMALIZE_EPS) -> torc
     return (F.normalize(a, dim=-1, eps=eps) * F.normalize(b, dim=-1, eps=eps)).sum(dim=-1)
 
 
-def gsu_scores(target: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
-    """GSU scores (B, L) of `target` (B, d) against `sequence` (B, L, d): cosine, 0.0 -> -1.1.
-
-    Used by `muse` (SCL vectors) and `sim_soft` (see `sim_soft_scores`). A score of exactly 0.0
-    marks a pad or an item without an SCL vector (zero vector) and is pushed below every real
-    cosine, as in the reference; an exactly orthogonal real pair gets -1.1 too (reference
-    behaviour). A batched matmul, as in the reference, so no (B, L, d) product is materialised.
-    """
+def cosines(target: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """Cosines (B, L) of `target` (B, d) with each of `sequence` (B, L, d); 0 where either vector is
+    zero. A batched matmul, as in the reference, so no (B, L, d) product is materialised."""
     query = F.normalize(target, dim=-1, eps=NORMALIZE_EPS).unsqueeze(-1)  # (B, d, 1)
     keys = F.normalize(sequence, dim=-1, eps=NORMALIZE_EPS)
-    scores = torch.bmm(keys, query).squeeze(-1)
-    return scores.masked_fill(scores == 0.0, NO_SCORE)
+    return torch.bmm(keys, query).squeeze(-1)
+
+
+def scl_cosines(target: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """Cosines (B, L) like `cosines`, computed as dot / (|a| |b|) with the products first: for the
+    integer-valued SCL vectors (int8 values, exact in fp16 and float32) every product and squared
+    norm is an integer below 2**24 (128 x 127 x 127), which float32 holds exactly whatever the
+    kernel's summation order, so equal cosines tie exactly on any machine, and the loader's GSU
+    (`muse_rec.data.gsu`) gets the very same numbers. Differs from `cosines` by rounding only."""
+    dots = torch.einsum("bld,bd->bl", sequence, target).double()
+    norms = torch.einsum("bd,bd->b", target, target).double().sqrt().unsqueeze(-1) * torch.einsum("bld,bld->bl", sequence, sequence).double().sqrt()
+    return torch.where(norms > 0, dots / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0).float()
+
+
+def scores_of(cosine_values: torch.Tensor) -> torch.Tensor:
+    """GSU scores from cosines: a cosine of exactly 0.0 marks a pad or an item without an SCL
+    vector (zero vector) and is pushed to -1.1, below every real cosine, as in the reference; an
+    exactly orthogonal real pair gets -1.1 too (reference behaviour)."""
+    return cosine_values.masked_fill(cosine_values == 0.0, NO_SCORE)
+
+
+def gsu_scores(target: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """GSU scores (B, L) of `target` (B, d) against `sequence` (B, L, d): cosine, 0.0 -> -1.1.
+    Used by `muse` (SCL vectors) and `sim_soft` (see `sim_soft_scores`)."""
+    return scores_of(cosines(target, sequence))
 
 
 def sim_soft_scores(

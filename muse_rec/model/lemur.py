@@ -10,10 +10,12 @@ Per training step, on each rank:
    (`muse_rec.distributed.warm_start`) has filled the bank with the items the training reads.
 2. The bank is read like any TorchRec table: the 1000-long history (no gradient, no encoder) and
    the targets of the samples outside the p share.
-3. The representations take the SCL vectors' place in `MuseDense`: cosine top-K GSU, SimTier and
-   SA-TA; the tower also reads the target's representation and (`sorted_similarities`) its largest
-   cosines to the history, the path by which the ranking loss trains the encoder. A never-written item reads as zeros: its cosine is 0, so the GSU ranks it below every
-   written item (the reference's score for zero vectors) and SimTier counts it at cosine 0.
+3. The representations take the SCL vectors' place: cosine top-K GSU (`select`, in the model:
+   `model.gsu_stage` is 'model' for lemur), SimTier and SA-TA; the tower also reads the target's
+   representation and (`sorted_similarities`) its largest cosines to the history, the path by which
+   the ranking loss trains the encoder. A never-written item reads as zeros: its cosine is 0, so
+   the GSU ranks it below every written item (the reference's score for zero vectors) and SimTier
+   counts it at cosine 0.
 4. Loss = ranking_weight * click loss + contrastive_weight * in-batch InfoNCE between a user vector
    and the clicked target's representation (`InBatchContrastive`).
 Evaluation never writes the bank; with `eval_target: bank` it runs no encoder at all.
@@ -27,13 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
+from muse_rec import schema
 from muse_rec.batch import Batch
 from muse_rec.config import LemurConfig, ModelConfig
-from muse_rec.data import schema
+from muse_rec.model import gsu
 from muse_rec.model.encoder import OUTPUT_DIM, ContentEncoder, OutputCentring
-from muse_rec.model.memory_bank import READ_STATS, BankWriter, bank_table_config, missing
 from muse_rec.model.esu import SimTier
-from muse_rec.model.gsu import NORMALIZE_EPS
+from muse_rec.model.memory_bank import READ_STATS, BankWriter, bank_table_config, missing
 from muse_rec.model.muse import MuseDense, MuseModel
 from muse_rec.model.tower import two_class_loss_and_prob
 
@@ -323,12 +325,12 @@ class LemurModel(MuseModel):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         c = self.config.lemur
-        x = self.dense_inputs(batch)
         size = batch.batch_size
+        target_scl, history_scl = self.scl_vectors(batch)
         rows = batch.sequence_features.to_dict()
         history_rows = rows[schema.HIST_ITEMS].values().view(size, -1)
         target_rows = rows[schema.TARGET_ITEM].values()
-        encoded_target, encoded, encodable, encoded_history = self.targets(target_rows, x.target_scl, batch.weights, history_rows, x.scl)
+        encoded_target, encoded, encodable, encoded_history = self.targets(target_rows, target_scl, batch.weights, history_rows, history_scl)
         bank = self.bank_table(batch.sequence_features)  # after the write: this step's targets are in
         bank_target = bank[schema.TARGET_ITEM].values().detach().float()
         if c.history_source == "bank":
@@ -339,14 +341,14 @@ class LemurModel(MuseModel):
         self.read_coverage(missing(history), history_rows != 0, missing(bank_target), target_read)
         target = torch.where(encoded.unsqueeze(-1), encoded_target, bank_target)
         ranked = target if c.ranker_gradient else target.detach()  # false: the ranking loss leaves the encoder alone
-        x = x._replace(target_scl=ranked, scl=history)
+        full = self.full_inputs(batch, gsu.cosines(ranked, history))
         extra = self._missing_flags_and_target(ranked, history, history_rows)
         if not c.tower_reads_target:
             extra = extra[:, OUTPUT_DIM:]  # the missing flags alone
         if c.sorted_similarities:
             extra = torch.cat([extra, self.sorted_similarities(ranked, history)], dim=-1)
-        ranking, scores = two_class_loss_and_prob(self.dense(x, extra), batch.labels, batch.weights)
-        contrastive = self.contrastive(x.user, history, target, batch.labels, batch.weights, batch.user_ids)
+        ranking, scores = two_class_loss_and_prob(self.dense(self.retrieval(full), extra), batch.labels, batch.weights)
+        contrastive = self.contrastive(full.user, history, target, batch.labels, batch.weights, batch.user_ids)
         loss = c.ranking_weight * ranking + c.contrastive_weight * contrastive
         return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights, batch.user_ids)
 
@@ -389,6 +391,5 @@ class SortedSimilarities(nn.Module):
         self.n = n
 
     def forward(self, target: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        keys = F.normalize(history.detach(), dim=-1, eps=NORMALIZE_EPS)
-        cosines = torch.einsum("bd,bld->bl", F.normalize(target, dim=-1, eps=NORMALIZE_EPS), keys)
+        cosines = gsu.cosines(target, history.detach())
         return torch.topk(cosines, min(self.n, cosines.shape[1]), dim=1).values

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
 
-from muse_rec.data import schema
+from muse_rec import schema
 
 BANK_TABLE = "bank"
 BANK_FEATURES = (schema.TARGET_ITEM, schema.HIST_ITEMS)

@@ -2,10 +2,22 @@
 
 `MuseModel.forward(batch)` returns `(loss, (loss, scores, labels, weights, user_ids))`, the
 contract of TorchRec's train pipelines. The tables are plain TorchRec modules; sharding is applied
-from outside by `muse_rec.distributed` (DistributedModelParallel), as DMP intends. Every sequence
-position is looked up (the pipeline can then overlap all lookups with the previous step) and the
-GSU selects among the looked-up rows: the same values as selecting IDs first, as the reference
-does, then looking them up.
+from outside by `muse_rec.distributed` (DistributedModelParallel), as DMP intends.
+
+Where the GSU runs (`model.gsu_stage`, `muse_rec.batch.BatchLayout`):
+- loader (muse, sim_hard, din): the batch holds the target, the K kept positions and the last S
+  with their SCL cosines; the model looks up exactly those rows, so a fused optimizer touches
+  only rows the loss uses, and `DenseInputs` are built directly.
+- model (and sim_soft, lemur at either stage): the whole sequence is looked up (`FullInputs`) and
+  `select` keeps K positions. The SCL cosines come from the SCL table (gsu_stage model), from the
+  loader (sim_soft at gsu_stage loader) or from lemur's representations.
+sim_soft scores with the current trainable embeddings, so its positions cannot be chosen before
+the lookup, and TorchRec's pipeline allows one call of each sharded collection per step: the L
+positions are looked up once, scored detached, and the kept K are gathered from that lookup
+with gradient. The other L - K rows get an exact zero gradient. Under the CPU optimizers (SGD,
+row-wise Adagrad) that moves nothing; under fused Adam (CUDA) a row with earlier momentum would
+still move, like a dense Adam step: a second lookup of the K kept rows would avoid it but needs a
+second sharded collection call per step, outside what the pipeline traces.
 """
 from __future__ import annotations
 
@@ -15,12 +27,12 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from muse_rec.batch import ID_FEATURES, SEQUENCE_FEATURES, Batch
+from muse_rec import schema
+from muse_rec.batch import ID_FEATURES, Batch, batch_layout
 from muse_rec.config import ModelConfig
-from muse_rec.data import schema
 from muse_rec.model import gsu
 from muse_rec.model.esu import SelfAttentiveTargetAttention, SimTier, TargetAttention, mean_pool
-from muse_rec.model.tables import ReplicatedInt8Table, id_table_configs, scl_features, scl_table_config, sequence_table_configs
+from muse_rec.model.tables import ReplicatedInt8Table, id_table_configs, scl_table_config, sequence_table_configs
 from muse_rec.model.tower import Tower, tower_input, tower_input_dim, two_class_loss_and_prob
 
 AD_ATTRIBUTES = schema.ITEM_ATTRS
@@ -28,7 +40,8 @@ USER_FEATURES = (schema.USER, *schema.USER_ATTRS)
 
 
 class DenseInputs(NamedTuple):
-    """What the dense arch reads: embeddings (row 0 already zeroed) and the category rows for sim_hard.
+    """What the dense arch reads: embeddings (row 0 already zeroed) of the target, the GSU's K kept
+    positions and the last S positions, with the SCL cosine of each position and the target.
 
     A NamedTuple, not a dataclass: TorchRec's pipeline traces `MuseModel.forward` with torch.fx,
     which passes named tuples of proxies into the (untraced, leaf) dense module.
@@ -38,18 +51,71 @@ class DenseInputs(NamedTuple):
     ad_attributes: torch.Tensor  # (B, 2D): 213, 214
     target_item: torch.Tensor  # (B, D)
     target_cate: torch.Tensor  # (B, D)
+    top_items: torch.Tensor  # (B, K, D); (B, 0, D) for din
+    top_cates: torch.Tensor  # (B, K, D)
+    top_cosines: torch.Tensor  # (B, K) float32
+    top_present: torch.Tensor  # (B, K) bool: a behaviour, not padding nor a sim_hard slot past the matches (masked variant)
+    short_items: torch.Tensor  # (B, S, D)
+    short_cates: torch.Tensor  # (B, S, D)
+    short_cosines: torch.Tensor  # (B, S) float32
+    short_present: torch.Tensor  # (B, S) bool
+
+
+class FullInputs(NamedTuple):
+    """The whole sequence before the GSU: what `select` reads."""
+
+    user: torch.Tensor
+    ad_attributes: torch.Tensor
+    target_item: torch.Tensor
+    target_cate: torch.Tensor
     items: torch.Tensor  # (B, L, D)
     cates: torch.Tensor  # (B, L, D)
-    target_scl: torch.Tensor  # (B, 128) float32
-    scl: torch.Tensor  # (B, L, 128) float32; (B, 0, 128) where the SCL sequence is not read (`reads_scl_sequence`)
-    cate_rows: torch.Tensor  # (B, L) category-table rows of the sequence
+    cosines: torch.Tensor  # (B, L) float32: cosine of the target's SCL vector (lemur: representation) with each position's
+    cate_rows: torch.Tensor  # (B, L) category-table rows of the sequence (sim_hard)
     target_cate_row: torch.Tensor  # (B,)
-    present: torch.Tensor  # (B, L) bool: a behaviour, not padding (used by the masked variant only)
+    present: torch.Tensor  # (B, L) bool: a behaviour, not padding
+
+
+def select(x: FullInputs, config: ModelConfig) -> DenseInputs:
+    """The GSU on whole sequences (no gradient to the scores): K kept positions of `x`, gathered
+    with gradient, and the last `short_seq_len`. sim_hard's slots past the match count read as
+    item, category and SCL key 0 (zeros, not present)."""
+    k, method = config.keep_top, config.method
+    valid = None
+    with torch.no_grad():
+        if method in ("muse", "lemur"):  # lemur: the encoder's representations stand in the SCL vectors' place
+            positions = gsu.top_k_positions(gsu.scores_of(x.cosines), k)
+        elif method == "sim_soft":
+            positions = gsu.top_k_positions(gsu.sim_soft_scores(x.target_item, x.target_cate, x.items, x.cates), k)
+        elif method == "sim_hard":
+            positions, valid = gsu.sim_hard_positions(x.cate_rows, x.target_cate_row, k)
+        else:  # din: no long branch
+            positions = torch.zeros_like(x.cate_rows[:, :0])
+    kept = [gsu.gather_positions(t, positions) for t in (x.items, x.cates, x.cosines, x.present)]
+    if valid is not None:
+        kept = [t * valid.unsqueeze(-1) for t in kept[:2]] + [kept[2] * valid, kept[3] & valid]
+    short = slice(x.items.shape[1] - config.short_seq_len, None)
+    return DenseInputs(
+        x.user, x.ad_attributes, x.target_item, x.target_cate, *kept,
+        x.items[:, short], x.cates[:, short], x.cosines[:, short], x.present[:, short],
+    )
+
+
+class Retrieval(nn.Module):
+    """`select` as a module: a leaf of TorchRec's pipeline tracer (it holds no TorchRec module), so
+    its shape checks and `no_grad` run eagerly."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, x: FullInputs) -> DenseInputs:
+        return select(x, self.config)
 
 
 class MuseDense(nn.Module):
-    """GSU (no gradient), ESU and the Dice tower: plain PyTorch, replicated by DDP. `extra_inputs`
-    features (none in the MUSE family) follow the reference's tower input."""
+    """ESU and the Dice tower over the GSU's output: plain PyTorch, replicated by DDP.
+    `extra_inputs` features (none in the MUSE family) follow the reference's tower input."""
 
     def __init__(self, config: ModelConfig, extra_inputs: int = 0) -> None:
         super().__init__()
@@ -62,21 +128,19 @@ class MuseDense(nn.Module):
         self.tower = Tower(tower_input_dim(config.embedding_dim) + extra_inputs)
 
     def forward(self, x: DenseInputs, extra: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.config
+        masked = self.config.masked
         target = torch.cat([x.target_item, x.target_cate], dim=-1)
-        sequence = torch.cat([x.items, x.cates], dim=-1)
-        short, short_scl = sequence[:, -c.short_seq_len :], x.scl[:, -c.short_seq_len :]
-        short_mask = x.present[:, -c.short_seq_len :] if c.masked else None
-        short_similarity = gsu.cosine(x.target_scl.unsqueeze(1), short_scl)
-        if c.method == "din":
+        short = torch.cat([x.short_items, x.short_cates], dim=-1)
+        short_mask = x.short_present if masked else None
+        if self.config.method == "din":
             long_attention = long_mean = torch.zeros_like(target)
             simtier_long = target.new_zeros(target.shape[0], self.simtier_long.bins)
         else:
-            top, top_scl, top_mask = self._retrieve(x, target, sequence)
-            long_similarity = gsu.cosine(x.target_scl.unsqueeze(1), top_scl)
-            long_attention = self.long_attention(target, top, long_similarity, top_mask)
+            top = torch.cat([x.top_items, x.top_cates], dim=-1)
+            top_mask = x.top_present if masked else None
+            long_attention = self.long_attention(target, top, x.top_cosines, top_mask)
             long_mean = mean_pool(top, top_mask)
-            simtier_long = self.simtier_long(long_similarity, top_mask)
+            simtier_long = self.simtier_long(x.top_cosines, top_mask)
         features = tower_input(
             short_attention=self.short_attention(target, short, short_mask),
             long_attention=long_attention,
@@ -84,36 +148,14 @@ class MuseDense(nn.Module):
             short_mean=mean_pool(short, short_mask),
             ad=torch.cat([x.target_item, x.target_cate, x.ad_attributes], dim=-1),
             user=x.user,
-            simtier_short=self.simtier_short(short_similarity, short_mask),
+            simtier_short=self.simtier_short(x.short_cosines, short_mask),
             simtier_long=simtier_long,
         )
         return self.tower(features if extra is None else torch.cat([features, extra], dim=-1))
 
-    def _retrieve(
-        self, x: DenseInputs, target: torch.Tensor, sequence: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The GSU's top-K embeddings, SCL vectors and (masked variant) presence."""
-        k, method = self.config.keep_top, self.config.method
-        valid = None
-        with torch.no_grad():
-            if method in ("muse", "lemur"):  # lemur: the encoder's representations stand in the SCL vectors' place
-                positions = gsu.top_k_positions(gsu.gsu_scores(x.target_scl, x.scl), k)
-            elif method == "sim_soft":
-                positions = gsu.top_k_positions(gsu.gsu_scores(target, sequence), k)
-            else:
-                positions, valid = gsu.sim_hard_positions(x.cate_rows, x.target_cate_row, k)
-        top, top_scl = gsu.gather_positions(sequence, positions), gsu.gather_positions(x.scl, positions)
-        if valid is not None:  # sim_hard: slots past the match count read as item, category, SCL key 0
-            top, top_scl = top * valid.unsqueeze(-1), top_scl * valid.unsqueeze(-1)
-        mask = None
-        if self.config.masked:
-            mask = gsu.gather_positions(x.present, positions)
-            mask = mask & valid if valid is not None else mask
-        return top, top_scl, mask
-
 
 class MuseModel(nn.Module):
-    """Sparse arch (three TorchRec collections) + `MuseDense`."""
+    """Sparse arch (two or three TorchRec collections) + the GSU where it runs in the model + `MuseDense`."""
 
     TOWER_EXTRA_INPUTS = 0
     """Features a subclass adds after the reference's tower input (see `LemurModel`)."""
@@ -121,13 +163,16 @@ class MuseModel(nn.Module):
     def __init__(self, config: ModelConfig, table_rows: dict[str, int], device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
-        self.scl_features = scl_features(config)
+        self.layout = batch_layout(config)
+        self.sequence_keys = tuple(self.layout.sequence_lengths(config.keep_top))  # the keys alone: lengths are the data's
         self.id_tables = EmbeddingBagCollection(id_table_configs(config, table_rows), device=device)
-        self.sequence_tables = EmbeddingCollection(sequence_table_configs(config, table_rows), device=device)
-        if config.scl_storage == "fp16_sharded":
-            self.scl_table = EmbeddingCollection([scl_table_config(table_rows["scl"], self.scl_features)], device=device)
-        else:
+        self.sequence_tables = EmbeddingCollection(sequence_table_configs(config, table_rows, self.sequence_keys), device=device)
+        self.scl_table: nn.Module | None = None
+        if self.layout.scl_features and config.scl_storage == "fp16_sharded":
+            self.scl_table = EmbeddingCollection([scl_table_config(table_rows["scl"], self.layout.scl_features)], device=device)
+        elif self.layout.scl_features:
             self.scl_table = ReplicatedInt8Table(table_rows["scl"])
+        self.retrieval = Retrieval(config)
         self.dense = MuseDense(config, self.TOWER_EXTRA_INPUTS)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -135,34 +180,62 @@ class MuseModel(nn.Module):
         loss, scores = two_class_loss_and_prob(logits, batch.labels, batch.weights)
         return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights, batch.user_ids)
 
+    # Everything below is traced by torch.fx in TorchRec's pipeline: no Python control flow on
+    # tensors (only on the config), no iteration over outputs, and `detach` (not `no_grad`, which
+    # tracing drops) to keep the frozen SCL table out of backward.
     def dense_inputs(self, batch: Batch) -> DenseInputs:
-        """Look everything up. Traced by torch.fx in TorchRec's pipeline: no Python control flow on
-        tensors, no iteration over outputs, and `detach` (not `no_grad`, which tracing drops) to
-        keep the frozen SCL table out of backward."""
+        """Look everything up; run the GSU here unless the loader did."""
+        if self.layout.long != "all":
+            return self._selected_inputs(batch)
+        cosines = batch.top_cosines if self.layout.cosines else gsu.scl_cosines(*self.scl_vectors(batch))
+        return self.retrieval(self.full_inputs(batch, cosines))
+
+    def _lookups(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(user, ad attributes, embeddings (B, length, D) and rows (B, length) by sequence feature)."""
         size, dim = batch.batch_size, self.config.embedding_dim
         pooled = self.id_tables(batch.id_features)
         id_rows = batch.id_features.to_dict()
         single = {key: _zero_row0(pooled[key], id_rows[key].values()) for key in ID_FEATURES}
         looked_up = self.sequence_tables(batch.sequence_features)
-        rows = batch.sequence_features.to_dict()
-        seq = {key: _zero_row0(looked_up[key].values(), rows[key].values()).view(size, -1, dim) for key in SEQUENCE_FEATURES}
-        scl_out = self.scl_table(batch.scl_features)
-        scl = {key: scl_out[key].values().detach().float().view(size, -1, schema.SCL_DIM) for key in self.scl_features}
-        item_rows = rows[schema.HIST_ITEMS].values().view(size, -1)
-        cate_rows = rows[schema.HIST_CATES].values().view(size, -1)
+        jagged = batch.sequence_features.to_dict()
+        rows = {key: jagged[key].values().view(size, -1) for key in self.sequence_keys}
+        embeddings = {key: _zero_row0(looked_up[key].values(), jagged[key].values()).view(size, -1, dim) for key in self.sequence_keys}
+        user = torch.cat([single[key] for key in USER_FEATURES], dim=-1)
+        return user, torch.cat([single[key] for key in AD_ATTRIBUTES], dim=-1), embeddings, rows
+
+    def _selected_inputs(self, batch: Batch) -> DenseInputs:
+        """gsu_stage loader, muse / sim_hard / din: the batch holds the kept and short positions."""
+        user, ad, seq, rows = self._lookups(batch)
+        short_present = (rows[schema.SHORT_ITEMS] != 0) | (rows[schema.SHORT_CATES] != 0)
+        if schema.TOP_ITEMS in seq:
+            top_items, top_cates = seq[schema.TOP_ITEMS], seq[schema.TOP_CATES]
+            top_present = (rows[schema.TOP_ITEMS] != 0) | (rows[schema.TOP_CATES] != 0)
+        else:  # din
+            top_items, top_cates, top_present = seq[schema.SHORT_ITEMS][:, :0], seq[schema.SHORT_CATES][:, :0], short_present[:, :0]
         return DenseInputs(
-            user=torch.cat([single[key] for key in USER_FEATURES], dim=-1),
-            ad_attributes=torch.cat([single[key] for key in AD_ATTRIBUTES], dim=-1),
-            target_item=seq[schema.TARGET_ITEM][:, 0],
-            target_cate=seq[schema.TARGET_CATE][:, 0],
-            items=seq[schema.HIST_ITEMS],
-            cates=seq[schema.HIST_CATES],
-            target_scl=scl[schema.SCL_TARGET][:, 0],
-            scl=scl[schema.SCL_LONG] if schema.SCL_LONG in scl else scl[schema.SCL_TARGET][:, :0],  # lemur: the bank's
-            cate_rows=cate_rows,
-            target_cate_row=rows[schema.TARGET_CATE].values(),
-            present=(item_rows != 0) | (cate_rows != 0),
+            user, ad, seq[schema.TARGET_ITEM][:, 0], seq[schema.TARGET_CATE][:, 0],
+            top_items, top_cates, batch.top_cosines, top_present,
+            seq[schema.SHORT_ITEMS], seq[schema.SHORT_CATES], batch.short_cosines, short_present,
         )
+
+    def full_inputs(self, batch: Batch, cosines: torch.Tensor) -> FullInputs:
+        """The whole sequence looked up, with the given SCL cosines (B, L)."""
+        user, ad, seq, rows = self._lookups(batch)
+        item_rows, cate_rows = rows[schema.HIST_ITEMS], rows[schema.HIST_CATES]
+        return FullInputs(
+            user, ad, seq[schema.TARGET_ITEM][:, 0], seq[schema.TARGET_CATE][:, 0],
+            seq[schema.HIST_ITEMS], seq[schema.HIST_CATES], cosines,
+            cate_rows, rows[schema.TARGET_CATE][:, 0], (item_rows != 0) | (cate_rows != 0),
+        )
+
+    def scl_vectors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """SCL vectors of the target (B, 128) and of the sequence (B, L, 128); (B, 0, 128) where the
+        sequence's are not read (lemur, `muse_rec.batch.reads_scl_sequence`). gsu_stage model only."""
+        size = batch.batch_size
+        out = self.scl_table(batch.scl_features)
+        scl = {key: out[key].values().detach().float().view(size, -1, schema.SCL_DIM) for key in self.layout.scl_features}
+        target = scl[schema.SCL_TARGET]
+        return target[:, 0], scl[schema.SCL_LONG] if schema.SCL_LONG in scl else target[:, :0]
 
 
 def _zero_row0(embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,13 @@ Three collections, one per kind of lookup (and one embedding dim per EmbeddingCo
 - `id_tables` (EmbeddingBagCollection): user (129_1) and its attributes 130_1..130_5 (D/2 for
   130_3..130_5), item attributes 213 and 214: one row per sample.
 - `sequence_tables` (EmbeddingCollection): the item table, shared by the target 205 and the
-  sequence 150_2_180, and the category table, shared by 206 and 151_2_180.
-- `scl_table`: the frozen multimodal table (128-d); its row i + 1 is line i of the SCL values
-  file, never trained. Either an fp16 EmbeddingCollection sharded like the others, or
-  `ReplicatedInt8Table`, the int8 values themselves on every rank (`model.scl_storage`). Both are
-  filled by `muse_rec.distributed.table_weights.load_scl_table`.
+  sequence features of `Batch` (the whole 150_2_180, or the GSU's kept positions and the short
+  sequence), and the category table, shared by 206 and the category features.
+- `scl_table` (`model.gsu_stage: model` only; at gsu_stage loader the loader reads the SCL values
+  file and no SCL vector reaches the model): the frozen multimodal table (128-d); its row i + 1
+  is line i of the SCL values file, never trained. Either an fp16 EmbeddingCollection sharded
+  like the others, or `ReplicatedInt8Table`, the int8 values themselves on every rank
+  (`model.scl_storage`). Both are filled by `muse_rec.distributed.table_weights.load_scl_table`.
 Row 0 of every table is padding / out of vocabulary: the model zeroes lookups of row 0, so that
 row reads as the zero vector whatever it holds, and it receives no gradient.
 """
@@ -19,9 +21,9 @@ from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from muse_rec.batch import ID_FEATURES, SCL_FEATURES
+from muse_rec import schema
+from muse_rec.batch import ID_FEATURES, ITEM_TABLE_FEATURES, SCL_FEATURES
 from muse_rec.config import ModelConfig
-from muse_rec.data import schema
 
 HALF_DIM_FEATURES = ("130_3", "130_4", "130_5")
 TRUNCATE_BOUND = 2.0
@@ -57,34 +59,22 @@ def id_table_configs(config: ModelConfig, table_rows: dict[str, int]) -> list[Em
     ]
 
 
-def sequence_table_configs(config: ModelConfig, table_rows: dict[str, int]) -> list[EmbeddingConfig]:
-    """The item and category tables, each shared by the target and the sequence."""
+def sequence_table_configs(config: ModelConfig, table_rows: dict[str, int], features: tuple[str, ...]) -> list[EmbeddingConfig]:
+    """The item and category tables, each shared by the target and the batch's sequence `features`."""
+    items = [f for f in features if f in ITEM_TABLE_FEATURES]
     return [
         EmbeddingConfig(
             name=name,
             num_embeddings=table_rows[field],
             embedding_dim=config.embedding_dim,
-            feature_names=list(features),
+            feature_names=table_features,
             init_fn=truncated_normal_init(config.init_std),
         )
-        for name, field, features in (
-            (ITEM_TABLE, schema.ITEM_MAP, (schema.TARGET_ITEM, schema.HIST_ITEMS)),
-            (CATE_TABLE, schema.CATE_MAP, (schema.TARGET_CATE, schema.HIST_CATES)),
+        for name, field, table_features in (
+            (ITEM_TABLE, schema.ITEM_MAP, items),
+            (CATE_TABLE, schema.CATE_MAP, [f for f in features if f not in items]),
         )
     ]
-
-
-def reads_scl_sequence(config: ModelConfig) -> bool:
-    """Whether the model reads the SCL vectors of the long sequence. Lemur reads them only when it
-    encodes the history from them (history_source encoder, content_input scl); otherwise the
-    sequence's 1000 x 128 lookups would be thrown away."""
-    lemur = config.lemur
-    return config.method != "lemur" or (lemur.history_source == "encoder" and lemur.content_input == "scl")
-
-
-def scl_features(config: ModelConfig) -> tuple[str, ...]:
-    """The SCL table's features for this model: the loader's `scl_sequence` must agree."""
-    return SCL_FEATURES if reads_scl_sequence(config) else (schema.SCL_TARGET,)
 
 
 def scl_table_config(num_rows: int, features: tuple[str, ...] = SCL_FEATURES, data_type: DataType = DataType.FP16) -> EmbeddingConfig:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from muse_rec.config import Config
-from muse_rec.data.atomic import atomic_path
+from muse_rec.data.atomic import atomic_path, partial_name
 from muse_rec.distributed.sharding import ShardedModel
 from muse_rec.distributed.table_weights import SCL_WEIGHT_SUFFIX
 from muse_rec.errors import MuseRecError
@@ -86,26 +86,27 @@ def latest(run_dir: Path) -> Path | None:
     root = checkpoint_root(run_dir)
     pointer = root / LATEST
     named = root / pointer.read_text().strip() if pointer.exists() else None
-    if named is not None and is_complete(named):
+    if named is not None and _is_complete(named):
         return named
-    found = complete_checkpoints(root)
+    found = _complete_checkpoints(root)
     if not found:
         if named is None:
             return None
         raise MuseRecError(f"{pointer} names {named}, which is not a complete checkpoint, and there is no other; {FRESH_START}")
-    log.warning("%s: %s is not a complete checkpoint (a save was interrupted); using the newest complete one, %s",
-                pointer, named or "no latest", found[-1])
+    state = f"names {named.name}, not a complete checkpoint" if named else "is missing"
+    log.warning("%s %s (a save was interrupted): using the newest complete checkpoint, %s", pointer, state, found[-1])
     return found[-1]
 
 
-def is_complete(path: Path) -> bool:
-    return (Path(path) / META).exists()
+def _is_complete(path: Path) -> bool:
+    """`meta.json` is written last and deleted first."""
+    return (path / META).exists()
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
+def _complete_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoints under `root`, published or renamed aside, oldest first."""
     found = [*root.glob("step-[0-9]*"), *root.glob(f".step-[0-9]*{ASIDE}")]
-    return sorted((p for p in found if is_complete(p)), key=_age)
+    return sorted((p for p in found if _is_complete(p)), key=_age)
 
 
 def _age(path: Path) -> tuple[int, bool]:
@@ -117,10 +118,10 @@ def save(run_dir: Path, sharded: ShardedModel, position: Position, run: RunIdent
     """Collective: every rank calls it. Returns the checkpoint directory."""
     root = checkpoint_root(run_dir)
     final = root / f"step-{position.step:08d}"
-    staging = root / f".{final.name}.partial"
+    staging = partial_name(final)
     rank = dist.get_rank()
     if rank == 0:
-        remove(staging)
+        _remove(staging)
         staging.mkdir(parents=True)
     dist.barrier()
     dcp.save({"model": _model_state(sharded), "optimizer": _optimizer_state(sharded)}, checkpoint_id=staging)
@@ -138,25 +139,25 @@ def _publish(staging: Path, final: Path) -> None:
     again) is renamed aside, not deleted, until `latest` names the new one."""
     aside = final.with_name(f".{final.name}{ASIDE}")
     if final.exists():
-        remove(aside)
+        _remove(aside)
         final.rename(aside)
     staging.rename(final)
     with atomic_path(final.parent / LATEST) as tmp:
         tmp.write_text(final.name + "\n")
-    remove(aside)
+    _remove(aside)
 
 
 def _prune(root: Path, final: Path, keep: int) -> None:
     """Keep `final` (which `latest` names) and the `keep - 1` newest other complete checkpoints;
     delete the rest, and what interrupted saves left (staging dirs, aside copies, half-deleted dirs)."""
-    published = [p for p in complete_checkpoints(root) if p.name.startswith("step-") and p != final]
+    published = [p for p in _complete_checkpoints(root) if p.name.startswith("step-") and p != final]
     kept = {final, *published[max(len(published) - (keep - 1), 0):]}
     for path in [*root.glob("step-[0-9]*"), *root.glob(".step-[0-9]*")]:  # .step-*: staging dirs, aside copies
         if path not in kept:
-            remove(path)
+            _remove(path)
 
 
-def remove(path: Path) -> None:
+def _remove(path: Path) -> None:
     """Delete a checkpoint directory, `meta.json` first: a deletion cut short leaves no directory
     that looks complete."""
     (path / META).unlink(missing_ok=True)

@@ -2,7 +2,9 @@
 
 Runs under torchrun (or torchx, which wraps it) on 1..N ranks: gloo on CPU, NCCL on CUDA. Without
 torchrun's environment it runs as a single rank. Rank 0 writes `metrics.jsonl` and
-`config.yaml` into the run directory and prints where they went.
+`config.yaml` into the run directory and prints where they went. The directory holds one run
+(`_prepare_run_dir`): a resumed run's log reads as if it had never stopped, and a fresh run moves an
+earlier run's files aside.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from muse_rec.config import Config, config_from_dict, to_dict
 from muse_rec.data import schema
-from muse_rec.data.atomic import write_json
+from muse_rec.data.atomic import atomic_path, write_json
 from muse_rec.data.content import load_content_tokens
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
@@ -36,11 +38,14 @@ from muse_rec.distributed.sharding import ShardedModel, shard_model
 from muse_rec.distributed.warm_start import scl_content_source, warm_start_bank
 from muse_rec.model.factory import make_model
 from muse_rec.model.lemur import TargetEncoding
-from muse_rec.model.tables import reads_scl_sequence
+from muse_rec.batch import batch_layout
 from muse_rec.train import checkpoint
 from muse_rec.train.metrics import EvalAccumulator
 
 log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -137,17 +142,17 @@ def train(config: Config, progress: bool = True) -> dict:
     maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab, strict=config.data.strict)
     sharded = build_model(config, maps, runtime)
     run = checkpoint.run_identity(config, maps.table_rows())
-    start_step = _resume(config, sharded, runtime, out, run)
+    resumed = _resume(config, sharded, runtime, out, run)
+    start_step = resumed or 0
+    writer = MetricsWriter(out / METRICS if runtime.rank == 0 else None)
     if runtime.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    writer = MetricsWriter(out / "metrics.jsonl" if runtime.rank == 0 else None)
+        _prepare_run_dir(out, config, writer, resumed)
     warm_start = warm_start_bank(sharded.model, config, maps, out, start_step, progress)  # lemur: fill the bank first
     if warm_start:
         writer.write({"step": start_step, **warm_start})
 
     dataset = ShardDataset(config.data, "train", runtime.rank, runtime.world_size, maps, start_step=start_step,
-                           scl_sequence=reads_scl_sequence(config.model))
+                           layout=batch_layout(config.model))
     steps = start_step + len(dataset)
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, runtime.device, execute_all_batches=True)
     batches = iter(make_dataloader(dataset, pin_memory=runtime.device.type == "cuda"))
@@ -174,7 +179,7 @@ def train(config: Config, progress: bool = True) -> dict:
     metrics = evaluate(sharded, config, maps, runtime, progress)
     writer.write({"step": steps, "split": "test", **metrics})
     if runtime.rank == 0:
-        log.info("run directory: %s (metrics.jsonl, config.yaml, checkpoints/)", out.resolve())
+        log.info("run directory: %s (%s, %s, checkpoints/)", out.resolve(), METRICS, CONFIG)
     return {**metrics, "rank": runtime.rank}
 
 
@@ -187,17 +192,43 @@ def real_rows_per_step(dataset: ShardDataset, world_size: int) -> list[int]:
     return [rows[b] for b in batch_order(len(rows), dataset.config.num_workers)]
 
 
-def _resume(config: Config, sharded: ShardedModel, runtime: Runtime, out: Path, run: checkpoint.RunIdentity) -> int:
-    """Steps already done: 0, or the position of the run's newest checkpoint, checked to be this
-    run's and to mean the same batches here, then loaded."""
+def _resume(config: Config, sharded: ShardedModel, runtime: Runtime, out: Path, run: checkpoint.RunIdentity) -> int | None:
+    """Steps already done: None for a fresh run, else the position of the run's newest checkpoint,
+    checked to be this run's and to mean the same batches here, then loaded."""
     path = checkpoint.latest(out) if config.train.resume else None
     if path is None:
-        return 0
+        return None
     checkpoint.check_resumable(path, run, runtime.world_size, config.data.batch_size, config.data.num_workers)
     position = checkpoint.load(path, sharded, with_optimizer=True)
     if runtime.rank == 0:
         log.info("resuming from %s at step %d", path, position.step)
     return position.step
+
+
+def _prepare_run_dir(out: Path, config: Config, writer: MetricsWriter, resumed: int | None) -> None:
+    """Make `out` hold this run alone (rank 0): a resumed run's log keeps the records up to its
+    checkpoint; a fresh run sets an earlier run's files aside. Then config.yaml is this run's."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resumed is None:
+        _set_aside_earlier_run(out)
+    else:
+        writer.keep_until(resumed)
+    with atomic_path(out / CONFIG) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _set_aside_earlier_run(out: Path) -> None:
+    """Move an earlier run's checkpoints, log and config into `out/prev-run-<time>/`, deleting
+    nothing: the log would otherwise be appended to and the config overwritten, and this run's saves
+    would prune the checkpoints, or keep the longer earlier run's in place of its own."""
+    earlier = [out / name for name in (checkpoint.checkpoint_root(out).name, METRICS, CONFIG) if (out / name).exists()]
+    if all(path.name == CONFIG for path in earlier):
+        return  # a config alone: the earlier run neither logged nor saved
+    aside = out / f"prev-run-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()  # never into an existing one, where a rename could replace a file
+    for path in earlier:  # checkpoints first: a kill in between leaves a log without them, which a re-run sets aside too
+        path.rename(aside / path.name)
+    log.warning("%s held an earlier run: its %s moved to %s", out, ", ".join(path.name for path in earlier), aside)
 
 
 def _checkpoint(config: Config, sharded: ShardedModel, runtime: Runtime, out: Path, run: checkpoint.RunIdentity, step: int) -> None:
@@ -230,14 +261,14 @@ def _unbound_from_training_hardware(saved: dict) -> dict:
 def evaluate(sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: Runtime, progress: bool = True) -> dict:
     """Exact AUC and GAUC over the whole test split (all ranks), plus the reference's numbers."""
     data = dataclasses.replace(config.data, batch_size=config.train.eval_batch_size)
-    dataset = ShardDataset(data, "test", runtime.rank, runtime.world_size, maps, scl_sequence=reads_scl_sequence(config.model))
+    dataset = ShardDataset(data, "test", runtime.rank, runtime.world_size, maps, layout=batch_layout(config.model))
     sharded.model.eval()
     accumulator = EvalAccumulator()
     for batch in tqdm(make_dataloader(dataset), total=len(dataset), desc="eval", unit="step", disable=not progress or runtime.rank != 0):
         _, (_, scores, labels, weights, user_ids) = sharded.model(batch.to(runtime.device))
         accumulator.update(user_ids, scores, labels, weights)
     sharded.model.train()
-    metrics = accumulator.compute()
+    metrics = accumulator.compute(bootstrap_draws=config.train.eval_gauc_se_draws)
     bank = gather_bank_metrics(sharded.model)
     if bank:
         metrics |= bank | {"lemur_targets_from": config.model.lemur.eval_target}
@@ -256,3 +287,19 @@ class MetricsWriter:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def keep_until(self, step: int) -> None:
+        """Drop what was logged after the checkpoint at `step` (later steps, evaluations), which the
+        resumed run logs again, so the log reads as one uninterrupted run; a line without its newline
+        (a write a kill cut short) goes too. The file is replaced atomically."""
+        if self.path is None or not self.path.exists():
+            return
+        lines = self.path.read_text().split("\n")[:-1]
+        kept = [line + "\n" for line in lines if _before_checkpoint(json.loads(line), step)]
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(kept))
+
+
+def _before_checkpoint(record: dict, step: int) -> bool:
+    """A training record up to `step`: evaluations follow the last checkpoint."""
+    return "split" not in record and record["step"] <= step

@@ -23,8 +23,6 @@ RATE_EPSILON = 1e-6
 """The reference's `epsilon` in `calc_auroc_gpu`, added to the true positive rate's terms."""
 PROBABILITY_EPSILON = 1e-7
 """The reference's `clip_prop(softmax + 1e-7)`: keeps log finite."""
-BOOTSTRAP_DRAWS = 200
-"""Resamplings of the users behind `gauc_bootstrap_se` (its own relative error is about 1/sqrt(2 * 200) = 5 %)."""
 
 
 def _sorted_keys(groups: np.ndarray | None, scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,25 +116,37 @@ def exact_gauc(user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> 
     return float(np.dot(aucs, rows) / rows.sum()), int(aucs.size)
 
 
-def gauc_bootstrap_se(user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> float:
-    """Standard error of the exact GAUC from the sampling of users: its spread over resamplings of
-    the users (Poisson bootstrap: each user counted Poisson(1) times; per-user AUCs and row weights
-    fixed). Two models' GAUCs on one test set differ by more than noise when the gap is well above
-    this (a paired comparison is tighter, their errors being correlated). NaN below two users."""
+GAUC_BOOTSTRAP_DRAWS = 1000
+"""Resamples of the users behind `gauc_bootstrap_se` (the SE itself is then known to about 2 %)."""
+_BOOTSTRAP_CHUNK_INDICES = 1 << 22
+"""Drawn user indices held at once (32 MB): resamples are drawn in chunks of this many indices."""
+
+
+def gauc_bootstrap_se(
+    user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray, draws: int = GAUC_BOOTSTRAP_DRAWS, seed: int = 0
+) -> float:
+    """Standard error of `exact_gauc` from the sampling of users: the spread of the GAUC over sets of
+    users drawn with replacement (each user's AUC and row count fixed). NaN below two counted users.
+
+    It says how far apart two GAUCs on the same evaluation set must be to mean anything; a paired
+    comparison of two models is tighter, their errors being correlated. Deterministic (`seed`).
+    """
     aucs, rows = group_aucs(np.asarray(user_ids), scores, labels, tie_credit=0.5)
     return _bootstrap_se(aucs, rows, draws, seed)
 
 
-def _bootstrap_se(aucs: np.ndarray, rows: np.ndarray, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> float:
-    if aucs.size < 2:
+def _bootstrap_se(aucs: np.ndarray, rows: np.ndarray, draws: int = GAUC_BOOTSTRAP_DRAWS, seed: int = 0) -> float:
+    """Bootstrap SE of sum(aucs * rows) / sum(rows) over the groups, drawn in chunks of bounded memory."""
+    if aucs.size < 2 or draws < 2:
         return math.nan
     rng = np.random.default_rng(seed)
-    values = np.empty(draws)
     weighted = aucs * rows
-    for draw in range(draws):
-        counts = rng.poisson(1.0, aucs.size)
-        values[draw] = np.dot(counts, weighted) / max(np.dot(counts, rows), 1)
-    return float(values.std(ddof=1))
+    per_chunk = max(1, _BOOTSTRAP_CHUNK_INDICES // aucs.size)
+    values = []
+    for start in range(0, draws, per_chunk):
+        picks = rng.integers(aucs.size, size=(min(per_chunk, draws - start), aucs.size))
+        values.append(weighted[picks].sum(axis=1) / rows[picks].sum(axis=1))
+    return float(np.concatenate(values).std(ddof=1))
 
 
 def reference_batch_gauc(user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
@@ -224,11 +234,12 @@ class EvalAccumulator:
         self._scores.append(scores)
         self._labels.append(labels)
 
-    def compute(self, process_group: dist.ProcessGroup | None = None) -> dict[str, float | int]:
+    def compute(self, process_group: dist.ProcessGroup | None = None, bootstrap_draws: int = 0) -> dict[str, float | int]:
         """Every metric over the rows of all ranks (the same dict on each); a collective when distributed.
 
         Distributed when `process_group` is given or torch.distributed is initialised (then over
-        its default group): every rank must call it.
+        its default group): every rank must call it. With `bootstrap_draws` > 0 the dict also holds
+        `gauc_bootstrap_se`, the GAUC's bootstrap SE over that many resamples of the users.
         """
         columns = [
             np.concatenate(chunks) if chunks else np.zeros(0, dtype)
@@ -239,14 +250,14 @@ class EvalAccumulator:
             columns = _all_gather_rows(columns, process_group)
             reference = _all_reduce_sum(reference, process_group)
         user_ids, scores, labels = columns
-        aucs, rows = group_aucs(user_ids, scores, labels, tie_credit=0.5)  # exact_gauc's, kept for the bootstrap
-        gauc, gauc_users = (float(np.dot(aucs, rows) / rows.sum()), int(aucs.size)) if aucs.size else (math.nan, 0)
+        aucs, rows = group_aucs(user_ids, scores, labels, tie_credit=0.5)  # exact_gauc's, kept for its SE
         reference_sum, reference_rows = reference
+        se = {"gauc_bootstrap_se": _bootstrap_se(aucs, rows, bootstrap_draws)} if bootstrap_draws > 0 else {}
         return {
             "auc": exact_auc(scores, labels),
-            "gauc": gauc,
-            "gauc_users": gauc_users,
-            "gauc_bootstrap_se": _bootstrap_se(aucs, rows),
+            "gauc": float(np.dot(aucs, rows) / rows.sum()) if aucs.size else math.nan,
+            "gauc_users": int(aucs.size),
+            **se,
             "reference_batch_gauc": float(reference_sum / reference_rows) if reference_rows else math.nan,
             "reference_auc": reference_threshold_auc(scores, labels) if labels.size else math.nan,
             "rows": int(labels.size),

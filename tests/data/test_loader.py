@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch
-from muse_rec.config import DataConfig
+from muse_rec.batch import ID_FEATURES, SCL_FEATURES, SEQUENCE_FEATURES, Batch, BatchLayout, batch_layout
+from muse_rec.config import DataConfig, ModelConfig
 from muse_rec.data import schema
 from muse_rec.data.atomic import save_npy, write_json
 from muse_rec.data.feature_map import FeatureMaps
@@ -31,6 +31,7 @@ from muse_rec.data.loader import (
     list_row_groups,
 )
 from muse_rec.errors import DataError
+from muse_rec.model import gsu
 from tests.data.handmade import make_dataset, make_rows, write_maps
 
 L = 8  # short sequences keep hand checks readable; rows have up to 12 behaviours (truncation)
@@ -121,12 +122,64 @@ def test_without_the_scl_sequence_only_the_target_scl_row_is_assembled(handmade)
     """For a model that reads no SCL sequence (lemur, history from the bank): everything else equal."""
     root, _ = handmade
     full = next(iter(ShardDataset(config(root), "train")))
-    lean = next(iter(ShardDataset(config(root), "train", scl_sequence=False)))
+    lean = next(iter(ShardDataset(config(root), "train", layout=BatchLayout(scl_features=(schema.SCL_TARGET,)))))
     assert lean.scl_features.keys() == [schema.SCL_TARGET]
     assert torch.equal(lean.scl_features[schema.SCL_TARGET].values(), full.scl_features[schema.SCL_TARGET].values())
     assert lean.scl_features.lengths().tolist() == [1] * 7
     assert torch.equal(lean.sequence_features.values(), full.sequence_features.values())
     assert torch.equal(lean.id_features.values(), full.id_features.values())
+
+
+# -- the GSU in the loader (model.gsu_stage loader) -----------------------------------------------
+COSINE_TOLERANCE = schema.SCL_DIM * np.finfo(np.float32).eps
+"""A float32 dot product of two unit vectors of 128 terms (the reference's normalise-then-multiply)
+is within d x eps of the exact cosine, which the loader computes from exact integer products."""
+
+
+def reference_gsu(full: Batch, values: np.ndarray, method: str, k: int, short: int) -> dict[str, torch.Tensor]:
+    """What the loader's GSU must give, by `muse_rec.model.gsu`'s plain functions on a whole-sequence
+    batch. The positions follow the exact cosines (`gsu.scl_cosines`), as both GSU stages do: the
+    reference's normalise-then-multiply order of equal cosines depends on rounding."""
+    table = torch.cat([torch.zeros(1, schema.SCL_DIM), torch.from_numpy(np.array(values, np.float32))])
+    items, cates = (Batch.sequence(full.sequence_features, key) for key in (schema.HIST_ITEMS, schema.HIST_CATES))
+    target = table[Batch.sequence(full.scl_features, schema.SCL_TARGET)[:, 0]]
+    sequence = table[Batch.sequence(full.scl_features, schema.SCL_LONG)]
+    cosines = gsu.cosine(target.unsqueeze(1), sequence)
+    out = {"short_cosines": cosines[:, -short:], schema.SHORT_ITEMS: items[:, -short:], schema.SHORT_CATES: cates[:, -short:]}
+    if method == "sim_soft":
+        return {"top_cosines": cosines, "short_cosines": cosines[:, -short:]}
+    if method == "din":
+        return out
+    if method == "muse":
+        positions = gsu.top_k_positions(gsu.scores_of(gsu.scl_cosines(target, sequence)), k)
+        valid = torch.ones(len(items), k, dtype=torch.bool)
+    else:
+        positions, valid = gsu.sim_hard_positions(cates, Batch.sequence(full.sequence_features, schema.TARGET_CATE)[:, 0], k)
+    kept = {schema.TOP_ITEMS: items, schema.TOP_CATES: cates, "top_cosines": cosines}
+    return out | {key: gsu.gather_positions(value, positions) * valid for key, value in kept.items()}
+
+
+@pytest.mark.parametrize("method", ["muse", "sim_hard", "din", "sim_soft"])
+@pytest.mark.parametrize("data", ["handmade", "synthetic"])
+def test_loader_gsu_equals_the_model_reference(handmade, synthetic_root, method, data):
+    """Ties, pads, items and targets without SCL vector, OOV IDs and truncated histories (handmade),
+    fewer matches than K (sim_hard) and real 1000-long histories (synthetic)."""
+    root, long_len, k = (handmade[0], L, 3) if data == "handmade" else (synthetic_root, 1000, 50)
+    cfg = dataclasses.replace(config(root, batch_size=64), long_seq_len=long_len)
+    model = ModelConfig(method=method, keep_top=k, short_seq_len=min(50, long_len - 2))
+    layout = batch_layout(model)
+    maps = FeatureMaps.load(DatasetLayout(root), "p90")
+    for full, lean in zip(ShardDataset(cfg, "train", maps=maps), ShardDataset(cfg, "train", maps=maps, layout=layout)):
+        want = reference_gsu(full, maps.scl.values, method, k, model.short_seq_len)
+        assert lean.scl_features is None and list(lean.sequence_features.keys()) == list(layout.sequence_lengths(long_len))
+        for key, expected in want.items():
+            got = getattr(lean, key) if key.endswith("cosines") else Batch.sequence(lean.sequence_features, key)
+            if key.endswith("cosines"):
+                torch.testing.assert_close(got, expected.float(), rtol=0, atol=COSINE_TOLERANCE, msg=lambda m: f"{key}: {m}")
+            else:
+                assert torch.equal(got, expected), key
+        assert torch.equal(lean.id_features.values(), full.id_features.values())
+        assert torch.equal(lean.labels, full.labels) and torch.equal(lean.user_ids, full.user_ids)
 
 
 def test_fast_decode_equals_the_row_by_row_definition(handmade, synthetic_root):

@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from muse_rec.config import SynthConfig
+from muse_rec.config import SynthConfig, load_config
 from muse_rec.data import schema
 from muse_rec.data.atomic import MARKER
 from muse_rec.data.checks import check_columns, clicks_from_labels
 from muse_rec.data.feature_map import SclIndex, load_id_map
 from muse_rec.data.layout import RAW_TABLES, SPLITS, DatasetLayout
 from muse_rec.data.prepare import prepare
-from muse_rec.data.synth import Catalogue, mix64, raw_ids, synthesize
+from muse_rec.data.synth import Catalogue, mix64, raw_ids, split_blocks, synthesize
 from muse_rec.data.verify import verify
 from muse_rec.data.vocab import coverage_vocab, sorted_vocab
 from muse_rec.errors import ConfigError, DataError
@@ -263,6 +263,8 @@ def test_impossible_config_is_refused(tmp_path: Path) -> None:
         synthesize(dataclasses.replace(TINY, items=19), tmp_path, progress=False)  # 20 clusters need 20 items
     with pytest.raises(ConfigError, match="synth.candidates_min"):
         synthesize(dataclasses.replace(TINY, candidates_min=9, candidates_max=8), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="synth.cluster_categories"):
+        synthesize(dataclasses.replace(TINY, cluster_categories=3), tmp_path, progress=False)  # 10 categories
 
 
 # -- the planted signal ----------------------------------------------------------------------------
@@ -359,3 +361,96 @@ def test_mislabelled_scl_vectors_point_to_a_sibling_cluster_while_titles_keep_th
     title_of = dict(zip(titles[schema.TARGET_ITEM], titles[schema.TITLE_TOKENS]))
     for key, cluster in zip(keys[:50], own[:50]):
         assert int(catalogue.keyword(0, np.array([cluster]))[0]) in title_of[int(key)]
+
+
+# -- the separating preset (configs/synthetic_separating.yaml) --------------------------------------
+SEPARATING = Path(__file__).resolve().parents[2] / "configs" / "synthetic_separating.yaml"
+
+
+def separating(**sizes) -> SynthConfig:
+    return dataclasses.replace(load_config(SEPARATING).synth, **sizes)
+
+
+def test_separating_clusters_cut_across_the_categories_of_a_group() -> None:
+    """Every cluster spreads its items evenly over its group's categories, and a category holds the
+    items of every cluster of its group: a category match is neither necessary nor sufficient."""
+    config = separating()
+    catalogue = Catalogue.build(config)
+    items = np.arange(config.items)
+    clusters, categories = catalogue.cluster_of(items), catalogue.category_of(items)
+    group_size = config.cluster_categories
+    assert group_size > 1
+    assert (categories // group_size == catalogue.home_category_of(clusters) // group_size).all()  # within the group
+    per_cluster = np.bincount(clusters * config.categories + categories, minlength=catalogue.num_clusters * config.categories)
+    per_cluster = per_cluster.reshape(catalogue.num_clusters, config.categories)
+    assert ((per_cluster > 0).sum(axis=1) == group_size).all()  # every cluster in all G categories of its group
+    shares = per_cluster.max(axis=1) / per_cluster.sum(axis=1)
+    assert shares.max() < 0.5  # evenly: no category holds half a cluster (80 items over 4 categories)
+    clusters_per_category = (per_cluster > 0).sum(axis=0)
+    assert (clusters_per_category == group_size * config.clusters_per_category).all()
+    # the classic layout is the G = 1 case: a cluster lies in its home category only
+    classic = Catalogue.build(dataclasses.replace(config, cluster_categories=1))
+    assert (classic.category_of(items) == classic.home_category_of(classic.cluster_of(items))).all()
+
+
+def retrieval_shares(config: SynthConfig, blocks: int = 1, k: int = 50) -> dict[str, float]:
+    """Of the same-cluster behaviours of every target (summed), the share that each retrieval rule's k
+    positions hold: the latest k of the target's category (SIM-Hard), the last k (DIN), all of them
+    up to k (a perfect semantic retrieval, MUSE without mislabelled vectors); and the share that are
+    the target item itself (found by any ID cosine)."""
+    catalogue = Catalogue.build(config)
+    held = {"category_latest": 0, "last": 0, "semantic": 0, "same_item": 0}
+    total = 0
+    for index, block in enumerate(split_blocks(catalogue, "train")):
+        if index == blocks:
+            break
+        for user in range(len(block.users)):
+            history = block.hist_items[block.hist_offsets[user] : block.hist_offsets[user + 1]]
+            targets = block.target_items[block.target_owner == user]
+            same = catalogue.cluster_of(history)[:, None] == catalogue.cluster_of(targets)[None, :]
+            same_category = catalogue.category_of(history)[:, None] == catalogue.category_of(targets)[None, :]
+            latest = np.cumsum(same_category[::-1], axis=0)[::-1] <= k  # among the k newest matches
+            total += same.sum()
+            held["category_latest"] += (same & same_category & latest).sum()
+            held["last"] += same[-k:].sum()
+            held["semantic"] += np.minimum(same.sum(axis=0), k).sum()
+            held["same_item"] += (history[:, None] == targets[None, :]).sum()
+    return {name: count / total for name, count in held.items()}
+
+
+def test_separating_evidence_is_old_and_cut_across_categories_so_the_gsus_separate() -> None:
+    """The structure behind the benchmark's order (synth module doc, "The separating preset"): a
+    semantic retrieval holds nearly all the evidence, the latest 50 of the target's category little
+    (a quarter of a cluster at most, behind the recent browsing), the last 50 almost none; exact
+    repeats of the target item, which any ID cosine finds, are a real part of it. The classic model
+    is the contrast: there the category's latest 50 hold as much as a perfect semantic top-50 (the
+    evidence is plentiful, and a cluster lies in one category), which is why the GSUs tie on it."""
+    shares = retrieval_shares(separating(train_users=256))  # measured: 1.0, 0.14, 0.04, 0.14
+    assert shares["semantic"] > 0.95
+    assert shares["category_latest"] < 0.2 and shares["last"] < 0.08
+    assert 0.08 < shares["same_item"] < 0.25
+    classic = retrieval_shares(dataclasses.replace(SynthConfig(), train_users=256))  # measured: 0.33, 0.32
+    assert classic["category_latest"] > 0.9 * classic["semantic"]
+
+
+def test_separating_browsing_fills_the_interest_categories_with_other_clusters() -> None:
+    """The last recent_len behaviours stay in the interests' groups (same categories) but hardly
+    ever in the interest clusters themselves; the older ones hold the interests."""
+    config = separating(train_users=256)
+    catalogue = Catalogue.build(config)
+    block = next(split_blocks(catalogue, "train"))
+    full = np.flatnonzero(np.diff(block.hist_offsets) == config.history_len)
+    group_clusters = config.clusters_per_category * config.cluster_categories  # clusters are numbered group by group
+    recent_in_group, old_in_cluster, recent_in_cluster = [], [], []
+    for user in full[:100]:
+        history = block.hist_items[block.hist_offsets[user] : block.hist_offsets[user + 1]]
+        clusters = catalogue.cluster_of(history)
+        recent, old = clusters[-config.recent_len :], clusters[: -config.recent_len]
+        top = np.bincount(old).argmax()  # the strongest interest, from the old part
+        recent_in_group.append(np.mean(recent // group_clusters == top // group_clusters))
+        recent_in_cluster.append(np.mean(recent == top))
+        old_in_cluster.append(np.mean(old == top))
+    # measured: 0.40 of the recent behaviours in the strongest interest's group, 0.069 of the old ones
+    # in its very cluster against 0.008 of the recent ones
+    assert np.mean(recent_in_group) > 0.25
+    assert np.mean(old_in_cluster) > 0.04 and np.mean(recent_in_cluster) < 0.02

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from muse_rec.batch import SEQUENCE_FEATURES
+from muse_rec.batch import SEQUENCE_FEATURES, batch_layout
 from muse_rec.config import load_config
 from muse_rec.data import schema
 from muse_rec.data.feature_map import FeatureMaps
@@ -98,7 +98,7 @@ def run(rank: int, root: str, init_file: str, out: str) -> None:
 
     # the traced training pipeline: targets encoded and written, then read back
     pipeline = TrainPipelineSparseDist(fresh.model, fresh.optimizer, torch.device("cpu"))
-    batches = iter(ShardDataset(config.data, "train", rank, WORLD, maps, scl_sequence=False))  # lemur, history from the bank
+    batches = iter(ShardDataset(config.data, "train", rank, WORLD, maps, layout=batch_layout(config.model)))  # lemur, history from the bank
     results["losses"] = [float(pipeline.progress(batches)[0]) for _ in range(3)]
     pipeline.detach()
     results["train_metrics"] = gather_bank_metrics(fresh.model)

@@ -2,6 +2,7 @@
 profile's caps, saved and loaded exactly, refused on other hardware, and used by a real 2-rank run."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from muse_rec.cli import main
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-from muse_rec.config import Config, HardwareConfig
+from muse_rec.batch import batch_layout
+from muse_rec.config import Config, HardwareConfig, load_config
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset
@@ -85,12 +87,14 @@ def test_offline_plan_meets_the_hardware_targets_without_gpu_or_process_group(tm
     item = plan.plan["sequence_tables"]["item"]
     assert sum(s.shard_sizes[0] for s in item.sharding_spec.shards) == rows
     assert all(str(s.placement.device()).startswith("cuda") for s in item.sharding_spec.shards)
-    table_bytes = rows * 16 * 4 + (TAOBAO_MM_ROWS["scl"] + 1) * 128 * 2
+    table_bytes = rows * 16 * 4  # no SCL table (gsu_stage loader): the loaders map its values file, once per host
     assert sum(m.weights for m in memory) > table_bytes  # plus the small tables
+    assert "scl_table" not in plan.plan
+    assert all(rank.host_mapped == TAOBAO_MM_ROWS["scl"] * 128 for rank in memory)  # once per host, outside the plan
 
 
 def test_the_replicated_int8_scl_table_is_on_every_rank_outside_the_plan(tmp_path):
-    config = profiled(tmp_path, "rtx4090x8", "model.scl_storage=int8_replicated")
+    config = profiled(tmp_path, "rtx4090x8", "model.gsu_stage=model", "model.scl_storage=int8_replicated")
     plan, memory = plan_offline(config, config.hardware, "p90")
     assert "scl_table" not in plan.plan
     replicated = TAOBAO_MM_ROWS["scl"] * 128
@@ -98,8 +102,13 @@ def test_the_replicated_int8_scl_table_is_on_every_rank_outside_the_plan(tmp_pat
         assert rank.replicated == replicated and rank.hbm >= replicated + rank.weights + rank.optimizer
 
 
-def test_full_vocabulary_does_not_fit_two_cpu_ranks_and_says_so(tmp_path):
+def test_full_vocabulary_fits_two_cpu_ranks_only_without_the_scl_table(tmp_path):
+    """The fp16 SCL table (9 GB) tips the full item table over 2 x 9 GiB; at gsu_stage loader the
+    loaders map the int8 file instead, in the page cache the profile's headroom leaves."""
     config = profiled(tmp_path, "cpu-2core")
+    plan, memory = plan_offline(config, config.hardware, "full")
+    assert "scl_table" not in plan.plan and all(rank.fits for rank in memory)
+    config = profiled(tmp_path, "cpu-2core", "model.gsu_stage=model")
     with pytest.raises(MuseRecError, match="the full tables do not fit 2 x cpu"):
         plan_offline(config, config.hardware, "full")
 
@@ -160,19 +169,22 @@ def test_a_job_on_other_hardware_than_its_profile_is_refused():
         topology_from_profile(Config().hardware)
 
 
-def test_default_constraints_are_the_previous_ones(tmp_path):
+@pytest.mark.parametrize("stage,tables,item_lookups", [("loader", ("item", "category"), [1.0, 50.0, 50.0]), ("model", ("item", "category", "scl"), [1.0, 1000.0])])
+def test_default_constraints_are_the_previous_ones(tmp_path, stage, tables, item_lookups):
     """No data-parallel anywhere; pooled (EBC) tables table-wise only on CPU, row-wise too on CUDA;
-    sequence tables table- or row-wise; the long sequences sized as 1000 lookups a sample."""
-    config = Config()
+    sequence tables table- or row-wise; each feature sized as its lookups a sample: target, K kept
+    and the last 50 at gsu_stage loader, the 1000-long sequence (and the SCL table) at gsu_stage model."""
+    config = load_config(None, [f"model.gsu_stage={stage}"])
     rows, _ = table_rows(tmp_path, "p90")
     model = MuseModel(config.model, rows, device=torch.device("meta"))
     for device, pooled in (("cpu", ["table_wise"]), ("cuda", ["table_wise", "row_wise"])):
         constraints = table_constraints(model, config.sharding, device, config.data.long_seq_len)
         assert constraints["129_1"].sharding_types == pooled and constraints["213"].sharding_types == pooled
-        for table in ("item", "category", "scl"):
+        assert {"item", "category", "scl"} & constraints.keys() == set(tables)
+        for table in tables:
             assert constraints[table].sharding_types == ["table_wise", "row_wise"]
             assert constraints[table].compute_kernels is None and constraints[table].cache_params is None
-        assert constraints["item"].pooling_factors == [1.0, 1000.0]
+        assert constraints["item"].pooling_factors == item_lookups
 
 
 def test_a_choice_the_device_cannot_shard_with_names_the_key(tmp_path):
@@ -200,7 +212,9 @@ def test_plan_command_prints_placement_and_memory_and_writes_the_file(tmp_path, 
     assert main(["plan", "--hardware", "rtx4090x8", "--vocab", "full", "--out", str(tmp_path), f"data.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "| sequence_tables.item | row_wise | fused | 0-7 |" in out and "| rank | weights | optimizer |" in out
-    assert load_plan(tmp_path / "rtx4090x8-full.json", "cuda", 8).plan.keys() == {"id_tables", "sequence_tables", "scl_table"}
+    assert load_plan(tmp_path / "rtx4090x8-full.json", "cuda", 8).plan.keys() == {"id_tables", "sequence_tables"}
+    saved = json.loads((tmp_path / "rtx4090x8-full.json").read_text())
+    assert saved["host"]["scl_values_file_bytes"] == TAOBAO_MM_ROWS["scl"] * 128  # what each host holds instead
 
 
 # -- one real use: an offline plan for cpu-2core, loaded by a 2-rank gloo training run ------------
@@ -217,7 +231,7 @@ def run_with_plan(rank: int, root: str, plan_path: str, init_file: str, out: str
     item = next(v for k, v in sharded.model.state_dict().items() if k.endswith("sequence_tables.embeddings.item.weight"))
     before = [s.tensor.clone() for s in item.local_shards()]
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, torch.device("cpu"))
-    batches = iter(ShardDataset(config.data, "train", rank, 2, maps))
+    batches = iter(ShardDataset(config.data, "train", rank, 2, maps, layout=batch_layout(config.model)))
     losses = [float(pipeline.progress(batches)[0]) for _ in range(STEPS)]
     pipeline.detach()
     result = {
@@ -283,7 +297,7 @@ def test_fused_optimizer_kwargs_are_what_fbgemm_takes(synthetic_root, tmp_path, 
             super().__init__(*args, **runnable)
 
     monkeypatch.setattr(kernels, "SplitTableBatchedEmbeddingBagsCodegen", Recording)
-    config = Config()
+    config = load_config(None, ["model.gsu_stage=model"])  # with the frozen SCL table
     model = MuseModel(config.model, FeatureMaps.load(DatasetLayout(synthetic_root), "p90").table_rows(), device=torch.device("meta"))
     attach_sparse_optimizers(model, OptimConfig(), optimizer_of, train)
     topology = topology_from_profile(HardwareConfig(), "cpu", 1)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from muse_rec.batch import BatchLayout
 from muse_rec.config import DataConfig, load_config
 from muse_rec.data import schema
 from muse_rec.data.feature_map import FeatureMaps
@@ -37,7 +38,7 @@ def loader_items(root: Path, long_len: int, rank: int = 0, world: int = 1) -> se
     config = dataclasses.replace(DataConfig(), root=str(root), batch_size=64, long_seq_len=long_len, num_workers=0)
     maps = FeatureMaps.load(DatasetLayout(root), "p90")
     rows: set[int] = set()
-    for batch in ShardDataset(config, "train", rank, world, maps, scl_sequence=False):
+    for batch in ShardDataset(config, "train", rank, world, maps, layout=BatchLayout(scl_features=(schema.SCL_TARGET,))):
         for key in (schema.HIST_ITEMS, schema.TARGET_ITEM):
             values = batch.sequence_features[key].values()
             rows |= set(values[values != 0].tolist())

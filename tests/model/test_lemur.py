@@ -20,7 +20,7 @@ from muse_rec.distributed.table_weights import local_pieces
 from muse_rec.model.encoder import ContentEncoder
 from muse_rec.model.lemur import InBatchContrastive, LemurModel, TargetEncoding
 from muse_rec.model.memory_bank import bank_metrics
-from muse_rec.model.tables import reads_scl_sequence
+from muse_rec.batch import batch_layout
 from muse_rec.model.tower import tower_input_dim
 
 
@@ -37,7 +37,7 @@ def make(synthetic_root, *overrides: str) -> tuple[LemurModel, object]:
     model.targets.set_tokens(torch.from_numpy(load_content_tokens(layout, maps.of_column(schema.TARGET_ITEM), config.model.lemur.max_tokens)))
     model.targets.writer.bind(local_pieces(bank_weight(model)))
     model.targets.writer.clear()
-    batch = next(iter(ShardDataset(config.data, "train", 0, 1, maps, scl_sequence=reads_scl_sequence(config.model))))
+    batch = next(iter(ShardDataset(config.data, "train", 0, 1, maps, layout=batch_layout(config.model))))
     return model, batch
 
 
@@ -347,7 +347,7 @@ def test_scl_content_source_reads_the_vectors_the_scl_table_holds(synthetic_root
     load_scl_table(model, maps.scl, torch.device("cpu"))
     model.targets.set_content_source(scl_content_source(maps))
     rows = batch.sequence_features[schema.TARGET_ITEM].values()
-    looked_up = model.dense_inputs(batch).target_scl
+    looked_up, _ = model.scl_vectors(batch)
     torch.testing.assert_close(model.targets._content(rows), looked_up)
     assert looked_up[rows != 0].abs().sum(dim=1).gt(0).any()
     model(batch)[0].backward()  # the refresh encodes history items from the same source

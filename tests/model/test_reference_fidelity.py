@@ -29,8 +29,9 @@ import numpy as np
 import pytest
 import torch
 
-from muse_rec.config import load_config
-from muse_rec.model.muse import DenseInputs, MuseDense
+from muse_rec.config import ModelConfig, load_config
+from muse_rec.model import gsu
+from muse_rec.model.muse import DenseInputs, FullInputs, MuseDense, select
 from muse_rec.model.tower import two_class_loss_and_prob
 
 FIXTURE_DIR = Path(
@@ -98,26 +99,29 @@ left is mostly cancellation, so float32 rounding is up to 5.5e-3 of the result (
 float64: tau 5.5e-3, gates 3e-3, key bias 1.9e-4)."""
 
 
-def dense_inputs(arrays: dict[str, torch.Tensor]) -> DenseInputs:
-    """The fixture's `in/*` arrays (keys without the prefix) as muse_rec's dense input.
+def dense_inputs(arrays: dict[str, torch.Tensor], config: ModelConfig) -> DenseInputs:
+    """The fixture's `in/*` arrays (keys without the prefix) as muse_rec's dense input: the whole
+    sequence, through `select`, the GSU muse_rec runs on whole sequences (the loader's GSU is held
+    to it by tests/data/test_gsu.py and test_loader.py).
 
     SCL vectors enter as their raw int8 values cast to float, as in the reference (cosines are
-    scale invariant, so muse_rec's /127 dequantisation is the same). The category IDs stand in
-    for the category-table rows sim_hard compares.
+    scale invariant, so muse_rec's /127 dequantisation is the same), and their cosines as both GSU
+    stages compute them (`gsu.scl_cosines`). The category IDs stand in for the category-table rows
+    sim_hard compares.
     """
-    return DenseInputs(
+    full = FullInputs(
         user=torch.cat([arrays[name] for name in ("u129_1", "u130_1", "u130_2", "u130_3", "u130_4", "u130_5")], dim=-1),
         ad_attributes=torch.cat([arrays["a213"], arrays["a214"]], dim=-1),
         target_item=arrays["target_item"],
         target_cate=arrays["target_cate"],
         items=arrays["items"],
         cates=arrays["cates"],
-        target_scl=arrays["target_scl"].float(),
-        scl=arrays["scl"].float(),
+        cosines=gsu.scl_cosines(arrays["target_scl"].float(), arrays["scl"].float()),
         cate_rows=arrays["cate_ids"],
         target_cate_row=arrays["target_cate_id"],
         present=arrays["present"],
     )
+    return select(full, config)
 
 
 class Run(NamedTuple):
@@ -173,7 +177,7 @@ def run(request: pytest.FixtureRequest) -> Run:
     top_k_sequences = record_top_k_sequences(model)
     inputs = {name: reference[f"in/{name}"].clone().requires_grad_(True) for name in EMBEDDING_INPUTS}
     arrays = {name[3:]: value for name, value in reference.items() if name.startswith("in/")}
-    logits = model(dense_inputs({**arrays, **inputs}))
+    logits = model(dense_inputs({**arrays, **inputs}, config))
     labels = reference["in/label"][:, 1]  # one-hot [no click, click]
     loss, score = two_class_loss_and_prob(logits, labels, torch.ones_like(labels))
     loss.backward()

@@ -36,7 +36,7 @@ ENCODER = "targets.encoder."
 BANK = "bank_table.embeddings.bank.weight"
 SMALL = ["data.batch_size=12", "data.num_workers=0", "data.long_seq_len=200", "model.keep_top=20", "model.lemur.width=16",
          "model.lemur.heads=2", "model.lemur.sorted_similarities=10", "model.lemur.warm_start_chunk=500",
-         "train.log_every=2", "train.eval_batch_size=64"]
+         "train.log_every=2", "train.eval_batch_size=64", "train.eval_gauc_se_draws=100"]
 
 
 @pytest.fixture(scope="module")

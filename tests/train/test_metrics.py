@@ -12,8 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from muse_rec.train import metrics
 from muse_rec.train.metrics import (
+    GAUC_BOOTSTRAP_DRAWS,
     EvalAccumulator,
+    gauc_bootstrap_se,
     exact_auc,
     exact_gauc,
     reference_batch_gauc,
@@ -185,7 +188,7 @@ def distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
     """One rank: its share of the batches (round robin), then the collective `compute`."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        result = accumulate(make_batches()[rank::WORLD]).compute()
+        result = accumulate(make_batches()[rank::WORLD]).compute(bootstrap_draws=200)
     finally:
         dist.destroy_process_group()
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
@@ -194,7 +197,7 @@ def distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
 def assert_same_metrics(actual: dict, expected: dict) -> None:
     """Exact metrics do not depend on row order: equal. Float sums in another order: to rounding."""
     assert actual.keys() == expected.keys()
-    for key in ("auc", "gauc", "gauc_users", "reference_auc", "rows", "click_rate"):
+    for key in ("auc", "gauc", "gauc_users", "gauc_bootstrap_se", "reference_auc", "rows", "click_rate"):
         assert actual[key] == expected[key], key
     for key in ("reference_batch_gauc", "logloss"):
         assert actual[key] == pytest.approx(expected[key], rel=1e-12), key
@@ -202,13 +205,15 @@ def assert_same_metrics(actual: dict, expected: dict) -> None:
 
 def test_accumulator_matches_functions_on_real_rows() -> None:
     batches = make_batches()
-    result = accumulate(batches).compute()
+    result = accumulate(batches).compute(bootstrap_draws=GAUC_BOOTSTRAP_DRAWS)
     real = [tuple(column[batch[3] > 0].numpy() for column in batch[:3]) for batch in batches]
     user_ids, scores, labels = (np.concatenate(column) for column in zip(*real))
     assert result["rows"] == labels.size == 6 * 30 - 2 * 7
     assert result["auc"] == exact_auc(scores, labels)
     assert (result["gauc"], result["gauc_users"]) == exact_gauc(user_ids, scores, labels)
     assert result["gauc_users"] == 8
+    assert result["gauc_bootstrap_se"] == gauc_bootstrap_se(user_ids, scores, labels) > 0
+    assert "gauc_bootstrap_se" not in accumulate(batches).compute()  # not asked for: not computed
     assert result["reference_auc"] == reference_threshold_auc(scores, labels)
     assert result["click_rate"] == pytest.approx(labels.mean())
     per_batch = [reference_batch_gauc(*batch) for batch in real]
@@ -222,13 +227,32 @@ def test_accumulator_matches_functions_on_real_rows() -> None:
 
 def test_accumulator_across_two_gloo_ranks(tmp_path: Path) -> None:
     mp.spawn(distributed_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    expected = accumulate(make_batches()).compute()
+    expected = accumulate(make_batches()).compute(bootstrap_draws=200)
     for rank in range(WORLD):
         assert_same_metrics(json.loads((tmp_path / f"rank{rank}.json").read_text()), expected)
 
 
 def test_accumulator_without_rows() -> None:
-    result = EvalAccumulator().compute()
+    result = EvalAccumulator().compute(bootstrap_draws=GAUC_BOOTSTRAP_DRAWS)
     assert result["rows"] == 0 and result["gauc_users"] == 0
-    undefined = ("auc", "gauc", "reference_batch_gauc", "reference_auc", "click_rate", "logloss")
+    undefined = ("auc", "gauc", "gauc_bootstrap_se", "reference_batch_gauc", "reference_auc", "click_rate", "logloss")
     assert all(math.isnan(result[key]) for key in undefined)
+
+
+def test_gauc_bootstrap_se_is_the_spread_of_the_gauc_over_resampled_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a direct bootstrap: every user's rows resampled together, the GAUC recomputed each time."""
+    rng = np.random.default_rng(5)
+    users = np.repeat(np.arange(300), 12)
+    labels = (rng.random(users.size) < 0.3).astype(np.uint8)
+    scores = (labels * 0.4 + rng.random(users.size)).astype(np.float32)
+    se = gauc_bootstrap_se(users, scores, labels)
+    direct = []
+    for _ in range(300):
+        picked = rng.integers(300, size=300)
+        rows = (picked[:, None] * 12 + np.arange(12)).reshape(-1)
+        direct.append(exact_gauc(np.repeat(np.arange(300), 12), scores[rows], labels[rows])[0])
+    assert se == pytest.approx(np.std(direct, ddof=1), rel=0.15)
+    assert se == gauc_bootstrap_se(users, scores, labels)  # seeded
+    monkeypatch.setattr(metrics, "_BOOTSTRAP_CHUNK_INDICES", 1000)  # 3 resamples a chunk
+    assert gauc_bootstrap_se(users, scores, labels) == pytest.approx(se, rel=0.1)
+    assert math.isnan(gauc_bootstrap_se(users[:12], scores[:12], labels[:12]))  # one user: no spread

@@ -13,6 +13,7 @@ tensor by the order of its whole update, far above that bound.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import torch.multiprocessing as mp
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from muse_rec.batch import Batch
+from muse_rec.batch import Batch, batch_layout
 from muse_rec.config import load_config
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
@@ -31,7 +32,8 @@ from muse_rec.train.loop import Runtime, build_model
 
 METHODS = ("muse", "sim_soft", "sim_hard", "din")
 RUNS = {method: [f"model.method={method}"] for method in METHODS} | {
-    "muse_int8_replicated": ["model.method=muse", "model.scl_storage=int8_replicated"],
+    "muse_gsu_model": ["model.method=muse", "model.gsu_stage=model"],
+    "muse_int8_replicated": ["model.method=muse", "model.gsu_stage=model", "model.scl_storage=int8_replicated"],
     "muse_sgd": ["model.method=muse", "optim.sparse_cpu=sgd"],
 }
 STEPS = 4
@@ -59,34 +61,28 @@ def _cat_jagged(x: JaggedTensor, y: JaggedTensor) -> JaggedTensor:
 
 
 def concat_batches(a: Batch, b: Batch) -> Batch:
-    return Batch(
-        id_features=concat_kjt(a.id_features, b.id_features),
-        sequence_features=concat_kjt(a.sequence_features, b.sequence_features),
-        scl_features=concat_kjt(a.scl_features, b.scl_features),
-        labels=torch.cat([a.labels, b.labels]),
-        weights=torch.cat([a.weights, b.weights]),
-        user_ids=torch.cat([a.user_ids, b.user_ids]),
-    )
+    return _per_field(lambda x, y: concat_kjt(x, y) if isinstance(x, KeyedJaggedTensor) else torch.cat([x, y]), a, b)
 
 
 def reversed_rows(batch: Batch) -> Batch:
     """The same samples in reverse order: every feature has one length for all rows here."""
 
     def flip(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        jagged = kjt.to_dict()
         return KeyedJaggedTensor.from_jt_dict({
             k: JaggedTensor(values=j.values().view(batch.batch_size, -1).flip(0).reshape(-1), lengths=j.lengths().flip(0))
-            for k, j in jagged.items()
+            for k, j in kjt.to_dict().items()
         })
 
-    return Batch(
-        id_features=flip(batch.id_features),
-        sequence_features=flip(batch.sequence_features),
-        scl_features=flip(batch.scl_features),
-        labels=batch.labels.flip(0),
-        weights=batch.weights.flip(0),
-        user_ids=batch.user_ids.flip(0),
-    )
+    return _per_field(lambda x: flip(x) if isinstance(x, KeyedJaggedTensor) else x.flip(0), batch)
+
+
+def _per_field(combine, *batches: Batch) -> Batch:
+    """A batch whose every field is `combine` of the batches' fields (a field None in all stays None)."""
+    values = {}
+    for field in dataclasses.fields(Batch):
+        parts = [getattr(b, field.name) for b in batches]
+        values[field.name] = None if parts[0] is None else combine(*parts)
+    return Batch(**values)
 
 
 def full_weights(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
@@ -111,7 +107,7 @@ def run(rank: int, world_size: int, root: str, init_file: str, out: str, reverse
         )
         maps = FeatureMaps.load(DatasetLayout(root), "p90")
         sharded = build_model(config, maps, Runtime(rank, world_size, torch.device("cpu")))
-        halves = [iter(ShardDataset(config.data, "train", r, 2, maps)) for r in range(2)]
+        halves = [iter(ShardDataset(config.data, "train", r, 2, maps, layout=batch_layout(config.model))) for r in range(2)]
         if world_size == 2:
             batches = halves[rank]
         else:  # one rank reads both halves, each step the two ranks' batches side by side
@@ -190,7 +186,8 @@ def test_scl_table_holds_the_values_file_after_training(trained, synthetic_root)
 
     layout = DatasetLayout(synthetic_root)
     scl = SclIndex(layout.scl_keys_path, layout.scl_values_path)
-    for method in METHODS:
+    assert not [k for method in METHODS for k in trained[1][method]["weights"] if "scl_table" in k]  # gsu_stage loader
+    for method in ("muse_gsu_model",):
         weights = trained[1][method]["weights"]
         (scl_key,) = [k for k in weights if k.endswith(SCL_KEY)]
         table = weights[scl_key].float()
@@ -217,8 +214,22 @@ def test_dense_gradients_are_the_mean_over_ranks(trained, method):
         assert_same_up_to_reduction_order(key, expected, two[key], reversed_one[key], expected)
 
 
+def test_gsu_in_the_loader_trains_like_the_gsu_in_the_model(trained):
+    """Both stages compute the same exact SCL cosines, so they keep the same positions; what differs
+    is the order of float sums over the looked-up rows, bounded as between 1 and 2 ranks."""
+    loader, model = trained[1]["muse"], trained[1]["muse_gsu_model"]
+    noise = [trained[0]["muse"], trained[2]["muse"]]  # 1 rank, and 1 rank with rows reversed
+    first = loader["losses"][0]
+    for step, (a, b, *r) in enumerate(zip(loader["losses"], model["losses"], *(n["losses"] for n in noise))):
+        assert_same_up_to_reduction_order(f"loss at step {step}", *map(torch.tensor, (a, b, r[1] - r[0] + a, a - first)))
+    for key, value in loader["weights"].items():
+        reversed_noise = noise[1]["weights"][key] - noise[0]["weights"][key]
+        update = value - loader["initial"][key]
+        assert_same_up_to_reduction_order(key, value, model["weights"][key], value + reversed_noise, update)
+
+
 def test_replicated_int8_scl_table_trains_exactly_like_the_sharded_fp16_one(trained):
-    fp16, int8 = trained[1]["muse"], trained[1]["muse_int8_replicated"]
+    fp16, int8 = trained[1]["muse_gsu_model"], trained[1]["muse_int8_replicated"]
     assert int8["losses"] == fp16["losses"]
     assert not [k for k in int8["weights"] if "scl_table" in k]  # the int8 values are data, not state
     for key, value in int8["weights"].items():
