@@ -33,7 +33,8 @@ cluster, across clusters, and between clusters of one category (the SCL vectors:
 bank's staleness at evaluation time).
 
 Cost: (1) one process, real batches of `--cost-batch-size`, forward + backward timed (median of
-`--cost-steps` after two warm-up steps): MUSE; lemur reading its history from the bank, without
+`--cost-steps` after two warm-up steps): MUSE with its GSU in the loader (the step reads the kept
+positions only) and in the model (the whole sequence's SCL vectors looked up); lemur reading its history from the bank, without
 and with the refresh; lemur encoding every distinct history item (history_source encoder). (2) The
 training runs' samples/s on `--nproc` ranks. (3) The warm start of the end-to-end run (items, scan
 and encoding seconds, items/s), from its metrics.jsonl. (4) The bank's planned memory for the full
@@ -184,8 +185,12 @@ def quality(args: argparse.Namespace, data_root: Path, runs: Path, synth_cfg: Sy
         bank = {f"train_{k}": trained[-1].get(k) for k in BANK_KEYS} if trained and BANK_KEYS[0] in trained[-1] else {}
         warm = next(({k: v for k, v in r.items() if k.startswith("warm_start")} for r in records if "warm_start_items" in r), {})
         check = encoder_check(latest(run_dir), data_root, synth_cfg, args.overrides + extra) if config_file == LEMUR_CONFIG else {}
-        return {"label": label, **summarize(records, seconds, run_dir), **bank, **warm, **check, "overrides": extra}
+        result = {"label": label, **summarize(records, seconds, run_dir), **bank, **warm, **check, "overrides": extra}
+        done[name] = result
+        (runs / "done.json").write_text(json.dumps(done, indent=2, default=str) + "\n")  # what finished, should a later run fail
+        return result
 
+    done: dict[str, dict] = {}
     results = {"din": job(LABELS["din"], ROOT / "configs" / "din.yaml", "din", [])}
     results["muse"] = job(LABELS["muse"], ROOT / "configs" / "muse.yaml", "muse", [])
     pretrain = job("stage 1: encoder on the contrastive loss alone", LEMUR_CONFIG, "pretrain", PRETRAIN)
@@ -218,6 +223,7 @@ def cost(args: argparse.Namespace, data_root: Path) -> dict:
     refresh = load_config(LEMUR_CONFIG, common).model.lemur.refresh_rows
     variants = {
         "muse": (ROOT / "configs" / "muse.yaml", []),
+        "muse_gsu_in_model": (ROOT / "configs" / "muse.yaml", ["model.gsu_stage=model"]),
         "lemur_bank": (LEMUR_CONFIG, ["model.lemur.refresh_rows=0"]),
         "lemur_bank_refresh": (LEMUR_CONFIG, []),
         "lemur_history_encoded": (LEMUR_CONFIG, ["model.lemur.refresh_rows=0", "model.lemur.history_source=encoder"]),
@@ -238,7 +244,8 @@ def cost(args: argparse.Namespace, data_root: Path) -> dict:
         seconds, distinct = [], []
         for step in range(2 + args.cost_steps):
             batch = next(batches)
-            history = batch.sequence_features[schema.HIST_ITEMS].values()
+            features = batch.sequence_features
+            history = features[schema.HIST_ITEMS].values() if schema.HIST_ITEMS in features.keys() else features[schema.TOP_ITEMS].values()
             start = time.perf_counter()
             model(batch)[0].backward()
             model.zero_grad(set_to_none=True)
@@ -309,7 +316,8 @@ def tables(results: dict[str, dict] | None, costs: dict, plans: list[dict], orac
         "|---|---|---|",
     ]
     muse = costs["muse"]["step_seconds_median"]
-    names = {"muse": "MUSE (frozen SCL, 1000 x 128 SCL lookup)", "lemur_bank": "lemur, history from the bank",
+    names = {"muse": "MUSE (frozen SCL, GSU in the loader, outside the timed step)",
+             "muse_gsu_in_model": "MUSE, GSU in the model (1000 x 128 SCL lookup and top-K in the step)", "lemur_bank": "lemur, history from the bank",
              "lemur_bank_refresh": f"lemur, history from the bank, refresh {costs['refresh_rows']} rows",
              "lemur_history_encoded": f"lemur, encoder on every distinct history item ({costs['lemur_history_encoded']['distinct_history_items_per_batch']:,.0f} a batch)"}
     for key, label in names.items():
