@@ -42,6 +42,7 @@ vocabulary on the GPU profiles of configs/hardware/ (configs/lemur.yaml, planned
 `muse-rec plan` does).
 
     python benchmarks/lemur.py [--users 3000] [--test-users 1500] [--scl-mislabel-share 0.3] [--ablations]
+        [--arms two_stage,lemur,lemur_scratch,frozen_random] [--pretrain-set KEY=VALUE] [--set KEY=VALUE]
         [--nproc 2] [--batch-size 250] [--cost-batch-size 250] [--cost-steps 5] [--out-dir benchmarks/results]
 
 Prints the tables and saves <out-dir>/lemur.json and lemur.md.
@@ -106,6 +107,7 @@ LABELS = {
     "lemur_scratch": "LEMUR end to end from a random encoder",
     "frozen_random": "lemur machinery, random encoder frozen",
 }
+LEMUR_ARMS = ("two_stage", "lemur", "lemur_scratch", "frozen_random")
 ABLATIONS = {
     "no_warm_start_no_refresh": ("no warm start, no refresh (bank = past targets)", ["model.lemur.warm_start=none", "model.lemur.refresh_rows=0"]),
     "no_refresh": ("warm start, no refresh", ["model.lemur.refresh_rows=0"]),
@@ -130,7 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=250, help="samples per batch on each rank (default 250)")
     p.add_argument("--dense-lr", type=float, default=2e-3, help="AdamW learning rate, every arm (default 2e-3)")
     p.add_argument("--sparse-lr", type=float, default=0.05, help="CPU embedding optimizer learning rate (default 0.05)")
+    p.add_argument("--arms", default=",".join(LEMUR_ARMS),
+                   help=f"lemur arms to train, comma-separated, DIN and MUSE always (default {','.join(LEMUR_ARMS)})")
     p.add_argument("--ablations", action="store_true", help="also the ablation runs (about 4 minutes each on 2 cores)")
+    p.add_argument("--pretrain-set", dest="pretrain_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for stage 1 alone, the contrastive pretraining (repeatable)")
     p.add_argument("--cost-batch-size", type=int, default=250, help="batch of the cost measurement (default 250)")
     p.add_argument("--cost-steps", type=int, default=5, help="timed steps per cost variant (default 5)")
     p.add_argument("--skip-quality", action="store_true", help="only the cost measurement and the plans")
@@ -139,7 +145,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override passed to every training job (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars from the training jobs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.arms.split(",")) - set(LEMUR_ARMS)
+    if unknown:
+        p.error(f"--arms: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(LEMUR_ARMS)}")
+    return args
 
 
 def encoder_check(path: Path, data_root: Path, synth_cfg: SynthConfig, overrides: list[str]) -> dict[str, float]:
@@ -193,14 +203,15 @@ def quality(args: argparse.Namespace, data_root: Path, runs: Path, synth_cfg: Sy
     done: dict[str, dict] = {}
     results = {"din": job(LABELS["din"], ROOT / "configs" / "din.yaml", "din", [])}
     results["muse"] = job(LABELS["muse"], ROOT / "configs" / "muse.yaml", "muse", [])
-    pretrain = job("stage 1: encoder on the contrastive loss alone", LEMUR_CONFIG, "pretrain", PRETRAIN)
+    arms = args.arms.split(",")
+    pretrain = job("stage 1: encoder on the contrastive loss alone", LEMUR_CONFIG, "pretrain", PRETRAIN + args.pretrain_overrides)
     encoder = [f"model.lemur.encoder_checkpoint={latest(Path(pretrain['run_dir']))}"]
-    results["two_stage"] = job(LABELS["two_stage"], LEMUR_CONFIG, "two_stage", FROZEN_ONCE + encoder)
-    results["lemur"] = job(LABELS["lemur"], LEMUR_CONFIG, "lemur", encoder)
-    for key in ("two_stage", "lemur"):
-        results[key]["pretrain_seconds"] = pretrain["seconds"]
-    results["lemur_scratch"] = job(LABELS["lemur_scratch"], LEMUR_CONFIG, "lemur_scratch", [])
-    results["frozen_random"] = job(LABELS["frozen_random"], LEMUR_CONFIG, "frozen_random", FROZEN_ONCE)
+    for key, pretrained, extra in (("two_stage", True, FROZEN_ONCE), ("lemur", True, []), ("lemur_scratch", False, []),
+                                   ("frozen_random", False, FROZEN_ONCE)):
+        if key in arms:
+            results[key] = job(LABELS[key], LEMUR_CONFIG, key, extra + (encoder if pretrained else []))
+            if pretrained:
+                results[key]["pretrain_seconds"] = pretrain["seconds"]
     if args.ablations:
         for key, (label, extra) in ABLATIONS.items():
             extra = extra if extra is not None else [f"optim.encoder_lr={args.dense_lr}"]
