@@ -131,8 +131,7 @@ class ContentEncoder(nn.Module):
         nn.init.normal_(self.cls, std=INIT_STD)
         nn.init.normal_(self.positions, std=INIT_STD)
         if isinstance(self.embed, nn.Embedding):  # BERT's scale: AdamW's steps of about lr move tokens from the start
-            import os
-            nn.init.normal_(self.embed.weight, std=float(os.environ.get("MUSE_REC_TOKEN_STD", INIT_STD)))
+            nn.init.normal_(self.embed.weight, std=INIT_STD)
             with torch.no_grad():
                 self.embed.weight[schema.PAD_TOKEN].zero_()
 
