@@ -25,7 +25,8 @@ With `--ablations`, runs like "LEMUR end to end" with one thing changed each: no
 refresh (the bank holds past targets only), no refresh, the sweep refresh instead of the most-read
 one, the encoder at 5e-4 and at the dense learning rate (staleness), the ranker's gradient stopped at the
 target, two more gradient paths from the ranking loss into the encoder (the sorted-similarity
-feature, a soft SimTier), a smaller and a larger encoder.
+feature, a soft SimTier), a smaller and a larger encoder (these two from a random encoder: the
+stage-1 checkpoint has another shape). `--ablations NAMES` runs only those named.
 Coverage and staleness come from the last training record of each run (metrics.jsonl). Each run's
 final encoder also encodes `SEPARATION_ITEMS` catalogue items: mean cosine within a semantic
 cluster, across clusters, and between clusters of one category (the SCL vectors: about 0.73 /
@@ -41,7 +42,7 @@ and encoding seconds, items/s), from its metrics.jsonl. (4) The bank's planned m
 vocabulary on the GPU profiles of configs/hardware/ (configs/lemur.yaml, planned offline as
 `muse-rec plan` does).
 
-    python benchmarks/lemur.py [--users 3000] [--test-users 1500] [--scl-mislabel-share 0.3] [--ablations]
+    python benchmarks/lemur.py [--users 3000] [--test-users 1500] [--scl-mislabel-share 0.3] [--ablations [NAMES]]
         [--arms two_stage,lemur,lemur_scratch,frozen_random] [--pretrain-set KEY=VALUE] [--set KEY=VALUE]
         [--nproc 2] [--batch-size 250] [--cost-batch-size 250] [--cost-steps 5] [--out-dir benchmarks/results]
 
@@ -117,9 +118,12 @@ ABLATIONS = {
     "stop_gradient": ("stop-gradient: the ranker reads the target detached", ["model.lemur.ranker_gradient=false"]),
     "sorted_similarities": ("+ sorted-similarity feature (top 50 cosines to the tower)", ["model.lemur.sorted_similarities=50"]),
     "soft_simtier": ("+ soft SimTier (gradient through the similarity histogram)", ["model.lemur.soft_simtier=true"]),
-    "small_encoder": ("smaller encoder (1 layer, width 32)", ["model.lemur.layers=1", "model.lemur.width=32"]),
-    "large_encoder": ("larger encoder (4 layers, width 128)", ["model.lemur.layers=4", "model.lemur.width=128"]),
+    "small_encoder": ("smaller encoder (1 layer, width 32), from a random encoder", ["model.lemur.layers=1", "model.lemur.width=32"]),
+    "large_encoder": ("larger encoder (4 layers, width 128), from a random encoder", ["model.lemur.layers=4", "model.lemur.width=128"]),
 }
+FROM_SCRATCH = ("small_encoder", "large_encoder")
+"""Ablations of another encoder shape: the stage-1 checkpoint does not fit them, so they start from a
+random encoder and compare with "LEMUR end to end from a random encoder"."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,7 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparse-lr", type=float, default=0.05, help="CPU embedding optimizer learning rate (default 0.05)")
     p.add_argument("--arms", default=",".join(LEMUR_ARMS),
                    help=f"lemur arms to train, comma-separated, DIN and MUSE always (default {','.join(LEMUR_ARMS)})")
-    p.add_argument("--ablations", action="store_true", help="also the ablation runs (about 4 minutes each on 2 cores)")
+    p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="", metavar="NAMES",
+                   help=f"also the ablation runs (about 3 minutes each on 2 cores): all, or those named, comma-separated ({','.join(ABLATIONS)})")
     p.add_argument("--pretrain-set", dest="pretrain_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for stage 1 alone, the contrastive pretraining (repeatable)")
     p.add_argument("--cost-batch-size", type=int, default=250, help="batch of the cost measurement (default 250)")
@@ -146,9 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra config override passed to every training job (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars from the training jobs")
     args = p.parse_args(argv)
-    unknown = set(args.arms.split(",")) - set(LEMUR_ARMS)
-    if unknown:
-        p.error(f"--arms: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(LEMUR_ARMS)}")
+    for option, given, known in (("--arms", args.arms, LEMUR_ARMS), ("--ablations", args.ablations, tuple(ABLATIONS))):
+        unknown = set(filter(None, given.split(","))) - set(known)
+        if unknown:
+            p.error(f"{option}: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(known)}")
     return args
 
 
@@ -212,10 +218,12 @@ def quality(args: argparse.Namespace, data_root: Path, runs: Path, synth_cfg: Sy
             results[key] = job(LABELS[key], LEMUR_CONFIG, key, extra + (encoder if pretrained else []))
             if pretrained:
                 results[key]["pretrain_seconds"] = pretrain["seconds"]
-    if args.ablations:
-        for key, (label, extra) in ABLATIONS.items():
-            extra = extra if extra is not None else [f"optim.encoder_lr={args.dense_lr}"]
-            results[f"ablation_{key}"] = job(f"ablation: {label}", LEMUR_CONFIG, f"ablation_{key}", encoder + extra)
+    for key in filter(None, args.ablations.split(",")):
+        label, extra = ABLATIONS[key]
+        extra = extra if extra is not None else [f"optim.encoder_lr={args.dense_lr}"]
+        pretrained = key not in FROM_SCRATCH
+        results[f"ablation_{key}"] = job(f"ablation: {label}", LEMUR_CONFIG, f"ablation_{key}", (encoder if pretrained else []) + extra)
+        if pretrained:
             results[f"ablation_{key}"]["pretrain_seconds"] = pretrain["seconds"]
     results["pretrain"] = pretrain
     base = results["muse"]["gauc"]
