@@ -148,7 +148,63 @@ class LemurConfig:
     )
     contrastive_scale: float = option(50.0, "Scale of the cosine logits of the contrastive loss (the paper's 50).", at_least=0)
     ranking_weight: float = option(1.0, "Weight of the click loss (0 with contrastive only: the two-stage pretraining).", at_least=0)
-    train_encoder: bool = option(True, "Train the encoder (false: frozen, e.g. the second stage of the two-stage variant).")
+    train_encoder: bool = option(
+        True,
+        "Train the encoder (false: frozen, e.g. the second stage of the two-stage variant; a frozen encoder always runs "
+        "as in evaluation, so an item's value never changes).",
+    )
+    ranker_gradient: bool = option(
+        True,
+        "Let the ranking loss train the encoder through the target's representation (false: the ranker reads it "
+        "detached and only the contrastive loss trains the encoder: the paper's stop-gradient ablation).",
+    )
+    tower_reads_target: bool = option(
+        True,
+        "The tower reads the target's (L2-normalised) representation as a feature, as the paper's ranker reads the "
+        "encoded target (false: the representation reaches the ranker only through its similarities to the history).",
+    )
+    sorted_similarities: int = option(
+        0,
+        "n > 0: the tower also reads the n largest cosines between the target's representation and the long history "
+        "(the paper's cosine-similarity feature in sorted form), a path by which the ranking loss trains the encoder "
+        "(the GSU's top-K and SimTier's histogram pass no gradient). 0: off.",
+        at_least=0,
+    )
+    soft_simtier: bool = option(
+        False,
+        "Share each cosine between SimTier's two nearest bins instead of counting it in one: the histogram becomes "
+        "differentiable in the cosine, another path by which the ranking loss trains the encoder (the hard one passes "
+        "no gradient).",
+    )
+    warm_start: Literal["none", "train_items", "all_items"] = option(
+        "train_items",
+        "Fill the bank before the first step (muse_rec.distributed.warm_start): 'train_items' encodes every distinct "
+        "item the train split reads (the last data.long_seq_len of each history, and the targets), found by one scan "
+        "of the split shared by the ranks; 'all_items' every row of the item table (no scan; with the p90 vocabulary "
+        "nearly the same items); 'none' leaves it empty (only targets and the refresh write it). Each rank encodes "
+        "the rows it holds, so nothing is exchanged. A resumed run takes the bank from its checkpoint instead.",
+    )
+    warm_start_chunk: int = option(4096, "Items the warm start encodes at once on each rank (one encoder batch).", at_least=1)
+    warm_start_save_every: int = option(
+        0,
+        "Chunks between saves of the warm start's progress (the bank so far) to <train.out>/warm_start/, so a run "
+        "killed during the warm start resumes it without redoing finished chunks; it is always saved once complete, "
+        "so a run killed before its first checkpoint does not redo it. 0: only then.",
+        at_least=0,
+    )
+    refresh_rows: int = option(
+        0,
+        "Bank rows each rank re-encodes each training step without gradient, before the bank is read, to keep it "
+        "close to the current encoder (0: none). Bounded work: refresh_rows encoder forwards a rank a step.",
+        at_least=0,
+    )
+    refresh_policy: Literal["most_read", "oldest"] = option(
+        "most_read",
+        "Which rows the refresh re-encodes: 'most_read', the distinct history rows this rank's batch reads most often "
+        "(this step's encoded targets left out), written with the targets through the same all-gather; 'oldest', a "
+        "cyclic sweep over the rows this rank holds, so the rows re-encoded are those re-encoded longest ago (every "
+        "row once per rows held / refresh_rows steps), written locally. Never-written rows are left missing.",
+    )
     encoder_checkpoint: str | None = option(
         None, "Checkpoint directory whose encoder weights initialise this run's encoder (the two-stage variant)."
     )
@@ -217,6 +273,11 @@ class OptimConfig:
     dense_weight_decay: float = option(0.01, "AdamW weight decay of the dense parameters (reference: 0.01).", at_least=0)
     encoder_lr: float | None = option(
         None, "AdamW learning rate of lemur's content encoder (null: dense_lr). The rest of the dense part keeps dense_lr."
+    )
+    encoder_embedding_lr: float | None = option(
+        None,
+        "AdamW learning rate of the content encoder's token embeddings (null: that of the rest of the encoder). Each "
+        "step moves only the tokens of its items, like a sparse table's rows.",
     )
     sparse_lr: float = option(2e-3, "Learning rate of the fused Adam on the embedding tables on CUDA (reference: lazy Adam 2e-3).", at_least=0)
     sparse_cpu: Literal["rowwise_adagrad", "sgd"] = option(
@@ -454,6 +515,10 @@ def check_relations(config: Config) -> Config:
         (model.embedding_dim % 2 == 0, "model.embedding_dim", "an even number (130_3..130_5 use D/2)"),
         (lemur.backward_share <= lemur.encode_share, "model.lemur.backward_share", f"at most model.lemur.encode_share = {lemur.encode_share} (q <= p)"),
         (lemur.width % lemur.heads == 0, "model.lemur.width", f"a multiple of model.lemur.heads = {lemur.heads}"),
+        (
+            lemur.sorted_similarities <= data.long_seq_len, "model.lemur.sorted_similarities",
+            f"at most data.long_seq_len = {data.long_seq_len} (cosines to the long history)",
+        ),
         (
             lemur.content_input != "scl" or SCL_DIM % lemur.scl_chunks == 0,
             "model.lemur.scl_chunks", f"a divisor of the SCL vector's {SCL_DIM} values (model.lemur.content_input=scl)",

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from muse_rec.distributed.table_weights import local_pieces
+from muse_rec.model.lemur import TargetEncoding
 from muse_rec.model.memory_bank import BANK_TABLE, BankWriter, bank_metrics
 
 BANK_WEIGHT_SUFFIX = f"bank_table.embeddings.{BANK_TABLE}.weight"
@@ -33,9 +34,17 @@ def all_gather_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Ten
     return out[0], out[1]
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (in place; a no-op on one rank)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def bind_memory_bank(model: nn.Module) -> None:
-    """Point lemur's bank writer at the bank pieces this rank holds and zero them (no-op for other
-    methods). Call after sharding; checkpoint loads write into the same storage."""
+    """Point lemur's bank writer at the bank pieces this rank holds and zero them, and give the
+    encoder's centring its all-reduce (no-op for other methods). Call after sharding; checkpoint
+    loads write into the same storage."""
     state = model.state_dict()
     keys = [k for k in state if k.endswith(BANK_WEIGHT_SUFFIX)]
     if not keys:
@@ -43,6 +52,9 @@ def bind_memory_bank(model: nn.Module) -> None:
     (writer,) = [m for m in model.modules() if isinstance(m, BankWriter)]
     writer.bind(local_pieces(state[keys[0]]), all_gather_rows)
     writer.clear()
+    for module in model.modules():
+        if isinstance(module, TargetEncoding):
+            module.reduce = all_reduce_sum
 
 
 def gather_bank_metrics(model: nn.Module) -> dict[str, float]:

@@ -202,16 +202,27 @@ def shard_model(
 
 ENCODER_PARAMETERS = ".encoder."
 """Names of lemur's content-encoder parameters contain this (`TargetEncoding.encoder`)."""
+ENCODER_EMBEDDING = ".embed."
+"""... and its token (or SCL-chunk) embedding's this (`ContentEncoder.embed`)."""
 
 
 def dense_optimizer(params: list[torch.Tensor], named: dict[str, torch.Tensor], optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over the dense parameters; lemur's content encoder in a group of its own at
-    `optim.encoder_lr` when that is set."""
+    `optim.encoder_lr` when that is set, and its token embeddings in another at
+    `optim.encoder_embedding_lr` when that is set."""
     encoder = {id(p) for name, p in named.items() if ENCODER_PARAMETERS in name}
+    embedding = {id(p) for name, p in named.items() if ENCODER_PARAMETERS in name and ENCODER_EMBEDDING in name}
+    if optim.encoder_embedding_lr is None:
+        embedding = set()
+    rest = [p for p in params if id(p) not in encoder]
     groups = [{"params": list(params)}]
-    if optim.encoder_lr is not None and encoder:
-        groups = [{"params": [p for p in params if id(p) not in encoder]},
-                  {"params": [p for p in params if id(p) in encoder], "lr": optim.encoder_lr}]
+    if encoder and (optim.encoder_lr is not None or embedding):
+        groups = [{"params": rest}] if rest else []
+        layers = [p for p in params if id(p) in encoder and id(p) not in embedding]
+        if layers:
+            groups.append({"params": layers, "lr": optim.encoder_lr if optim.encoder_lr is not None else optim.dense_lr})
+        if embedding:
+            groups.append({"params": [p for p in params if id(p) in embedding], "lr": optim.encoder_embedding_lr})
     return torch.optim.AdamW(groups, lr=optim.dense_lr, betas=(0.9, 0.999), weight_decay=optim.dense_weight_decay)
 
 

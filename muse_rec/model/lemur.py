@@ -4,17 +4,25 @@ encoder and its memory bank, instead of frozen SCL vectors (shared/spec/lemur.md
 Per training step, on each rank:
 1. `TargetEncoding`: a random share p (`encode_share`) of the samples encode their target item,
    each distinct item once; a share q <= p (`backward_share`) keeps the gradient. The fresh values
-   are written to the bank (every rank's, through an all-gather) *before* anything reads it.
+   are written to the bank (every rank's, through an all-gather) *before* anything reads it, with
+   a bounded refresh (`refresh_rows`: the history rows this batch reads most, or a sweep of the
+   rows this rank holds) re-encoded without gradient. Before the first step the warm start
+   (`muse_rec.distributed.warm_start`) has filled the bank with the items the training reads.
 2. The bank is read like any TorchRec table: the 1000-long history (no gradient, no encoder) and
    the targets of the samples outside the p share.
 3. The representations take the SCL vectors' place: cosine top-K GSU (`select`, in the model:
-   `model.gsu_stage` is 'model' for lemur), SimTier and SA-TA. A never-written item reads as zeros: its cosine is 0, so the GSU ranks it below every
-   written item (the reference's score for zero vectors) and SimTier counts it at cosine 0.
+   `model.gsu_stage` is 'model' for lemur), SimTier and SA-TA; the tower also reads the target's
+   representation and (`sorted_similarities`) its largest cosines to the history, the path by which
+   the ranking loss trains the encoder. A never-written item reads as zeros: its cosine is 0, so
+   the GSU ranks it below every written item (the reference's score for zero vectors) and SimTier
+   counts it at cosine 0.
 4. Loss = ranking_weight * click loss + contrastive_weight * in-batch InfoNCE between a user vector
    and the clicked target's representation (`InBatchContrastive`).
 Evaluation never writes the bank; with `eval_target: bank` it runs no encoder at all.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,27 +33,72 @@ from muse_rec import schema
 from muse_rec.batch import Batch
 from muse_rec.config import LemurConfig, ModelConfig
 from muse_rec.model import gsu
-from muse_rec.model.encoder import OUTPUT_DIM, ContentEncoder
+from muse_rec.model.encoder import OUTPUT_DIM, ContentEncoder, OutputCentring
+from muse_rec.model.esu import SimTier
 from muse_rec.model.memory_bank import READ_STATS, BankWriter, bank_table_config, missing
-from muse_rec.model.muse import MuseModel
+from muse_rec.model.muse import MuseDense, MuseModel
 from muse_rec.model.tower import two_class_loss_and_prob
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _local_sum(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 tensors holding values in [0, 2^32);
+    every product stays below 2^63, so nothing overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def step_uniforms(seed: int, step: torch.Tensor, n: int) -> torch.Tensor:
+    """n uniforms in [0, 1) that are a function of (seed, step, index) alone, computed on `step`'s
+    device from the step tensor itself: no host read of the step (a device sync on CUDA)."""
+    base = _mix32(((seed & _MASK32) * 0x27D4EB2F + (step & _MASK32) * 0x165667B1) & _MASK32)
+    index = torch.arange(n, device=step.device, dtype=torch.int64)
+    return (_mix32(_mix32(base ^ index)) >> 8).to(torch.float32) / float(1 << 24)
+
+
 class TargetEncoding(nn.Module):
-    """Encodes target items and writes them to the bank; optionally encodes the history too (the
-    cost baseline `history_source: encoder`). A leaf of TorchRec's pipeline tracer: it holds no
-    TorchRec module, so its data-dependent selection runs eagerly."""
+    """Encodes target items and writes them to the bank, refreshes a bounded number of bank rows
+    each training step; optionally encodes the history too (the cost baseline `history_source:
+    encoder`). A leaf of TorchRec's pipeline tracer: it holds no TorchRec module, so its
+    data-dependent selection runs eagerly."""
 
     def __init__(self, config: LemurConfig) -> None:
         super().__init__()
         self.config = config
         self.encoder = ContentEncoder(config)
         self.encoder.requires_grad_(config.train_encoder)
+        if not config.train_encoder:
+            self.encoder.eval()
+        if self.centring is not None:
+            self.centring.deferred = True  # moved once a step by the mean over all ranks: `forward`
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _local_sum  # an all-reduce once bound to the ranks
         self.writer = BankWriter()
         self.register_buffer("tokens", torch.zeros(0, config.max_tokens, dtype=torch.int32), persistent=False)
+        self.content_source: Callable[[torch.Tensor], torch.Tensor] | None = None  # content_input=scl: rows -> SCL values
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # training steps drawn: checkpointed,
-        # so a resumed run draws exactly the p / q shares the uninterrupted run would have
+        # so a resumed run draws exactly the p / q shares (and sweeps the rows) the uninterrupted run would have
         self.draw_seed = 0
+
+    @property
+    def centring(self) -> OutputCentring | None:
+        return self.encoder.centring if isinstance(self.encoder.centring, OutputCentring) else None
+
+    def train(self, mode: bool = True) -> "TargetEncoding":
+        """A frozen encoder (train_encoder false) always runs as in evaluation: its output is a
+        function of the item alone (running-mean centring), so the bank it fills never goes stale."""
+        super().train(mode)
+        if not self.config.train_encoder:
+            self.encoder.eval()
+        return self
 
     def set_tokens(self, tokens: torch.Tensor) -> None:
         """The (item rows, max_tokens) token matrix of `muse_rec.data.content`; content_input=tokens."""
@@ -54,39 +107,57 @@ class TargetEncoding(nn.Module):
             raise ValueError(f"item content holds token ID {too_large}, but model.lemur.vocab_size is {self.config.vocab_size}")
         self.tokens = tokens
 
+    def set_content_source(self, source: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """content_input=scl: a function from item rows (N,) to their (N, 128) SCL values, for encoding
+        items that are not this batch's targets (warm start, refresh); targets keep their looked-up
+        vectors. `muse_rec.distributed.warm_start.scl_content_source` reads the memory-mapped values
+        file (shared by the ranks of a host through the page cache), so no rank holds a copy."""
+        self.content_source = source
+
     def seed(self, seed: int) -> None:
         """Seed of the p / q draws (give each rank its own); step s draws from seed and s alone."""
         self.draw_seed = seed
 
     def forward(
         self, rows: torch.Tensor, scl: torch.Tensor, weights: torch.Tensor, history_rows: torch.Tensor, history_scl: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """rows (B,) target item rows, scl (B, 128) their SCL vectors, weights (B,) (0 = padding row).
         Returns the encoded targets (B, 128; zero where not encoded), which were encoded (B,) bool,
-        and with `history_source: encoder` the encoded history (B, L, 128) (else an empty tensor)."""
+        which could be (B,) bool: a real item of a real sample (the rest read the bank), and with
+        `history_source: encoder` the encoded history (B, L, 128) (else an empty tensor)."""
         c = self.config
         target = scl.new_zeros(rows.numel(), OUTPUT_DIM)
         encodable = (rows != 0) & (weights > 0)
         if not self.training:
             encoded = encodable & (c.eval_target == "encoder")
             if c.eval_target == "encoder":
-                target = target.index_put((encoded,), self.encode(rows[encoded], scl[encoded], grad=False))
+                target = target.index_put((encoded,), self.encode(rows[encoded], scl[encoded], grad=False)[0])
         else:
             draw = self._draw(rows.numel()).to(rows.device)
             encoded = encodable & (draw < c.encode_share)
             with_grad = encoded & (draw < c.backward_share) & c.train_encoder
+            written = target.clone()  # the values stored: centred by the running mean, as the bank's other rows
             if c.train_encoder:  # even with no row selected: DDP expects the encoder in every rank's graph
-                target = target.index_put((with_grad,), self.encode(rows[with_grad], scl[with_grad], grad=True))
-            target = self._encode_the_rest(target, rows, scl, encoded, with_grad)
-            self.writer(rows[encoded], target[encoded].detach())
+                values, shift = self.encode(rows[with_grad], scl[with_grad], grad=True)
+                target = target.index_put((with_grad,), values)
+                written = written.index_put((with_grad,), values.detach() + shift)
+            target, written = self._encode_the_rest(target, written, rows, scl, encoded, with_grad)
+            refresh = self._most_read(history_rows, rows[encoded]) if c.refresh_rows and c.refresh_policy == "most_read" else None
+            self.writer(rows[encoded], written[encoded], *(refresh or ()))
+            if c.refresh_rows and c.refresh_policy == "oldest":
+                self._sweep()
         history = scl.new_zeros(0)
         if c.history_source == "encoder":
-            flat = self.encode(history_rows.reshape(-1), history_scl.reshape(-1, OUTPUT_DIM), grad=self.training and c.train_encoder)
+            flat = self.encode(history_rows.reshape(-1), history_scl.reshape(-1, OUTPUT_DIM), grad=self.training and c.train_encoder)[0]
             history = (flat * (history_rows.reshape(-1, 1) != 0)).view(*history_rows.shape, OUTPUT_DIM)
-        return target, encoded, history
+        if self.training and self.centring is not None:  # collective: every rank, once a training step
+            self.centring.commit(self.reduce)
+        return target, encoded, encodable, history
 
-    def encode(self, rows: torch.Tensor, scl: torch.Tensor, grad: bool) -> torch.Tensor:
-        """Representations (N, 128) of items `rows` (N,), each distinct item encoded once."""
+    def encode(self, rows: torch.Tensor, scl: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representations (N, 128) of items `rows` (N,), each distinct item encoded once, and the
+        (128,) shift that centres them by the running mean instead of their batch's (the values to
+        store in the bank: `OutputCentring.last_shift`; zero outside training)."""
         unique, inverse = torch.unique(rows, return_inverse=True)
         if self.config.content_input == "tokens":
             content = self.tokens[unique.to(self.tokens.device)].to(rows.device)
@@ -95,32 +166,83 @@ class TargetEncoding(nn.Module):
             first.scatter_reduce_(0, inverse, torch.arange(rows.numel(), device=rows.device), reduce="amin")
             content = scl[first]
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return self.encoder(content)[inverse]
+            values = self.encoder(content)[inverse]
+        centring = self.centring
+        return values, (centring.last_shift if centring is not None else values.new_zeros(OUTPUT_DIM))
+
+    @torch.no_grad()
+    def encode_for_bank(self, rows: torch.Tensor) -> torch.Tensor:
+        """Bank values (N, 128) of distinct item rows (N,), from the item content matrix, without
+        gradient (`ContentEncoder.encode_for_bank`): the warm start and the refresh."""
+        return self.encoder.encode_for_bank(self._content(rows))
+
+    def calibrate_centring(self, rows: torch.Tensor) -> bool:
+        """`ContentEncoder.calibrate_centring` on these items (the warm start's sample)."""
+        return self.encoder.calibrate_centring(self._content(rows))
+
+    def _content(self, rows: torch.Tensor) -> torch.Tensor:
+        """The encoder input of item rows: title tokens, or (content_input=scl) SCL values."""
+        if self.config.content_input == "tokens":
+            return self.tokens[rows.to(self.tokens.device)].to(rows.device)
+        if self.content_source is None:
+            raise RuntimeError("content_input=scl: set_content_source was not called (the warm start and the refresh encode items from it)")
+        return self.content_source(rows).to(rows.device).float()
+
+    def _most_read(self, history_rows: torch.Tensor, written: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """refresh_policy most_read: the `refresh_rows` distinct rows this rank's batch reads most
+        often (ties: the lower row), leaving out this step's encoded targets; re-encoded without
+        gradient, they are written with the targets, before the bank is read."""
+        flat = history_rows.reshape(-1)
+        unique, counts = torch.unique(flat[flat != 0], return_counts=True)
+        counts = counts * ~torch.isin(unique, written)
+        take = min(self.config.refresh_rows, unique.numel())
+        key = counts * (1 << 36) + ((1 << 36) - 1 - unique)  # most read first, then the lower row
+        top = torch.topk(key, take).indices
+        chosen = unique[top[counts[top] > 0]]
+        return chosen, self.encode_for_bank(chosen)
+
+    def _sweep(self) -> None:
+        """refresh_policy oldest: a cyclic sweep over the bank rows this rank holds, `refresh_rows`
+        a step, so each is re-encoded every (rows held / refresh_rows) steps and the rows swept are
+        those swept longest ago. Local: the rows are this rank's, no exchange; a never-written row
+        stays missing. The position follows the checkpointed step count."""
+        count = self.writer.held_count
+        if not count:
+            return
+        take = min(self.config.refresh_rows, count)
+        positions = ((self.steps - 1) * take + torch.arange(take, device=self.steps.device)) % count
+        rows = self.writer.held_rows(positions)
+        self.writer.store_local(rows, self.encode_for_bank(rows), only_written=True)
 
     def _encode_the_rest(
-        self, target: torch.Tensor, rows: torch.Tensor, scl: torch.Tensor, encoded: torch.Tensor, with_grad: torch.Tensor
-    ) -> torch.Tensor:
+        self, target: torch.Tensor, written: torch.Tensor, rows: torch.Tensor, scl: torch.Tensor, encoded: torch.Tensor, with_grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The p share outside q, without gradient: an item already encoded with gradient this step
-        takes that value (detached) instead of running the encoder a second time."""
+        takes that value (detached) instead of running the encoder a second time. Returns the
+        targets and the values to store (`forward`)."""
         without = encoded & ~with_grad
         if not without.any():
-            return target
+            return target, written
         samples = with_grad.nonzero().squeeze(-1)
         items, inverse = torch.unique(rows[samples], return_inverse=True)
         done = torch.isin(rows, items) & without
         if done.any():  # the value of any with-gradient sample of the same item (all are equal)
             source = torch.empty_like(items).scatter_(0, inverse, samples)[torch.searchsorted(items, rows[done])]
             target = target.index_put((done,), target[source].detach())
+            written = written.index_put((done,), written[source])
         fresh = without & ~done
         if fresh.any():
-            target = target.index_put((fresh,), self.encode(rows[fresh], scl[fresh], grad=False))
-        return target
+            values, shift = self.encode(rows[fresh], scl[fresh], grad=False)
+            target = target.index_put((fresh,), values)
+            written = written.index_put((fresh,), values + shift)
+        return target, written
 
     def _draw(self, n: int) -> torch.Tensor:
-        """n uniforms for this training step, from (seed, step) alone; advances the step."""
-        generator = torch.Generator(device=self.tokens.device).manual_seed(self.draw_seed * 1_000_003 + int(self.steps))
+        """n uniforms for this training step, from (seed, step) alone; advances the step. The step
+        stays on the device (`step_uniforms`): no sync."""
+        out = step_uniforms(self.draw_seed, self.steps, n)
         self.steps += 1
-        return torch.rand(n, generator=generator, device=self.tokens.device)
+        return out
 
 
 class ReadCoverage(nn.Module):
@@ -177,7 +299,10 @@ class LemurModel(MuseModel):
     Beyond MUSE's tower input, the tower reads the target's representation (L2-normalised; the
     paper's encoded target joins the ranker's features, and it gives the ranking loss a direct
     path into the encoder), whether the target's bank read was missing, and the share of the
-    long history missing from the bank: the "missing" flags."""
+    long history missing from the bank: the "missing" flags; then (`sorted_similarities` = n > 0)
+    the paper's cosine-similarity feature in sorted form: the n largest cosines between the target
+    and the long history, which carry the ranking loss's gradient into the encoder (the GSU's
+    selection and SimTier's histogram carry none)."""
 
     TOWER_EXTRA_INPUTS = OUTPUT_DIM + 2
 
@@ -186,9 +311,15 @@ class LemurModel(MuseModel):
         lemur = config.lemur
         if not 0.0 <= lemur.backward_share <= lemur.encode_share <= 1.0:
             raise ValueError(f"model.lemur: expected 0 <= backward_share <= encode_share <= 1, found {lemur.backward_share}, {lemur.encode_share}")
+        extra = (self.TOWER_EXTRA_INPUTS if lemur.tower_reads_target else 2) + lemur.sorted_similarities
+        if extra != self.TOWER_EXTRA_INPUTS:
+            self.dense = MuseDense(config, extra)
+        if lemur.soft_simtier:
+            self.dense.simtier_short, self.dense.simtier_long = SoftSimTier(), SoftSimTier()
         self.bank_table = EmbeddingCollection([bank_table_config(table_rows[schema.ITEM_MAP], lemur.bank_dtype)], device=device)
         self.targets = TargetEncoding(lemur)
         self.read_coverage = ReadCoverage(config.short_seq_len)
+        self.sorted_similarities = SortedSimilarities(lemur.sorted_similarities)
         user_dim = 3 * config.embedding_dim + 3 * config.embedding_dim // 2
         self.contrastive = InBatchContrastive(user_dim, lemur.contrastive_scale)
 
@@ -198,18 +329,23 @@ class LemurModel(MuseModel):
         rows = batch.sequence_features.to_dict()
         history_rows = batch.per_impression(rows[schema.HIST_ITEMS].values())
         target_rows = rows[schema.TARGET_ITEM].values()
-        encoded_target, encoded, encoded_history = self.targets(target_rows, target_scl, batch.weights, history_rows, history_scl)
+        encoded_target, encoded, encodable, encoded_history = self.targets(target_rows, target_scl, batch.weights, history_rows, history_scl)
         bank = self.bank_table(batch.sequence_features)  # after the write: this step's targets are in
         bank_target = bank[schema.TARGET_ITEM].values().detach().float()
         if c.history_source == "bank":
             history = batch.per_impression(bank[schema.HIST_ITEMS].values().detach().float(), OUTPUT_DIM)
         else:
             history = encoded_history
-        target_read = ~encoded & (target_rows != 0) & (batch.weights > 0)
+        target_read = encodable & ~encoded
         self.read_coverage(missing(history), history_rows != 0, missing(bank_target), target_read)
         target = torch.where(encoded.unsqueeze(-1), encoded_target, bank_target)
-        full = self.full_inputs(batch, gsu.cosines(target, history))
-        extra = self._missing_flags_and_target(target, history, history_rows)
+        ranked = target if c.ranker_gradient else target.detach()  # false: the ranking loss leaves the encoder alone
+        full = self.full_inputs(batch, gsu.cosines(ranked, history))
+        extra = self._missing_flags_and_target(ranked, history, history_rows)
+        if not c.tower_reads_target:
+            extra = extra[:, OUTPUT_DIM:]  # the missing flags alone
+        if c.sorted_similarities:
+            extra = torch.cat([extra, self.sorted_similarities(ranked, history)], dim=-1)
         ranking, scores = two_class_loss_and_prob(self.dense(self.retrieval(full), extra), batch.labels, batch.weights)
         contrastive = self.contrastive(full.user, history, target, batch.labels, batch.weights, batch.user_ids)
         loss = c.ranking_weight * ranking + c.contrastive_weight * contrastive
@@ -226,3 +362,33 @@ class LemurModel(MuseModel):
     def pop_bank_stats(self) -> torch.Tensor:
         """`BankWriter.STATS` + `READ_STATS` sums since the last call, this rank's share."""
         return torch.cat([self.targets.writer.pop_stats(), self.read_coverage.pop_stats()])
+
+
+class SoftSimTier(SimTier):
+    """SimTier with each cosine shared linearly between the two nearest bin centres instead of counted
+    in its one bin: the same histogram up to that smoothing, but differentiable in the cosine, so the
+    ranking loss reaches the encoder through the model's main similarity feature (`soft_simtier`).
+    Bin b's centre is the middle of the hard bin's interval ((b - 10.5) / 10 with 22 bins)."""
+
+    def forward(self, similarity: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        position = (similarity * float(self.steps_per_unit) + (self.steps_per_unit + 0.5)).clamp(0, self.bins - 1)
+        lower = position.detach().floor().clamp(max=self.bins - 2)
+        upper_share = position - lower
+        increments = torch.ones_like(similarity) if mask is None else mask.to(similarity.dtype)
+        counts = similarity.new_zeros(similarity.shape[0], self.bins)
+        counts = counts.scatter_add(1, lower.long(), increments * (1 - upper_share)).scatter_add(1, lower.long() + 1, increments * upper_share)
+        return torch.log(counts + 1.0) * self.weight
+
+
+class SortedSimilarities(nn.Module):
+    """(B, n): the n largest cosines between each target (B, 128) and its history (B, L, 128), in
+    descending order (a missing or padding item counts 0); the gradient goes to the target only.
+    A module so that TorchRec's pipeline tracer keeps it whole (a leaf)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def forward(self, target: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        cosines = gsu.cosines(target, history.detach())
+        return torch.topk(cosines, min(self.n, cosines.shape[1]), dim=1).values

@@ -50,8 +50,8 @@ def _local_exchange(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Ten
 
 
 class BankWriter(nn.Module):
-    """Writes encoded target items into this rank's pieces of the bank, and keeps the bank's
-    statistics since the last `pop_stats`: staleness and coverage (see `STATS`).
+    """Writes encoded items into this rank's pieces of the bank, and keeps the bank's statistics
+    since the last `pop_stats`: staleness and coverage (see `STATS`).
 
     Holds no module: the pieces are plain tensor views of the (sharded) table, set by `bind`, so
     TorchRec's pipeline tracer treats this module as a leaf.
@@ -60,6 +60,7 @@ class BankWriter(nn.Module):
     STATS = (
         "written_items", "target_items_known",  # distinct encoded targets; those already in the bank
         "staleness_sum", "staleness_items",  # cosine(new value, cached value) over the known ones
+        "refreshed_items", "refresh_staleness_sum",  # rows re-encoded by the refresh (already in the bank); cosine sum
     )
 
     def __init__(self) -> None:
@@ -67,11 +68,30 @@ class BankWriter(nn.Module):
         self.pieces: list[tuple[int, int, torch.Tensor]] | None = None  # None until bound; [] on a rank holding none
         self.exchange: Exchange = _local_exchange
         self.register_buffer("stats", torch.zeros(len(self.STATS), dtype=torch.float64), persistent=False)
+        self.held_ranges: list[tuple[int, int]] = []  # the rows this rank holds: sorted, disjoint [start, stop)
+        self.register_buffer("_held_starts", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("_held_offsets", torch.zeros(1, dtype=torch.long), persistent=False)
 
     def bind(self, pieces: list[tuple[int, int, torch.Tensor]], exchange: Exchange | None = None) -> None:
         """(first row, first column, tensor) of every piece of the bank this rank holds."""
         self.pieces = pieces
         self.exchange = exchange or _local_exchange
+        self.held_ranges = _union(sorted((first, first + piece.shape[0]) for first, _, piece in pieces))
+        device = pieces[0][2].device if pieces else self._held_starts.device
+        sizes = torch.tensor([hi - lo for lo, hi in self.held_ranges], dtype=torch.long, device=device)
+        self._held_starts = torch.tensor([lo for lo, _ in self.held_ranges], dtype=torch.long, device=device)
+        self._held_offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+
+    @property
+    def held_count(self) -> int:
+        """Rows this rank holds (a row held by several column pieces counts once)."""
+        return sum(hi - lo for lo, hi in self.held_ranges)
+
+    def held_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rows at `positions` (< held_count) of this rank's held rows in ascending order; from
+        the ranges, so no per-row index is kept (243 M rows would take 2 GB of int64)."""
+        index = torch.searchsorted(self._held_offsets[1:], positions, right=True)
+        return self._held_starts[index] + positions - self._held_offsets[index]
 
     @torch.no_grad()
     def clear(self) -> None:
@@ -79,25 +99,57 @@ class BankWriter(nn.Module):
             piece.zero_()
 
     @torch.no_grad()
-    def forward(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Store `values` (N, 128) at bank `rows` (N,), deduplicated; collective (every rank calls it)."""
-        if self.pieces is None:
-            raise RuntimeError("BankWriter: no bank pieces bound (muse_rec.distributed.memory_bank.bind_memory_bank)")
+    def forward(
+        self, rows: torch.Tensor, values: torch.Tensor, refresh_rows: torch.Tensor | None = None, refresh_values: torch.Tensor | None = None
+    ) -> None:
+        """Store `values` (N, 128) at bank `rows` (N,), and the refreshed history rows beside them,
+        deduplicated; collective (every rank calls it). Targets count for target coverage and
+        staleness; refreshed rows for the refresh's own count and staleness. An item that is a target
+        on one rank and refreshed on another keeps the target's value (both are this step's encoder)."""
+        self._check_bound()
         rows, values = _last_of_each(rows, values)
-        rows, values = self.exchange(rows, values.float())
-        rows, values = _last_of_each(rows, values)  # an item encoded on several ranks: identical values
+        is_target = torch.ones(rows.numel(), 1, device=values.device)
+        if refresh_rows is not None:
+            refresh_rows, refresh_values = _last_of_each(refresh_rows, refresh_values)
+            rows = torch.cat([refresh_rows, rows])
+            values = torch.cat([refresh_values.float(), values.float()])
+            is_target = torch.cat([torch.zeros(refresh_rows.numel(), 1, device=values.device), is_target])
+        rows, packed = self.exchange(rows, torch.cat([values.float(), is_target], dim=1))
+        order = torch.sort(packed[:, -1], stable=True).indices  # refreshes first: a target's value is the last of its row
+        rows, packed = _last_of_each(rows[order], packed[order])  # an item encoded on several ranks: identical values
+        self._store(rows, packed[:, :-1], packed[:, -1] > 0, only_written=False)
+
+    @torch.no_grad()
+    def store_local(self, rows: torch.Tensor, values: torch.Tensor, only_written: bool) -> None:
+        """Store rows this rank holds (distinct), no exchange: the warm start (counted nowhere) and
+        the sweep refresh (`only_written`: a never-written row stays missing; counted as refreshed)."""
+        self._check_bound()
+        self._store(rows, values.float(), None if not only_written else torch.zeros_like(rows, dtype=torch.bool), only_written)
+
+    def _store(self, rows: torch.Tensor, values: torch.Tensor, is_target: torch.Tensor | None, only_written: bool) -> None:
+        """is_target: per row, counted as a target write (True) or as a refresh (False); None: not counted."""
         for first_row, first_column, piece in self.pieces:
             local = (rows >= first_row) & (rows < first_row + piece.shape[0])
             index = rows[local].to(piece.device) - first_row
             new = values[local][:, first_column : first_column + piece.shape[1]].to(piece.device)
             old = piece[index].float()
-            if first_column == 0:  # count each item once, on the piece holding its first columns
-                known = ~missing(old)
-                self._add("written_items", index.numel())
-                self._add("target_items_known", known.sum())
-                self._add("staleness_sum", F.cosine_similarity(new[known], old[known], dim=-1).sum())
-                self._add("staleness_items", known.sum())
+            known = ~missing(old)
+            if only_written:
+                new = torch.where(known.unsqueeze(-1), new, old)
+            if first_column == 0 and is_target is not None:  # count each item once, on the piece holding its first columns
+                target = is_target[local].to(piece.device)
+                cosine = F.cosine_similarity(new, old, dim=-1)
+                self._add("written_items", target.sum())
+                self._add("target_items_known", (known & target).sum())
+                self._add("staleness_sum", (cosine * (known & target)).sum())
+                self._add("staleness_items", (known & target).sum())
+                self._add("refreshed_items", (known & ~target).sum())
+                self._add("refresh_staleness_sum", (cosine * (known & ~target)).sum())
             piece[index] = new.to(piece.dtype)
+
+    def _check_bound(self) -> None:
+        if self.pieces is None:
+            raise RuntimeError("BankWriter: no bank pieces bound (muse_rec.distributed.memory_bank.bind_memory_bank)")
 
     def _add(self, name: str, amount: torch.Tensor | int) -> None:
         self.stats[self.STATS.index(name)] += torch.as_tensor(amount, dtype=torch.float64, device=self.stats.device)
@@ -117,7 +169,10 @@ read from the bank instead of encoded (outside the p share, or all of them with 
 def bank_metrics(sums: torch.Tensor) -> dict[str, float | None]:
     """Coverage and staleness from the sums of `BankWriter.STATS` then `READ_STATS` (one rank's or
     all ranks'). Target coverage: the share of target lookups the bank could answer: the distinct
-    encoded targets already in it before their write, and the targets read from it."""
+    encoded targets already in it before their write, and the targets read from it. Staleness: the
+    cosine between a target's fresh encoding and the value it replaces (the paper's measure);
+    `bank_staleness_refresh` the same for the rows the refresh re-encoded, `bank_refreshed_rows` how
+    many (already in the bank) it re-encoded."""
     s = dict(zip(BankWriter.STATS + READ_STATS, sums.tolist()))
     s["target_found"] = s["target_items_known"] + s["target_hits"]
     s["target_total"] = s["written_items"] + s["target_lookups"]
@@ -130,7 +185,20 @@ def bank_metrics(sums: torch.Tensor) -> dict[str, float | None]:
         "bank_coverage_short": share("short_hits", "short_lookups"),
         "bank_coverage_long": share("long_hits", "long_lookups"),
         "bank_staleness_cosine": share("staleness_sum", "staleness_items"),
+        "bank_refreshed_rows": s["refreshed_items"],
+        "bank_staleness_refresh": share("refresh_staleness_sum", "refreshed_items"),
     }
+
+
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted [start, stop) ranges merged where they overlap or touch."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        elif hi > lo:
+            out.append((lo, hi))
+    return out
 
 
 def _last_of_each(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

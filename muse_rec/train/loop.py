@@ -35,6 +35,7 @@ from muse_rec.distributed.memory_bank import bind_memory_bank, gather_bank_metri
 from muse_rec.distributed.planning import load_plan
 from muse_rec.distributed.table_weights import init_trainable_tables, load_scl_table
 from muse_rec.distributed.sharding import ShardedModel, shard_model
+from muse_rec.distributed.warm_start import scl_content_source, warm_start_bank
 from muse_rec.model.factory import make_model
 from muse_rec.model.lemur import TargetEncoding
 from muse_rec.batch import batch_layout
@@ -124,6 +125,8 @@ def _prepare_lemur(sharded: ShardedModel, config: Config, maps: FeatureMaps, run
     if lemur.content_input == "tokens":
         tokens = load_content_tokens(DatasetLayout(config.data.root), maps.of_column(schema.TARGET_ITEM), lemur.max_tokens)
         targets.set_tokens(torch.from_numpy(tokens).to(runtime.device))
+    else:  # content_input=scl: the warm start and the refresh read items' vectors from the values file
+        targets.set_content_source(scl_content_source(maps))
     targets.seed(config.train.seed * 7919 + runtime.rank)
     if lemur.encoder_checkpoint:
         names = checkpoint.load_weights(Path(lemur.encoder_checkpoint), sharded, "targets.encoder.")
@@ -144,6 +147,9 @@ def train(config: Config, progress: bool = True) -> dict:
     writer = MetricsWriter(out / METRICS if runtime.rank == 0 else None)
     if runtime.rank == 0:
         _prepare_run_dir(out, config, writer, resumed)
+    warm_start = warm_start_bank(sharded.model, config, maps, out, start_step, progress)  # lemur: fill the bank first
+    if warm_start:
+        writer.write({"step": start_step, **warm_start})
 
     dataset = ShardDataset(config.data, "train", runtime.rank, runtime.world_size, maps, start_step=start_step,
                            layout=batch_layout(config.model))

@@ -350,3 +350,17 @@ def test_the_content_encoder_can_have_a_learning_rate_of_its_own():
     shared = dense_optimizer(params, named, OptimConfig(dense_lr=1e-3))
     assert [(g["lr"], len(g["params"])) for g in shared.param_groups] == [(1e-3, 2)]
     assert all(g["weight_decay"] == OptimConfig().dense_weight_decay for g in own.param_groups)
+
+
+def test_the_encoders_token_embeddings_can_have_a_learning_rate_of_their_own():
+    from muse_rec.config import OptimConfig
+    from muse_rec.distributed.sharding import dense_optimizer
+
+    named = {"dense.tower.layers.0.weight": torch.nn.Parameter(torch.zeros(2)),
+             "targets.encoder.embed.weight": torch.nn.Parameter(torch.zeros(3)),
+             "targets.encoder.out.weight": torch.nn.Parameter(torch.zeros(4))}
+    params = list(named.values())
+    both = dense_optimizer(params, named, OptimConfig(dense_lr=1e-3, encoder_lr=1e-5, encoder_embedding_lr=1e-2))
+    assert [(g["lr"], [p.numel() for p in g["params"]]) for g in both.param_groups] == [(1e-3, [2]), (1e-5, [4]), (1e-2, [3])]
+    tokens_only = dense_optimizer(params, named, OptimConfig(dense_lr=1e-3, encoder_embedding_lr=1e-2))
+    assert [(g["lr"], [p.numel() for p in g["params"]]) for g in tokens_only.param_groups] == [(1e-3, [2]), (1e-3, [4]), (1e-2, [3])]

@@ -21,6 +21,7 @@ from muse_rec.model.encoder import ContentEncoder
 from muse_rec.model.lemur import InBatchContrastive, LemurModel, TargetEncoding
 from muse_rec.model.memory_bank import bank_metrics
 from muse_rec.batch import batch_layout
+from muse_rec.model.tower import tower_input_dim
 
 
 def make(synthetic_root, *overrides: str) -> tuple[LemurModel, object]:
@@ -231,3 +232,146 @@ def test_synthetic_titles_name_the_true_cluster(synthetic_root):
         assert len(title) == SynthConfig().title_tokens
         assert int(catalogue.keyword(0, catalogue.cluster_of(item))[0]) in title
         assert int(catalogue.keyword(1, catalogue.category_of(item))[0]) in title
+
+
+def captured_writes(model: LemurModel) -> list[tuple]:
+    """The arguments of every `BankWriter.forward` call from now on, and the centring's running mean then."""
+    calls = []
+    centring = model.targets.encoder.centring
+    model.targets.writer.register_forward_pre_hook(lambda module, args: calls.append((*args, centring.running_mean.clone())))
+    return calls
+
+
+def encoded_with(model: LemurModel, rows: torch.Tensor, running_mean: torch.Tensor) -> torch.Tensor:
+    """`encode_for_bank` with the centring's running mean as it was (it moves at the end of each step)."""
+    now = model.targets.encoder.centring.running_mean.clone()
+    model.targets.encoder.centring.running_mean.copy_(running_mean)
+    try:
+        return model.targets.encode_for_bank(rows)
+    finally:
+        model.targets.encoder.centring.running_mean.copy_(now)
+
+
+def test_most_read_refresh_rewrites_a_bounded_number_of_the_rows_the_batch_reads_most(synthetic_root):
+    model, batch = make(synthetic_root, "data.batch_size=64", "model.lemur.refresh_rows=40", "model.lemur.refresh_policy=most_read")
+    model.targets.calibrate_centring(torch.arange(1, 200))  # as the warm start does: a reference before step one
+    calls = captured_writes(model)
+    model(batch)[0].backward()
+    (target_rows, _, refresh_rows, refresh_values, running_mean), = calls
+    assert 0 < refresh_rows.numel() <= 40
+    history = batch.sequence_features[schema.HIST_ITEMS].values()
+    rows, counts = torch.unique(history[history != 0], return_counts=True)
+    candidates = ~torch.isin(rows, target_rows)  # this step's targets are fresh already
+    least_chosen = counts[torch.isin(rows, refresh_rows)].min()
+    assert (counts[candidates & ~torch.isin(rows, refresh_rows)] <= least_chosen).all()  # none left out was read more
+    assert not torch.isin(refresh_rows, target_rows).any()
+    torch.testing.assert_close(refresh_values, encoded_with(model, refresh_rows, running_mean))
+    torch.testing.assert_close(bank_weight(model)[refresh_rows].detach(), refresh_values)  # written before the read
+    stats = bank_metrics(model.pop_bank_stats())
+    assert stats["bank_refreshed_rows"] == 0  # nothing was in the bank yet: they are new rows, not refreshes
+
+
+def test_oldest_refresh_sweeps_the_held_rows_in_turn_and_leaves_missing_rows_missing(synthetic_root):
+    model, batch = make(synthetic_root, "model.lemur.refresh_rows=25", "model.lemur.refresh_policy=oldest")
+    writer = model.targets.writer
+    held = writer.held_rows(torch.arange(writer.held_count))
+    with torch.no_grad():  # rows 1..60 already in the bank; the rest missing
+        bank_weight(model)[1:61] = 1.0
+    swept, means = [], []
+    store = writer.store_local
+    centring = model.targets.encoder.centring
+    writer.store_local = lambda rows, values, only_written: (
+        swept.append(rows.clone()), means.append(centring.running_mean.clone()), store(rows, values, only_written))
+    for _ in range(3):
+        model(batch)[0].backward()
+    assert [s.tolist() for s in swept] == [held[i * 25 : (i + 1) * 25].tolist() for i in range(3)]  # 25 a step, in turn
+    targets = set(batch.sequence_features[schema.TARGET_ITEM].values().tolist())
+    weight = bank_weight(model).detach()
+    for row in torch.cat(swept).tolist():
+        assert bool(weight[row].any()) == (1 <= row <= 60 or row in targets)  # a never-written row stays missing
+    rows = torch.arange(50, 61)  # swept last, after this step's target writes: the encoder as it is now
+    torch.testing.assert_close(weight[rows], encoded_with(model, rows, means[-1]))
+    assert bank_metrics(model.pop_bank_stats())["bank_refreshed_rows"] == len(set(range(1, 61)) | (targets & set(range(1, 75))))
+
+
+def test_draws_need_no_host_read_of_the_step(synthetic_root):
+    """The p / q draws are computed from the step counter on its device: a step count that cannot be
+    read on the host (a meta tensor) still draws."""
+    from muse_rec.model.lemur import step_uniforms
+
+    draws = step_uniforms(3, torch.tensor(5), 1000)
+    assert draws.min() >= 0 and draws.max() < 1 and abs(float(draws.mean()) - 0.5) < 0.05
+    assert torch.equal(step_uniforms(3, torch.tensor(5), 1000), draws) and not torch.equal(step_uniforms(3, torch.tensor(6), 1000), draws)
+    assert step_uniforms(3, torch.tensor(5, device="meta"), 10).device.type == "meta"
+
+
+def test_a_frozen_encoder_runs_as_in_evaluation_while_the_model_trains(synthetic_root):
+    model, batch = make(synthetic_root, "model.lemur.train_encoder=false")
+    model.train()
+    assert model.training and not model.targets.encoder.training
+    model.eval()
+    model.train()
+    assert not model.targets.encoder.training
+    before = {k: v.clone() for k, v in model.targets.encoder.state_dict().items()}
+    model(batch)[0].backward()
+    assert all(torch.equal(before[k], v) for k, v in model.targets.encoder.state_dict().items())  # running mean too
+
+
+def test_sorted_similarities_are_the_largest_cosines_and_train_the_encoder(synthetic_root):
+    from muse_rec.model.lemur import SortedSimilarities
+
+    target, history = torch.randn(3, 128, requires_grad=True), torch.randn(3, 7, 128)
+    history[0, 2] = 0.0  # a missing item: cosine 0
+    top = SortedSimilarities(4)(target, history)
+    cosines = F.cosine_similarity(target.detach().unsqueeze(1), history, dim=-1)
+    cosines[0, 2] = 0.0
+    torch.testing.assert_close(top, cosines.sort(dim=1, descending=True).values[:, :4])
+    model, batch = make(synthetic_root, "model.lemur.sorted_similarities=20", "model.lemur.contrastive_weight=0")
+    model(batch)  # fills the bank, so the second step's history has something to compare with
+    model.zero_grad(set_to_none=True)
+    model(batch)[0].backward()
+    assert encoder_grad_norm(model) > 0
+    model, batch = make(synthetic_root, "model.lemur.ranker_gradient=false", "model.lemur.contrastive_weight=0")
+    model(batch)[0].backward()
+    assert encoder_grad_norm(model) == 0.0  # the stop-gradient ablation: no path from the ranking loss
+
+
+def test_scl_content_source_reads_the_vectors_the_scl_table_holds(synthetic_root):
+    """content_input=scl: the warm start and the refresh encode an item from the values file's
+    vector, the one the SCL table gives the same item as a target."""
+    from muse_rec.distributed.table_weights import load_scl_table
+    from muse_rec.distributed.warm_start import scl_content_source
+
+    model, batch = make(synthetic_root, "model.lemur.content_input=scl", "model.lemur.refresh_rows=20")
+    maps = FeatureMaps.load(DatasetLayout(synthetic_root), "p90")
+    load_scl_table(model, maps.scl, torch.device("cpu"))
+    model.targets.set_content_source(scl_content_source(maps))
+    rows = batch.sequence_features[schema.TARGET_ITEM].values()
+    looked_up, _ = model.scl_vectors(batch)
+    torch.testing.assert_close(model.targets._content(rows), looked_up)
+    assert looked_up[rows != 0].abs().sum(dim=1).gt(0).any()
+    model(batch)[0].backward()  # the refresh encodes history items from the same source
+
+
+def test_soft_simtier_is_the_histogram_at_bin_centres_and_passes_gradient():
+    from muse_rec.model.esu import SimTier
+    from muse_rec.model.lemur import SoftSimTier
+
+    torch.manual_seed(0)
+    hard, soft = SimTier(), SoftSimTier()
+    soft.weight.data.copy_(hard.weight.data)
+    centres = torch.tensor([[0.25, -0.55, 0.95, 0.05, 0.05, -0.95]], requires_grad=True)  # the middle of hard bins
+    torch.testing.assert_close(soft(centres), hard(centres.detach()))
+    mask = torch.tensor([[True, True, False, True, False, True]])
+    torch.testing.assert_close(soft(centres, mask), hard(centres.detach(), mask))
+    between = torch.tensor([[0.3]])  # a bin edge: half in each neighbour
+    counts = torch.exp(soft(between) / soft.weight) - 1
+    torch.testing.assert_close(counts[0, 13:15], torch.tensor([0.5, 0.5]))
+    soft(centres).sum().backward()
+    assert centres.grad.abs().sum() > 0
+
+
+def test_the_tower_can_leave_the_target_representation_out(synthetic_root):
+    model, batch = make(synthetic_root, "model.lemur.tower_reads_target=false", "model.lemur.sorted_similarities=5")
+    assert model.dense.tower.layers[0].in_features == tower_input_dim(model.config.embedding_dim) + 2 + 5
+    model(batch)[0].backward()
