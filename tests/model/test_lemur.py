@@ -259,7 +259,7 @@ def test_most_read_refresh_rewrites_a_bounded_number_of_the_rows_the_batch_reads
     model(batch)[0].backward()
     (target_rows, _, refresh_rows, refresh_values, running_mean), = calls
     assert 0 < refresh_rows.numel() <= 40
-    history = batch.sequence_features[schema.HIST_ITEMS].values()
+    history = batch.sequence(schema.HIST_ITEMS).reshape(-1)  # the reads of every impression, not of each distinct history
     rows, counts = torch.unique(history[history != 0], return_counts=True)
     candidates = ~torch.isin(rows, target_rows)  # this step's targets are fresh already
     least_chosen = counts[torch.isin(rows, refresh_rows)].min()
