@@ -236,18 +236,18 @@ def profile_steps(pipeline, batches, steps: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
 
 
-def evaluation_rate(model, batches, steps: int, barrier, now) -> dict:
+def evaluation_rate(model, batches, device: torch.device, steps: int, barrier, now) -> dict:
     """Evaluation as `muse_rec.train.loop.evaluate` runs it (the model in eval mode, no gradient,
     the next batch from the loader inside the window): samples/s of this rank over `steps`
     batches after one warm-up, at the training batch size."""
     model.eval()
     with torch.no_grad():
-        model(next(batches))
+        model(next(batches).to(device, non_blocking=True))
         barrier()
         start, rows = now(), 0
         for _ in range(steps):
             batch = next(batches)
-            model(batch.to(next(model.parameters()).device, non_blocking=True))
+            model(batch.to(device, non_blocking=True))
             rows += batch.batch_size
         barrier()
         seconds = now() - start
@@ -475,7 +475,7 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
         name: {key: round(statistics.mean(c[key] for c in counts[opts["split_warmup"]:])) for key in counts[0]} for name, counts in anatomy_counts.items()
     }
     result["split_minor_faults_per_step"] = round((faults1 - faults0) / (opts["split_warmup"] + opts["split_steps"]))
-    result["evaluation"] = evaluation_rate(model, batches, opts["eval_steps"], barrier, now)
+    result["evaluation"] = evaluation_rate(model, batches, device, opts["eval_steps"], barrier, now)
     result["loader_restarts"] = restarts[0]
     if cuda:
         result["device_memory"]["peak"] = torch.cuda.max_memory_allocated(device)
