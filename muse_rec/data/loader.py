@@ -294,7 +294,8 @@ def assemble_batch(
     scl_values: np.ndarray | None = None,
 ) -> Batch:
     """Gather rows (pieces of decoded row groups, in order) into one `Batch` laid out as `layout`.
-    A whole long sequence is carried once per distinct history of the batch (`muse_rec.batch`).
+    What depends on the history alone (`muse_rec.batch.HISTORY_FEATURES`: the whole long sequence,
+    or the last S positions at gsu_stage loader) is carried once per distinct history of the batch.
     Where the layout carries SCL cosines (gsu_stage loader), the GSU runs here on `scl_values`,
     the memory-mapped int8 values file (`muse_rec.data.gsu`)."""
     size = sum(len(rows) for _, rows in pieces)
