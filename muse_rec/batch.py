@@ -135,7 +135,7 @@ class Batch(Pipelineable):
         """A history feature's values or lookups, (U x L, *width) in the order of the distinct
         histories, as (B, L, *width): each impression's history. Differentiable: the gradient of an
         impression's positions flows to its history's rows, summed over the impressions sharing it."""
-        return history_values.view(self.num_histories, -1, *width).index_select(0, self.history_of_row)
+        return _ExpandHistories.apply(history_values.view(self.num_histories, -1, *width), self.history_of_row)
 
     def sequence(self, key: str) -> torch.Tensor:
         """Feature `key` (of any of the batch's KJTs) as a (B, length) matrix of table rows, one row
@@ -172,6 +172,26 @@ class Batch(Pipelineable):
 
     def pin_memory(self) -> "Batch":
         return self._map(lambda k: k.pin_memory(), lambda t: t.pin_memory())
+
+
+class _ExpandHistories(torch.autograd.Function):
+    """`values.index_select(0, index)`, whose backward makes the incoming gradient contiguous
+    before the `index_add_` autograd would run: the gradient of a lookup the dense arch
+    concatenates with another arrives as a strided slice (the backward of `torch.cat`), on which
+    index_add_ is about 9x slower on CPU (8 ms instead of 1 for 1000 x 50 x 16 floats). The sums
+    are the same, bit for bit: only the layout of the gradient changes, not their order."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = values.shape[0]
+        return values.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        summed = grad.new_zeros(ctx.rows, *grad.shape[1:]).index_add_(0, index, grad.contiguous())
+        return summed, None
 
 
 def per_impression_histories(batch: Batch) -> Batch:

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from muse_rec.batch import HISTORY_FEATURES, batch_layout, per_impression_histories
+from muse_rec.batch import HISTORY_FEATURES, Batch, batch_layout, per_impression_histories
 from muse_rec.config import load_config
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
@@ -83,3 +83,27 @@ def test_lemur_reads_distinct_histories_like_plain_ones(synthetic_root, run):
     (distinct_loss, distinct), (plain_loss, reference) = results
     assert torch.equal(distinct_loss, plain_loss)
     assert_same_gradients(distinct, reference)
+
+
+def test_per_impression_equals_index_select_bit_for_bit_with_a_strided_gradient():
+    """`Batch.per_impression` makes the gradient contiguous before summing it per history (9x faster
+    on CPU when the dense arch's concatenation hands back a strided slice): forward and the summed
+    gradient are index_select's own, bit for bit, including heavy sharing of one history."""
+    generator = torch.Generator().manual_seed(0)
+    histories, length, dim = 7, 5, 4
+    history_of_row = torch.tensor([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4, 5, 6, 6])
+    values = torch.randn(histories * length, dim, generator=generator)
+    strided = (torch.randn(len(history_of_row), length, 2 * dim, generator=generator) * 1e3)[..., :dim]
+    assert not strided.is_contiguous()
+    batch = Batch(
+        id_features=None, sequence_features=None, scl_features=None,
+        labels=torch.zeros(len(history_of_row)), weights=torch.ones(len(history_of_row)), user_ids=torch.zeros(len(history_of_row), dtype=torch.long),
+        top_cosines=torch.zeros(0), short_cosines=torch.zeros(0), history_of_row=history_of_row, num_histories=histories,
+    )
+    expanded, reference = values.clone().requires_grad_(), values.clone().requires_grad_()
+    out = batch.per_impression(expanded, dim)
+    plain = reference.view(histories, length, dim).index_select(0, history_of_row)
+    assert torch.equal(out, plain)
+    out.backward(strided)
+    plain.backward(strided)
+    assert torch.equal(expanded.grad, reference.grad)
