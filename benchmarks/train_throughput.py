@@ -567,7 +567,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the method config's data.num_workers)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides, e.g. model.scl_storage=int8_replicated")
     parser.add_argument("--data", type=Path, default=RESULTS / "throughput-data", help="where the synthetic set goes (with --map-rows N: beside it, -N)")
-    parser.add_argument("--eval-steps", type=int, default=6, help="timed evaluation batches (no gradient, after the split)")
+    parser.add_argument("--eval-steps", type=int, default=6, help="timed evaluation batches (no gradient, after the split), at least 1")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after the timed window, torch.profiler over STEPS pipelined steps; each rank's operator table "
                              "(by self CPU time) is saved beside --out as <out stem>-profile-<label>-rank<r>.txt")
@@ -578,6 +578,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def measure(method: str, batch_size: int, args: argparse.Namespace, label: str | None = None) -> dict:
     """One run: `method` at `batch_size` per rank with the options of `add_run_arguments`; the
     result that `report` prints and `save_run` keeps."""
+    if args.eval_steps < 1:  # its samples/s would divide by a window of 0 s
+        raise MuseRecError(f"--eval-steps {args.eval_steps}: expected at least 1 evaluation batch")
     load_before = os.getloadavg()
     busy_before = busy_processes(1.0, exclude={os.getpid()})
     data = prepare_data(args.data, args.users, args.map_rows)
