@@ -17,7 +17,7 @@ top), and evaluation samples/s. Each configuration spawns its own ranks; on a 2-
 default sweep (16 runs) takes about 15-20 minutes, dominated by gsu_stage model at batch 1000.
 
     python benchmarks/throughput.py [--methods muse,sim_soft,sim_hard,din] [--stages loader,model] [--batch-sizes 250,1000]
-        [--steps 8] [--warmup 5] [--split-steps 4] [--users 4000] [--set model.scl_storage=int8_replicated]
+        [--repeats 1] [--steps 8] [--warmup 5] [--split-steps 4] [--users 4000] [--set model.scl_storage=int8_replicated]
 """
 from __future__ import annotations
 
@@ -41,8 +41,11 @@ COLUMNS = {"data": "data", "lookup": "lookup", "gsu": "GSU", "dense_forward": "d
            "sparse_backward": "sparse bwd", "optimizer": "optimizer", "sync": "sync"}
 
 
-def summary(result: dict) -> dict:
-    """The row of one run in the sweep's table: rates, step percentiles and the mean split over ranks."""
+def summary(results: list[dict]) -> dict:
+    """The row of one configuration in the sweep's table: rates, step percentiles, the mean split over
+    ranks and evaluation of its median run by samples/s (the lower middle one of an even count),
+    with every run's samples/s: run to run, a 2-core machine varies by about 15 %."""
+    result = sorted(results, key=lambda r: r["end_to_end"]["samples_per_second"])[(len(results) - 1) // 2]
     split = {key: round(statistics.mean(result["split_ms_per_rank"][key]), 1) for key, _ in STAGES}
     e2e = result["end_to_end"]
     setup = result["setup"]
@@ -51,7 +54,8 @@ def summary(result: dict) -> dict:
             "device_type": setup.get("device_type", "cpu"),
             "samples_per_second": e2e["samples_per_second"], "step_ms_p50": e2e["step_ms_p50"], "step_ms_p90": e2e["step_ms_p90"],
             "split_ms": split, "split_step_ms": result["split_step_ms"], "caveats": result["caveats"],
-            "eval_samples_per_second": result["evaluation"]["samples_per_second"]}
+            "eval_samples_per_second": result["evaluation"]["samples_per_second"],
+            "samples_per_second_runs": [r["end_to_end"]["samples_per_second"] for r in results]}
 
 
 def ranks_name(rows: list[dict]) -> str:
@@ -62,10 +66,15 @@ def ranks_name(rows: list[dict]) -> str:
 
 def print_table(rows: list[dict]) -> None:
     stage_head = "".join(f"{COLUMNS[k]:>11}" for k, _ in STAGES)
-    print(f"\n{ranks_name(rows)}; split: mean ms per instrumented step over the ranks")
-    print(f"{'method (GSU stage)':<20}{'batch':>6}{'samples/s':>11}{'P50 ms':>9}{'P90 ms':>9}{stage_head}{'split sum':>11}{'eval/s':>9}")
+    repeated = any(len(r["samples_per_second_runs"]) > 1 for r in rows)
+    print(f"\n{ranks_name(rows)}; split: mean ms per instrumented step over the ranks"
+          + ("; samples/s and the rest: the median run, 'runs': min-max of every run's samples/s" if repeated else ""))
+    print(f"{'method (GSU stage)':<20}{'batch':>6}{'samples/s':>11}" + (f"{'runs':>16}" if repeated else "")
+          + f"{'P50 ms':>9}{'P90 ms':>9}{stage_head}{'split sum':>11}{'eval/s':>9}")
     for r in rows:
-        print(f"{r['name']:<20}{r['batch_size']:>6}{r['samples_per_second']:>11,}{r['step_ms_p50']:>9,.0f}{r['step_ms_p90']:>9,.0f}"
+        spread = f"{min(r['samples_per_second_runs']):,}-{max(r['samples_per_second_runs']):,}"
+        print(f"{r['name']:<20}{r['batch_size']:>6}{r['samples_per_second']:>11,}" + (f"{spread:>16}" if repeated else "")
+              + f"{r['step_ms_p50']:>9,.0f}{r['step_ms_p90']:>9,.0f}"
               + "".join(f"{r['split_ms'][k]:>11,.1f}" for k, _ in STAGES) + f"{r['split_step_ms']:>11,.0f}{r['eval_samples_per_second']:>9,}")
     print("(data: wait for the next batch; lookup: the 3 embedding collections incl. input/output dist; sparse bwd: gradient\n"
           " all-to-all + fused table update + DDP wait; optimizer: zero_grad + dense AdamW; sync: barrier waits between stages)")
@@ -114,8 +123,13 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods (default {','.join(METHODS)})")
     parser.add_argument("--batch-sizes", default="250,1000", help="comma-separated samples per batch on each rank (default 250,1000)")
     parser.add_argument("--stages", default="loader,model", help="comma-separated model.gsu_stage values, side by side (default loader,model)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each configuration, interleaved (every configuration once, then again), so that the "
+                             "machine's drift hits all alike; the table shows the median run and the range (default 1)")
     add_run_arguments(parser)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: expected at least 1")
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -133,22 +147,25 @@ def main() -> None:
             parser.error(f"configs/{method}.yaml with --set {' '.join(args.set)} model.gsu_stage={stage}: {e}")
 
     started = time.perf_counter()
-    runs, rows = [], []
-    for method, stage, batch in itertools.product(methods, stages, batch_sizes):
+    configurations = list(itertools.product(methods, stages, batch_sizes))
+    results: dict[tuple, list[dict]] = {configuration: [] for configuration in configurations}
+    for repeat, (method, stage, batch) in itertools.product(range(args.repeats), configurations):
         label = " ".join([method, f"gsu_stage {stage}", f"batch {batch}", *([args.hardware] if args.hardware else []),
                           *([f"map-rows {args.map_rows}"] if args.map_rows else []), *args.set,
                           *(["default-malloc"] if args.default_malloc else [])])
-        print(f"-- {label}", flush=True)
+        print(f"-- {label}" + (f" (run {repeat + 1} of {args.repeats})" if args.repeats > 1 else ""), flush=True)
         try:
             result = measure(method, batch, argparse.Namespace(**{**vars(args), "set": [*args.set, f"model.gsu_stage={stage}"]}), label)
         except MuseRecError as e:  # a profile this machine cannot run, a plan that does not fit
             parser.error(str(e))
         for path in save_profiles(result, RESULTS / "throughput.json"):
             print(f"   profile: {path}")
-        runs.append(result)
-        rows.append(summary(result))
-        print(f"   {rows[-1]['samples_per_second']:,} samples/s, step P50 {rows[-1]['step_ms_p50']:,.0f} ms, "
-              f"P90 {rows[-1]['step_ms_p90']:,.0f} ms ({result['ranks_wall_s']:.0f} s)", flush=True)
+        results[method, stage, batch].append(result)
+        e2e = result["end_to_end"]
+        print(f"   {e2e['samples_per_second']:,} samples/s, step P50 {e2e['step_ms_p50']:,.0f} ms, "
+              f"P90 {e2e['step_ms_p90']:,.0f} ms ({result['ranks_wall_s']:.0f} s)", flush=True)
+    runs = [result for configuration in configurations for result in results[configuration]]
+    rows = [summary(results[configuration]) for configuration in configurations]
     print_table(rows)
     for r in rows:
         for caveat in r["caveats"][:-1]:  # the last one (synthetic table sizes) is the same for all
@@ -160,6 +177,7 @@ def main() -> None:
     out = RESULTS / "throughput.json"
     out.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.perf_counter() - started, 1),
                                "methods": methods, "gsu_stages": stages, "batch_sizes": batch_sizes, "overrides": args.set,
+                               "repeats": args.repeats,
                                "table": rows, "runs": runs}, indent=2) + "\n")
     png = draw(rows, RESULTS / "throughput.png")
     print(f"saved {out} and {png}")
