@@ -342,13 +342,13 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
         step_ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
         result["device_memory"]["peak_pipelined"] = torch.cuda.max_memory_allocated(device)
     result["peak_rss_pipelined"] = status_bytes("VmHWM")
-    times1, busy1 = os.times(), machine_ticks()
-    if opts["profile_steps"]:  # after the timed window: the profiler's overhead stays out of it
-        result["profile"] = profile_steps(pipeline, batches, opts["profile_steps"])
-    faults1 = proc_snapshot()[os.getpid()][3]
+    times1, busy1, procs1 = os.times(), machine_ticks(), proc_snapshot()
+    faults1 = procs1[os.getpid()][3]
     if rank == 0:
-        result["cpu_cores_in_window"] = cpu_by_class(procs0, proc_snapshot(), set(rank_pids), window)
+        result["cpu_cores_in_window"] = cpu_by_class(procs0, procs1, set(rank_pids), window)
         result["machine_busy_cores_in_window"] = round((busy1[0] - busy0[0]) / window, 2)
+    if opts["profile_steps"]:  # after the timed window and its CPU accounting: the profiled steps stay out of both
+        result["profile"] = profile_steps(pipeline, batches, opts["profile_steps"])
     result["pipelined"] = {
         "step_ms": [round(t, 1) for t in step_ms],
         "window_s": round(window, 3),
