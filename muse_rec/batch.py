@@ -25,9 +25,16 @@ rows hold the U distinct histories (length L or S each) and the other B - U rows
 `history_of_row` maps each impression to its history. The model looks up U x L (or U x S) rows
 instead of B x L and gives each impression its history with an index_select on the lookup
 (`Batch.per_impression`), whose gradient sums the impressions of a history: what the fused
-optimizers do with repeated rows anyway. What depends on the target (its rows, the K kept
-positions, every SCL cosine) stays per impression. `per_impression_histories` is the plain layout, one
-history per impression, that tests hold the distinct one equal to.
+optimizers do with repeated rows anyway. What depends on the target (its rows, every SCL cosine)
+stays per impression. `per_impression_histories` is the plain layout, one history per impression,
+that tests hold the distinct one equal to.
+
+Distinct rows. The K kept positions of the impressions of a batch (gsu_stage loader) read far
+fewer table rows than their B x K cells (at batch 1000 of the benchmark's set: 50,000 cells,
+about 15,000 distinct items and 400 categories), so those features (`DISTINCT_ROW_FEATURES`) hold
+the batch's distinct rows (all in the first sample's slot) and `top_cells` maps each cell to one:
+TorchRec looks up, sends and updates each row once, and `Batch.per_cell` hands the cells their rows.
+`per_impression_cells` is the plain layout of the cells.
 """
 from __future__ import annotations
 
@@ -57,6 +64,9 @@ SCL_FEATURES = (schema.SCL_TARGET, schema.SCL_LONG)
 HISTORY_FEATURES = (*LONG_FEATURES, schema.SCL_LONG, *SHORT_FEATURES)
 """Features that depend on the history alone, not on the target: the whole long sequence (item,
 category and SCL rows) and the last S positions. Stored once per distinct history."""
+DISTINCT_ROW_FEATURES = TOP_FEATURES
+"""Features stored as the batch's distinct table rows, with each impression's cells as indices into
+them (`Batch.top_cells`): the K kept positions of every impression (gsu_stage loader)."""
 
 Selection = Literal["all", "muse", "sim_hard", "none"]
 
@@ -126,6 +136,9 @@ class Batch(Pipelineable):
     history_of_row: torch.Tensor  # int64 (B,): each impression's distinct history (0..U-1)
     num_histories: int  # U, the distinct histories the HISTORY_FEATURES hold. A Python
     # int, not a tensor: the model views the (U x L) lookup as (U, L, D) without a device sync
+    top_cells: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # int64 (B, K) per DISTINCT_ROW_FEATURES key the batch carries: each kept cell's index among
+    # that feature's values (the batch's distinct rows); empty where no feature is stored so
 
     @property
     def batch_size(self) -> int:
@@ -135,7 +148,17 @@ class Batch(Pipelineable):
         """A history feature's values or lookups, (U x L, *width) in the order of the distinct
         histories, as (B, L, *width): each impression's history. Differentiable: the gradient of an
         impression's positions flows to its history's rows, summed over the impressions sharing it."""
-        return _ExpandHistories.apply(history_values.view(self.num_histories, -1, *width), self.history_of_row)
+        return _SelectRows.apply(history_values.view(self.num_histories, -1, *width), self.history_of_row)
+
+    def per_cell(self, key: str, values: torch.Tensor, *width: int) -> torch.Tensor:
+        """A DISTINCT_ROW_FEATURES feature's values or lookups, (R, *width) for its R distinct rows,
+        as (B, K, *width): each impression's kept cells. Differentiable like `per_impression`: a
+        row's gradient is the sum over the cells that read it. A batch that stores the feature per
+        impression (`per_impression_cells`) has its (B x K, *width) values viewed as they are."""
+        cells = self.top_cells.get(key)
+        if cells is None:
+            return values.view(self.batch_size, -1, *width)
+        return _SelectRows.apply(values.view(-1, *width), cells.reshape(-1)).view(*cells.shape, *width)
 
     def sequence(self, key: str) -> torch.Tensor:
         """Feature `key` (of any of the batch's KJTs) as a (B, length) matrix of table rows, one row
@@ -144,6 +167,8 @@ class Batch(Pipelineable):
         if not kjts:
             raise KeyError(f"feature {key!r} is in none of the batch's KJTs")
         values = kjts[0][key].values()
+        if key in DISTINCT_ROW_FEATURES:
+            return self.per_cell(key, values)
         return self.per_impression(values) if key in HISTORY_FEATURES else values.view(self.batch_size, -1)
 
     def _map(self, kjt_op, tensor_op) -> "Batch":
@@ -158,6 +183,7 @@ class Batch(Pipelineable):
             short_cosines=tensor_op(self.short_cosines),
             history_of_row=tensor_op(self.history_of_row),
             num_histories=self.num_histories,
+            top_cells={key: tensor_op(cells) for key, cells in self.top_cells.items()},
         )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
@@ -167,14 +193,14 @@ class Batch(Pipelineable):
         for kjt in (self.id_features, self.sequence_features, self.scl_features):
             if kjt is not None:
                 kjt.record_stream(stream)
-        for tensor in (self.labels, self.weights, self.user_ids, self.top_cosines, self.short_cosines, self.history_of_row):
+        for tensor in (self.labels, self.weights, self.user_ids, self.top_cosines, self.short_cosines, self.history_of_row, *self.top_cells.values()):
             tensor.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         return self._map(lambda k: k.pin_memory(), lambda t: t.pin_memory())
 
 
-class _ExpandHistories(torch.autograd.Function):
+class _SelectRows(torch.autograd.Function):
     """`values.index_select(0, index)`, whose backward makes the incoming gradient contiguous
     before the `index_add_` autograd would run: the gradient of a lookup the dense arch
     concatenates with another arrives as a strided slice (the backward of `torch.cat`), on which
@@ -194,9 +220,23 @@ class _ExpandHistories(torch.autograd.Function):
         return summed, None
 
 
+def per_impression_cells(batch: Batch) -> Batch:
+    """`batch` with every DISTINCT_ROW_FEATURES feature stored per impression (K rows each, no
+    `top_cells`): the plain layout of the kept cells, which the distinct-row one is tested against."""
+    if not batch.top_cells:
+        return batch
+    jagged = dict(batch.sequence_features.to_dict())  # a copy: the KJT caches the dict it returns
+    for key in batch.top_cells:
+        rows = batch.sequence(key)
+        jagged[key] = JaggedTensor(values=rows.reshape(-1), lengths=torch.full_like(jagged[key].lengths(), rows.shape[1]))
+    return dataclasses.replace(batch, sequence_features=KeyedJaggedTensor.from_jt_dict(jagged), top_cells={})
+
+
 def per_impression_histories(batch: Batch) -> Batch:
     """`batch` in the plain layout: every impression holds its own copy of its history (U = B,
-    `history_of_row` the identity). The reference the distinct-history layout is tested against."""
+    `history_of_row` the identity) and of its kept cells (`per_impression_cells`). The reference the
+    distinct layouts are tested against."""
+    batch = per_impression_cells(batch)
     if not batch.num_histories:
         return batch
 

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from muse_rec.batch import HISTORY_FEATURES, ID_FEATURES, TARGET_FEATURES, Batch, BatchLayout
+from muse_rec.batch import DISTINCT_ROW_FEATURES, HISTORY_FEATURES, ID_FEATURES, TARGET_FEATURES, Batch, BatchLayout
 from muse_rec.config import DataConfig
 from muse_rec.data import gsu, schema
 from muse_rec.data.checks import check_aligned, check_columns, check_total_rows, clicks_from_labels, dense_list, open_parquet
@@ -325,6 +325,9 @@ def assemble_batch(
         per_row = {key: f[part] for key, f in features.items() if key not in HISTORY_FEATURES}
         _fill_sequences(decoded, rows, layout, scl_values, per_row, top_cosines[part], short_cosines[part])
         at, first_history = at + len(rows), first_history + len(sequences)
+    top_cells = {key: features[key] for key in DISTINCT_ROW_FEATURES if key in features}
+    if top_cells:
+        sequence_tensor, top_cells = _distinct_rows(features, sequence_lengths, top_cells)
     return Batch(
         id_features=_kjt(scalar_rows[: len(ID_FEATURES)].reshape(-1), {key: np.ones(size, np.int64) for key in ID_FEATURES}),
         sequence_features=_kjt(sequence_tensor, sequence_lengths),
@@ -336,7 +339,29 @@ def assemble_batch(
         short_cosines=torch.from_numpy(short_cosines),
         history_of_row=torch.from_numpy(history_of_row),
         num_histories=histories,
+        top_cells=top_cells,
     )
+
+
+def _distinct_rows(
+    views: dict[str, np.ndarray], lengths: dict[str, np.ndarray], cells: dict[str, np.ndarray]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A new values buffer for the KJT of `views` in which each feature of `cells` (B, K rows) holds
+    its distinct rows, all in the first sample's slot (`lengths` is updated), and the index of
+    each cell among them (`muse_rec.batch`, distinct rows). torch.unique sorts: about 1.5 ms for
+    50,000 cells, against np.unique's 3.5."""
+    parts, indices = [], {}
+    for key, view in views.items():
+        if key in cells:
+            distinct, indices[key] = torch.unique(torch.from_numpy(cells[key]), return_inverse=True)
+            lengths[key][:] = 0
+            lengths[key][0] = len(distinct)
+            parts.append(distinct)
+        else:
+            parts.append(torch.from_numpy(view).reshape(-1))
+    tensor, _ = _int64_buffer(sum(len(part) for part in parts))
+    torch.cat(parts, out=tensor)
+    return tensor, indices
 
 
 def _history_sources(decoded: DecodedRows, short_len: int) -> tuple[tuple[str, np.ndarray], ...]:

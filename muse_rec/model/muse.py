@@ -32,7 +32,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from muse_rec import schema
-from muse_rec.batch import HISTORY_FEATURES, ID_FEATURES, Batch, batch_layout
+from muse_rec.batch import DISTINCT_ROW_FEATURES, HISTORY_FEATURES, ID_FEATURES, Batch, batch_layout
 from muse_rec.config import ModelConfig
 from muse_rec.model import gsu
 from muse_rec.model.esu import SelfAttentiveTargetAttention, SimTier, TargetAttention, mean_pool
@@ -196,7 +196,8 @@ class MuseModel(nn.Module):
 
     def _lookups(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(user, ad attributes, embeddings (B, length, D) and rows (B, length) by sequence feature).
-        A history feature is looked up once per distinct history, then given to each impression."""
+        A history feature is looked up once per distinct history, a kept-cell feature once per
+        distinct row of the batch, then given to each impression."""
         size, dim = batch.batch_size, self.config.embedding_dim
         pooled = self.id_tables(batch.id_features)
         id_rows = batch.id_features.to_dict()
@@ -209,6 +210,8 @@ class MuseModel(nn.Module):
             embedding = _zero_row0(looked_up[key].values(), row)
             if key in HISTORY_FEATURES:
                 rows[key], embeddings[key] = batch.per_impression(row), batch.per_impression(embedding, dim)
+            elif key in DISTINCT_ROW_FEATURES:
+                rows[key], embeddings[key] = batch.per_cell(key, row), batch.per_cell(key, embedding, dim)
             else:
                 rows[key], embeddings[key] = row.view(size, -1), embedding.view(size, -1, dim)
         user = torch.cat([single[key] for key in USER_FEATURES], dim=-1)

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from muse_rec.batch import HISTORY_FEATURES, Batch, batch_layout
+from muse_rec.batch import HISTORY_FEATURES, Batch, batch_layout, per_impression_cells
 from muse_rec.config import load_config
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
@@ -52,7 +52,9 @@ UNUSED_BY = {"din": ("dense.long_attention.", "dense.simtier_long.")}
 
 def concat_batches(a: Batch, b: Batch) -> Batch:
     """The two batches side by side (a's rows, then b's) as one valid batch: b's distinct histories
-    follow a's (its `history_of_row` offset by a's count) and the rows holding them come first."""
+    follow a's (its `history_of_row` offset by a's count) and the rows holding them come first;
+    kept cells per impression (`per_impression_cells`)."""
+    a, b = per_impression_cells(a), per_impression_cells(b)
 
     def cat(x: JaggedTensor, y: JaggedTensor, history: bool) -> JaggedTensor:
         lengths = torch.cat([x.lengths(), y.lengths()])
@@ -69,7 +71,8 @@ def concat_batches(a: Batch, b: Batch) -> Batch:
 
 
 def reversed_rows(batch: Batch) -> Batch:
-    """The same samples in reverse order, and their distinct histories too."""
+    """The same samples in reverse order, and their distinct histories too; kept cells per impression."""
+    batch = per_impression_cells(batch)
     histories = batch.num_histories
 
     def flip(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -84,11 +87,12 @@ def reversed_rows(batch: Batch) -> Batch:
 
 
 def _per_field(combine, *batches: Batch) -> Batch:
-    """A batch whose every field is `combine` of the batches' fields (a field None in all stays None)."""
+    """A batch whose every field is `combine` of the batches' fields (a field None in all stays None,
+    `top_cells` empty: the batches hold their cells per impression)."""
     values = {}
     for field in dataclasses.fields(Batch):
         parts = [getattr(b, field.name) for b in batches]
-        values[field.name] = None if parts[0] is None else combine(*parts)
+        values[field.name] = None if parts[0] is None else {} if field.name == "top_cells" else combine(*parts)
     return Batch(**values)
 
 
