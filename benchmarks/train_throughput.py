@@ -447,7 +447,8 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
                 anatomy[f"lookup_{name}"] = now() - t
                 c2 = os.times()
                 anatomy_counts.setdefault(name, []).append(
-                    {"user_ms": 1e3 * (c2.user - c.user), "sys_ms": 1e3 * (c2.system - c.system), "minor_faults": proc_snapshot()[os.getpid()][3] - f}
+                    {"user_ms": 1e3 * (c2.user - c.user), "sys_ms": 1e3 * (c2.system - c.system), "minor_faults": proc_snapshot()[os.getpid()][3] - f,
+                     "rows_per_sample": kjt.values().numel() / batch.batch_size}
                 )
             method, k = config.model.method, config.model.keep_top
             if full is not None and method in ("muse", "sim_soft"):
@@ -504,17 +505,6 @@ def loader_alone(config: Config, maps: FeatureMaps, world: int, batches: int) ->
     torch.set_num_threads(threads)
     return {"batches": count, "samples_per_second_one_core": round(rates[-1]), "first_pass_samples_per_second": round(rates[0]),
             "ms_per_batch": round(1e3 * rows / rates[-1] / count, 1)}
-
-
-def bytes_per_sample(config: Config) -> dict:
-    L, D = config.data.long_seq_len, config.model.embedding_dim
-    scl_bytes = 2 if config.model.scl_storage == "fp16_sharded" else 1
-    return {
-        "scl_rows": L + 1,
-        "scl_lookup_bytes": (L + 1) * schema.SCL_DIM * scl_bytes,
-        "scl_float32_bytes": (L + 1) * schema.SCL_DIM * 4,
-        "sequence_lookup_bytes": (2 * L + 2) * D * 4,
-    }
 
 
 def memory_against_estimate(ranks: list[dict], estimate: list, cuda: bool) -> dict:
@@ -678,7 +668,7 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
                   "scl_storage": config.model.scl_storage, "loader_workers_per_rank": config.data.num_workers,
                   "threads_per_rank": args.threads, "default_malloc": args.default_malloc, "warmup_steps": args.warmup, "timed_steps": args.steps,
                   "split_steps": args.split_steps, "overrides": args.set, "sparse_optimizer": "fused Adam (fbgemm)" if cuda else config.optim.sparse_cpu,
-                  "plan": ranks[0]["plan"], "bytes_per_sample": bytes_per_sample(config)},
+                  "plan": ranks[0]["plan"]},
         "data": {"root": str(data), "train_users": args.users, "batches_per_rank": ranks[0]["batches_per_rank"],
                  "loader_restarts": max(r["loader_restarts"] for r in ranks)},
         "end_to_end": {"step_ms_p50": round(percentile(steps, 50), 1), "step_ms_p90": round(percentile(steps, 90), 1),
@@ -743,6 +733,9 @@ def report(result: dict) -> None:
     print("    separately (no grad, not in the step):")
     for key, values in result["anatomy_ms_per_rank"].items():
         print(f"      {key:<52}" + "".join(f"{v:>11,.0f}" for v in values))
+    rows = {name: [cpu[name]["rows_per_sample"] for cpu in result["anatomy_cpu_per_rank"]] for name in result["anatomy_cpu_per_rank"][0]}
+    print("    rows looked up per sample (each collection's input KJT, before its input dist): "
+          + ", ".join(f"{name} {'/'.join(f'{v:,}' for v in values)}" for name, values in rows.items()))
     print("    (the sparse tables' optimizer is fused into backward: its update is in 'sparse backward')")
     evaluation = result["evaluation"]
     print(f"  evaluation (no gradient, loader included, {evaluation['batches_per_rank']} batches a rank): {evaluation['samples_per_second']:,} samples/s")
