@@ -137,8 +137,8 @@ class Batch(Pipelineable):
     num_histories: int  # U, the distinct histories the HISTORY_FEATURES hold. A Python
     # int, not a tensor: the model views the (U x L) lookup as (U, L, D) without a device sync
     top_cells: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    # int64 (B, K) per DISTINCT_ROW_FEATURES key the batch carries: each kept cell's index among
-    # that feature's values (the batch's distinct rows); empty where no feature is stored so
+    # int64 (B, K) per DISTINCT_ROW_FEATURES key stored as distinct rows: each kept cell's index
+    # among that feature's values; empty when the batch holds its cells per impression, or none
 
     @property
     def batch_size(self) -> int:
