@@ -25,8 +25,8 @@ With `--ablations`, runs like "LEMUR end to end" with one thing changed each: no
 refresh (the bank holds past targets only), no refresh, the sweep refresh instead of the most-read
 one, the encoder at 5e-4 and at the dense learning rate (staleness; no re-encode), the encoder at the dense
 learning rate with the whole bank re-encoded every 5 steps and before evaluation (a fresh bank:
-is it staleness or the representation?), no whole-bank re-encode before evaluation, a re-encode
-every 10 steps too, the ranker's gradient stopped at the
+is it staleness or the representation?), the whole bank re-encoded before evaluation, and every
+10 steps too, the ranker's gradient stopped at the
 target, two more gradient paths from the ranking loss into the encoder (the sorted-similarity
 feature, a soft SimTier), a smaller and a larger encoder (these two from a random encoder: the
 stage-1 checkpoint has another shape). `--ablations NAMES` runs only those named.
@@ -124,8 +124,9 @@ ABLATIONS = {
     "encoder_lr_5e-4": ("encoder learning rate 5e-4", ["optim.encoder_lr=0.0005"]),
     "fast_encoder": ("encoder at the dense learning rate", None),  # filled from --dense-lr
     "fast_encoder_reencode": ("encoder at the dense learning rate, whole bank re-encoded every 5 steps and before evaluation", None),
-    "no_reencode": ("no whole-bank re-encode before evaluation (the bank as training left it)", ["model.lemur.reencode_before_eval=false"]),
-    "reencode_every_10": ("+ whole bank re-encoded every 10 steps", ["model.lemur.reencode_every=10"]),
+    "reencode_before_eval": ("whole bank re-encoded before evaluation", ["model.lemur.reencode_before_eval=true"]),
+    "reencode_every_10": ("whole bank re-encoded every 10 steps and before evaluation",
+                          ["model.lemur.reencode_every=10", "model.lemur.reencode_before_eval=true"]),
     "stop_gradient": ("stop-gradient: the ranker reads the target detached", ["model.lemur.ranker_gradient=false"]),
     "sorted_similarities": ("+ sorted-similarity feature (top 50 cosines to the tower)", ["model.lemur.sorted_similarities=50"]),
     "soft_simtier": ("+ soft SimTier (gradient through the similarity histogram)", ["model.lemur.soft_simtier=true"]),
