@@ -23,7 +23,10 @@ whole test split, GAUC with its bootstrap SE over test users:
 - the lemur machinery with its random encoder frozen, every item encoded once (what training adds).
 With `--ablations`, runs like "LEMUR end to end" with one thing changed each: no warm start and no
 refresh (the bank holds past targets only), no refresh, the sweep refresh instead of the most-read
-one, the encoder at 5e-4 and at the dense learning rate (staleness), the ranker's gradient stopped at the
+one, the encoder at 5e-4 and at the dense learning rate (staleness; no re-encode), the encoder at the dense
+learning rate with the whole bank re-encoded every 5 steps and before evaluation (a fresh bank:
+is it staleness or the representation?), the whole bank re-encoded before evaluation, and every
+10 steps too, the ranker's gradient stopped at the
 target, two more gradient paths from the ranking loss into the encoder (the sorted-similarity
 feature, a soft SimTier), a smaller and a larger encoder (these two from a random encoder: the
 stage-1 checkpoint has another shape). `--ablations NAMES` runs only those named.
@@ -98,8 +101,13 @@ BANK_WEIGHT = "bank_table.embeddings.bank.weight"
 GPU_PROFILES = ("h100x1", "h100x8", "a100-40gbx8", "rtx4090x8", "h100x8x2nodes")
 PRETRAIN = ["model.lemur.ranking_weight=0", "model.lemur.contrastive_weight=1"]
 FROZEN_ONCE = ["model.lemur.train_encoder=false", "model.lemur.warm_start=all_items", "model.lemur.encode_share=0",
-               "model.lemur.backward_share=0", "model.lemur.refresh_rows=0"]
-"""An encoder frozen and every item encoded once into the bank, read from there (the two-stage arm)."""
+               "model.lemur.backward_share=0", "model.lemur.refresh_rows=0", "model.lemur.reencode_every=0",
+               "model.lemur.reencode_before_eval=false"]
+"""An encoder frozen and every item encoded once into the bank, read from there (the two-stage arm;
+nothing to refresh or re-encode: the bank is the frozen encoder's)."""
+REENCODE_FAST = ["model.lemur.reencode_every=5", "model.lemur.reencode_before_eval=true"]
+"""The whole bank re-encoded every 5 steps and before evaluation: a fast encoder leaves no stale row."""
+NO_REENCODE = ["model.lemur.reencode_every=0", "model.lemur.reencode_before_eval=false"]
 LABELS = {
     "din": "DIN (short sequence only)",
     "muse": "MUSE (frozen SCL)",
@@ -115,6 +123,10 @@ ABLATIONS = {
     "refresh_oldest": ("refresh: sweep (oldest) instead of most read", ["model.lemur.refresh_policy=oldest"]),
     "encoder_lr_5e-4": ("encoder learning rate 5e-4", ["optim.encoder_lr=0.0005"]),
     "fast_encoder": ("encoder at the dense learning rate", None),  # filled from --dense-lr
+    "fast_encoder_reencode": ("encoder at the dense learning rate, whole bank re-encoded every 5 steps and before evaluation", None),
+    "reencode_before_eval": ("whole bank re-encoded before evaluation", ["model.lemur.reencode_before_eval=true"]),
+    "reencode_every_10": ("whole bank re-encoded every 10 steps and before evaluation",
+                          ["model.lemur.reencode_every=10", "model.lemur.reencode_before_eval=true"]),
     "stop_gradient": ("stop-gradient: the ranker reads the target detached", ["model.lemur.ranker_gradient=false"]),
     "sorted_similarities": ("+ sorted-similarity feature (top 50 cosines to the tower)", ["model.lemur.sorted_similarities=50"]),
     "soft_simtier": ("+ soft SimTier (gradient through the similarity histogram)", ["model.lemur.soft_simtier=true"]),
@@ -220,7 +232,7 @@ def quality(args: argparse.Namespace, data_root: Path, runs: Path, synth_cfg: Sy
                 results[key]["pretrain_seconds"] = pretrain["seconds"]
     for key in filter(None, args.ablations.split(",")):
         label, extra = ABLATIONS[key]
-        extra = extra if extra is not None else [f"optim.encoder_lr={args.dense_lr}"]
+        extra = extra if extra is not None else [f"optim.encoder_lr={args.dense_lr}", *(REENCODE_FAST if key == "fast_encoder_reencode" else NO_REENCODE)]
         pretrained = key not in FROM_SCRATCH
         results[f"ablation_{key}"] = job(f"ablation: {label}", LEMUR_CONFIG, f"ablation_{key}", (encoder if pretrained else []) + extra)
         if pretrained:

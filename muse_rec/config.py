@@ -205,6 +205,19 @@ class LemurConfig:
         "cyclic sweep over the rows this rank holds, so the rows re-encoded are those re-encoded longest ago (every "
         "row once per rows held / refresh_rows steps), written locally. Never-written rows are left missing.",
     )
+    reencode_every: int = option(
+        0,
+        "N > 0: after every N training steps each rank re-encodes, without gradient, every written bank row it holds "
+        "(in chunks of warm_start_chunk, locally: no exchange), so the whole bank is the current encoder's and a fast "
+        "encoder leaves no stale history behind (muse_rec.distributed.warm_start.reencode_bank; its seconds and the "
+        "bank's staleness before it go to metrics.jsonl). 0: never.",
+        at_least=0,
+    )
+    reencode_before_eval: bool = option(
+        False,
+        "Re-encode the whole bank as reencode_every does once more after the last training step, before the final "
+        "checkpoint and the evaluation, so evaluation reads the histories as the final encoder encodes them.",
+    )
     encoder_checkpoint: str | None = option(
         None, "Checkpoint directory whose encoder weights initialise this run's encoder (the two-stage variant)."
     )

@@ -21,6 +21,9 @@ of only the items that happened to be targets already.
    the next chunk, provided it is the same warm start (items, chunk, world size, encoder weights),
    else it starts over. A run resumed from a training checkpoint takes the bank from there and
    deletes the warm-start directory.
+
+`reencode_bank` re-encodes the whole bank the same way (each rank its own written rows, locally)
+during training (`model.lemur.reencode_every`) and before evaluation (`reencode_before_eval`).
 """
 from __future__ import annotations
 
@@ -187,6 +190,25 @@ def warm_start_bank(model: nn.Module, config: Config, maps: FeatureMaps, out: Pa
         log.info("lemur warm start done: %s items encoded now in %.1f s (%s items/s over %d rank(s)), scan %.1f s, saves %.1f s",
                  f"{encoded:,}", encode_seconds, f"{rate:,.0f}" if rate else "-", world, scan_seconds, save_seconds)
     return record
+
+
+def reencode_bank(model: nn.Module) -> dict:
+    """Every written bank row re-encoded by the current encoder (`TargetEncoding.reencode_held`: each
+    rank its own rows, locally, without gradient); collective. Returns the record for metrics.jsonl:
+    rows re-encoded, the bank's staleness just before (mean cosine between the new and the cached
+    values) and the seconds taken (the slowest rank's); {} for other methods."""
+    found = [m for m in model.modules() if isinstance(m, TargetEncoding)]
+    if not found:
+        return {}
+    start = time.perf_counter()
+    staleness = found[0].reencode_held()
+    seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=staleness.device)
+    if dist.is_initialized():
+        dist.all_reduce(staleness)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    total, count = staleness.tolist()
+    return {"bank_reencoded_rows": int(count), "bank_staleness_before_reencode": total / count if count else None,
+            "bank_reencode_seconds": round(float(seconds), 3)}
 
 
 def scl_content_source(maps: FeatureMaps):

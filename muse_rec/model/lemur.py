@@ -176,6 +176,20 @@ class TargetEncoding(nn.Module):
         gradient (`ContentEncoder.encode_for_bank`): the warm start and the refresh."""
         return self.encoder.encode_for_bank(self._content(rows))
 
+    @torch.no_grad()
+    def reencode_held(self) -> torch.Tensor:
+        """Every written bank row this rank holds re-encoded by the current encoder and stored in place,
+        in chunks of `warm_start_chunk`, without gradient and without exchange (each rank its own
+        rows, so each item is encoded once); never-written rows stay missing. Returns (2,): the sum of
+        cosine(new, cached value) over the rows re-encoded, and their count (this rank's)."""
+        count, chunk = self.writer.held_count, self.config.warm_start_chunk
+        staleness = torch.zeros(2, dtype=torch.float64, device=self.writer.stats.device)
+        for start in range(0, count, chunk):
+            positions = torch.arange(start, min(start + chunk, count), device=self.steps.device)
+            rows = self.writer.held_rows(positions)
+            staleness += self.writer.store_local(rows, self.encode_for_bank(rows), only_written=True, counted=False).to(staleness)
+        return staleness
+
     def calibrate_centring(self, rows: torch.Tensor) -> bool:
         """`ContentEncoder.calibrate_centring` on these items (the warm start's sample)."""
         return self.encoder.calibrate_centring(self._content(rows))

@@ -120,14 +120,19 @@ class BankWriter(nn.Module):
         self._store(rows, packed[:, :-1], packed[:, -1] > 0, only_written=False)
 
     @torch.no_grad()
-    def store_local(self, rows: torch.Tensor, values: torch.Tensor, only_written: bool) -> None:
-        """Store rows this rank holds (distinct), no exchange: the warm start (counted nowhere) and
-        the sweep refresh (`only_written`: a never-written row stays missing; counted as refreshed)."""
+    def store_local(self, rows: torch.Tensor, values: torch.Tensor, only_written: bool, counted: bool | None = None) -> torch.Tensor:
+        """Store rows this rank holds (distinct), no exchange: the warm start (counted nowhere), the
+        sweep refresh (`only_written`: a never-written row stays missing; counted as refreshed) and
+        the whole-bank re-encode (only_written, `counted` False: its own statistics). Returns (2,):
+        the sum of cosine(new, cached value) over the rows already written, and their count."""
         self._check_bound()
-        self._store(rows, values.float(), None if not only_written else torch.zeros_like(rows, dtype=torch.bool), only_written)
+        counted = only_written if counted is None else counted
+        return self._store(rows, values.float(), torch.zeros_like(rows, dtype=torch.bool) if counted else None, only_written)
 
-    def _store(self, rows: torch.Tensor, values: torch.Tensor, is_target: torch.Tensor | None, only_written: bool) -> None:
-        """is_target: per row, counted as a target write (True) or as a refresh (False); None: not counted."""
+    def _store(self, rows: torch.Tensor, values: torch.Tensor, is_target: torch.Tensor | None, only_written: bool) -> torch.Tensor:
+        """is_target: per row, counted as a target write (True) or as a refresh (False); None: not
+        counted. Returns (2,): cosine sum and count over the rows already written."""
+        staleness = torch.zeros(2, dtype=torch.float64, device=self.stats.device)
         for first_row, first_column, piece in self.pieces:
             local = (rows >= first_row) & (rows < first_row + piece.shape[0])
             index = rows[local].to(piece.device) - first_row
@@ -136,9 +141,11 @@ class BankWriter(nn.Module):
             known = ~missing(old)
             if only_written:
                 new = torch.where(known.unsqueeze(-1), new, old)
-            if first_column == 0 and is_target is not None:  # count each item once, on the piece holding its first columns
-                target = is_target[local].to(piece.device)
+            if first_column == 0:  # count each item once, on the piece holding its first columns
                 cosine = F.cosine_similarity(new, old, dim=-1)
+                staleness += torch.stack([(cosine * known).sum(), known.sum()]).to(staleness)
+            if first_column == 0 and is_target is not None:
+                target = is_target[local].to(piece.device)
                 self._add("written_items", target.sum())
                 self._add("target_items_known", (known & target).sum())
                 self._add("staleness_sum", (cosine * (known & target)).sum())
@@ -146,6 +153,7 @@ class BankWriter(nn.Module):
                 self._add("refreshed_items", (known & ~target).sum())
                 self._add("refresh_staleness_sum", (cosine * (known & ~target)).sum())
             piece[index] = new.to(piece.dtype)
+        return staleness
 
     def _check_bound(self) -> None:
         if self.pieces is None:

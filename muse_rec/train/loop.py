@@ -35,7 +35,7 @@ from muse_rec.distributed.memory_bank import bind_memory_bank, gather_bank_metri
 from muse_rec.distributed.planning import load_plan
 from muse_rec.distributed.table_weights import init_trainable_tables, load_scl_table
 from muse_rec.distributed.sharding import ShardedModel, shard_model
-from muse_rec.distributed.warm_start import scl_content_source, warm_start_bank
+from muse_rec.distributed.warm_start import reencode_bank, scl_content_source, warm_start_bank
 from muse_rec.model.factory import make_model
 from muse_rec.model.lemur import TargetEncoding
 from muse_rec.batch import batch_layout
@@ -172,6 +172,8 @@ def train(config: Config, progress: bool = True) -> dict:
             shown_loss = f"{value:.4f}"
             writer.write({"step": done, "loss": value, "samples_per_second": rate, **gather_bank_metrics(sharded.model)})
         bar.set_postfix(loss=shown_loss, samples_per_s=f"{rate:,.0f}")
+        if reencodes(config, done, steps):  # before the checkpoint: a saved bank is the saved encoder's
+            writer.write({"step": done, **reencode_bank(sharded.model)})
         if done == steps or (config.train.checkpoint_every and done % config.train.checkpoint_every == 0):
             _checkpoint(config, sharded, runtime, out, run, done)
     pipeline.detach()  # restore the modules' own forwards for evaluation
@@ -181,6 +183,16 @@ def train(config: Config, progress: bool = True) -> dict:
     if runtime.rank == 0:
         log.info("run directory: %s (%s, %s, checkpoints/)", out.resolve(), METRICS, CONFIG)
     return {**metrics, "rank": runtime.rank}
+
+
+def reencodes(config: Config, done: int, steps: int) -> bool:
+    """Whether lemur re-encodes its whole bank after training step `done` of `steps`
+    (`model.lemur.reencode_every`, `reencode_before_eval`): a function of the step alone, so a
+    resumed run re-encodes where the uninterrupted one did."""
+    if config.model.method != "lemur":
+        return False
+    lemur = config.model.lemur
+    return bool(lemur.reencode_every and done % lemur.reencode_every == 0) or (lemur.reencode_before_eval and done == steps)
 
 
 def real_rows_per_step(dataset: ShardDataset, world_size: int) -> list[int]:

@@ -294,6 +294,30 @@ def test_oldest_refresh_sweeps_the_held_rows_in_turn_and_leaves_missing_rows_mis
     assert bank_metrics(model.pop_bank_stats())["bank_refreshed_rows"] == len(set(range(1, 61)) | (targets & set(range(1, 75))))
 
 
+def test_whole_bank_reencode_rewrites_every_written_held_row_with_the_current_encoder(synthetic_root):
+    model, batch = make(synthetic_root, "model.lemur.warm_start_chunk=37")  # chunks that do not divide the rows held
+    model.targets.calibrate_centring(torch.arange(1, 200))
+    with torch.no_grad():  # rows 1..80 in the bank with values no encoder gives; the rest missing
+        bank_weight(model)[1:81] = torch.randn(80, 128)
+    cached = bank_weight(model).detach().clone()
+    model.pop_bank_stats()
+    staleness = model.targets.reencode_held()
+    weight = bank_weight(model).detach()
+    rows = torch.arange(1, 81)
+    fresh = model.targets.encode_for_bank(rows)
+    torch.testing.assert_close(weight[rows], fresh)  # every written row: the current encoder's value
+    assert not weight[81:].any() and not weight[0].any()  # a never-written row stays missing
+    assert staleness[1] == 80
+    torch.testing.assert_close(staleness[0], F.cosine_similarity(fresh, cached[rows], dim=-1).double().sum())
+    assert not model.pop_bank_stats().any()  # counted apart from the targets' and the refresh's statistics
+    with torch.no_grad():  # the encoder moves: the next re-encode follows it
+        for p in model.targets.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    staleness = model.targets.reencode_held()
+    torch.testing.assert_close(bank_weight(model).detach()[rows], model.targets.encode_for_bank(rows))
+    assert staleness[0] / staleness[1] < 1
+
+
 def test_draws_need_no_host_read_of_the_step(synthetic_root):
     """The p / q draws are computed from the step counter on its device: a step count that cannot be
     read on the host (a meta tensor) still draws."""

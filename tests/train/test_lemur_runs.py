@@ -7,7 +7,10 @@
 - end to end with the warm start and the most-read refresh: the warm start's cost is logged in
   metrics.jsonl, coverage stays at 1, and a run resumed from a mid-epoch checkpoint ends with
   exactly the weights and bank of the uninterrupted run (the p / q draws, the refresh and the
-  encoder's centring follow the checkpointed state, the same on every rank)."""
+  encoder's centring follow the checkpointed state, the same on every rank);
+- the whole-bank re-encode (reencode_every, reencode_before_eval): logged at the steps it runs,
+  and the final checkpoint's bank is the final encoder's value of every written item.
+"""
 from __future__ import annotations
 
 import json
@@ -126,3 +129,24 @@ def test_end_to_end_run_with_warm_start_and_refresh_resumes_exactly(data, tmp_pa
     assert expected.keys() == found.keys()
     for key in expected:
         torch.testing.assert_close(found[key], expected[key], atol=0, rtol=0, msg=key)
+
+
+def test_whole_bank_reencode_every_n_steps_and_before_evaluation(data, tmp_path):
+    run = tmp_path / "reencode"
+    records = train(data, run, "model.lemur.refresh_rows=0", "model.lemur.reencode_every=2", "model.lemur.reencode_before_eval=true",
+                    "optim.encoder_lr=0.01")  # a fast encoder: the bank would go stale between the re-encodes
+    steps = records[-1]["step"]
+    reencodes = [r for r in records if "bank_reencoded_rows" in r]
+    expected = sorted(set(range(2, steps + 1, 2)) | {steps})
+    assert [r["step"] for r in reencodes] == expected
+    warm = records[0]["warm_start_items"]
+    assert all(r["bank_reencoded_rows"] == warm and r["bank_reencode_seconds"] >= 0 for r in reencodes)  # every written row, once
+    assert all(0 < r["bank_staleness_before_reencode"] < 1 for r in reencodes)
+    state = final_state(run)
+    items = FeatureMaps.load(DatasetLayout(data), "p90").of_column(schema.TARGET_ITEM)
+    tokens = torch.from_numpy(load_content_tokens(DatasetLayout(data), items, 8))
+    written = state[BANK].abs().sum(dim=1) > 0
+    assert int(written.sum()) == warm
+    with torch.no_grad():
+        expected_values = encoder_of(state, data)(tokens[written])
+    torch.testing.assert_close(state[BANK][written], expected_values, atol=1e-5, rtol=1e-4)  # evaluation reads the final encoder
