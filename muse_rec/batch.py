@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -225,11 +226,7 @@ def per_impression_cells(batch: Batch) -> Batch:
     `top_cells`): the plain layout of the kept cells, which the distinct-row one is tested against."""
     if not batch.top_cells:
         return batch
-    jagged = dict(batch.sequence_features.to_dict())  # a copy: the KJT caches the dict it returns
-    for key in batch.top_cells:
-        rows = batch.sequence(key)
-        jagged[key] = JaggedTensor(values=rows.reshape(-1), lengths=torch.full_like(jagged[key].lengths(), rows.shape[1]))
-    return dataclasses.replace(batch, sequence_features=KeyedJaggedTensor.from_jt_dict(jagged), top_cells={})
+    return dataclasses.replace(batch, sequence_features=_per_impression_kjt(batch, batch.sequence_features, batch.top_cells), top_cells={})
 
 
 def per_impression_histories(batch: Batch) -> Batch:
@@ -239,22 +236,22 @@ def per_impression_histories(batch: Batch) -> Batch:
     batch = per_impression_cells(batch)
     if not batch.num_histories:
         return batch
-
-    def expand(kjt: KeyedJaggedTensor | None) -> KeyedJaggedTensor | None:
-        if kjt is None:
-            return None
-        jagged = dict(kjt.to_dict())  # a copy: the KJT caches the dict it returns
-        for key in HISTORY_FEATURES:
-            if key in jagged:
-                rows = batch.sequence(key)
-                jagged[key] = JaggedTensor(values=rows.reshape(-1), lengths=torch.full_like(jagged[key].lengths(), rows.shape[1]))
-        return KeyedJaggedTensor.from_jt_dict(jagged)
-
     size = batch.batch_size
     return dataclasses.replace(
         batch,
-        sequence_features=expand(batch.sequence_features),
-        scl_features=expand(batch.scl_features),
+        sequence_features=_per_impression_kjt(batch, batch.sequence_features, HISTORY_FEATURES),
+        scl_features=None if batch.scl_features is None else _per_impression_kjt(batch, batch.scl_features, HISTORY_FEATURES),
         history_of_row=torch.arange(size, device=batch.history_of_row.device),
         num_histories=size,
     )
+
+
+def _per_impression_kjt(batch: Batch, kjt: KeyedJaggedTensor, keys: Iterable[str]) -> KeyedJaggedTensor:
+    """`kjt` with each of `keys` it holds stored per impression: `batch.sequence(key)`, a (B, length)
+    block of rows, as length values for each of the B samples."""
+    jagged = dict(kjt.to_dict())  # a copy: the KJT caches the dict it returns
+    for key in keys:
+        if key in jagged:
+            rows = batch.sequence(key)
+            jagged[key] = JaggedTensor(values=rows.reshape(-1), lengths=torch.full_like(jagged[key].lengths(), rows.shape[1]))
+    return KeyedJaggedTensor.from_jt_dict(jagged)
