@@ -252,7 +252,7 @@ def evaluation_rate(model, batches, device: torch.device, steps: int, barrier, n
         barrier()
         seconds = now() - start
     model.train()
-    return {"steps": steps, "samples": rows, "seconds": round(seconds, 3)}
+    return {"steps": steps, "samples": rows, "seconds": seconds}  # unrounded: samples/s divides by it
 
 
 def plan_summary(plan) -> dict:
