@@ -12,8 +12,8 @@ lemur_synthetic.yaml as it is: warm start, refresh, encoder learning rate) and i
 whole test split, GAUC with its bootstrap SE over test users:
 - DIN: the short sequence alone, the floor every long-sequence arm should clear.
 - MUSE: configs/muse.yaml, frozen SCL vectors in the GSU and ESU.
-- two-stage, as the paper runs it: stage 1 trains the encoder on the contrastive loss alone
-  (ranking_weight 0, contrastive_weight 1, one epoch); stage 2 freezes it (train_encoder false,
+- two-stage, as the paper runs it: stage 1 trains the encoder on the contrastive losses alone
+  (ranking_weight 0, contrastive_weight 1, and the yaml's co-occurrence loss; one epoch); stage 2 freezes it (train_encoder false,
   encoder_checkpoint), encodes every item of the item table once into the bank (warm_start
   all_items: 100 % coverage) and reads every target and history item from there (p = 0, no
   refresh) while the ranker trains on clicks.
@@ -26,7 +26,7 @@ refresh (the bank holds past targets only), no refresh, the sweep refresh instea
 one, the encoder at 5e-4 and at the dense learning rate (staleness; no re-encode), the encoder at the dense
 learning rate with the whole bank re-encoded every 5 steps and before evaluation (a fresh bank:
 is it staleness or the representation?), the whole bank re-encoded before evaluation, and every
-10 steps too, the ranker's gradient stopped at the
+10 steps too, the co-occurrence loss off end to end, the ranker's gradient stopped at the
 target, two more gradient paths from the ranking loss into the encoder (the sorted-similarity
 feature, a soft SimTier), a smaller and a larger encoder (these two from a random encoder: the
 stage-1 checkpoint has another shape). `--ablations NAMES` runs only those named.
@@ -127,6 +127,7 @@ ABLATIONS = {
     "reencode_before_eval": ("whole bank re-encoded before evaluation", ["model.lemur.reencode_before_eval=true"]),
     "reencode_every_10": ("whole bank re-encoded every 10 steps and before evaluation",
                           ["model.lemur.reencode_every=10", "model.lemur.reencode_before_eval=true"]),
+    "no_cooccurrence": ("no co-occurrence loss end to end (the pretraining kept it)", ["model.lemur.cooccurrence_weight=0"]),
     "stop_gradient": ("stop-gradient: the ranker reads the target detached", ["model.lemur.ranker_gradient=false"]),
     "sorted_similarities": ("+ sorted-similarity feature (top 50 cosines to the tower)", ["model.lemur.sorted_similarities=50"]),
     "soft_simtier": ("+ soft SimTier (gradient through the similarity histogram)", ["model.lemur.soft_simtier=true"]),

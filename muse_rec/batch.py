@@ -84,6 +84,9 @@ class BatchLayout:
     keep_top: int = 50
     short_seq_len: int = 50
     scl_features: tuple[str, ...] = SCL_FEATURES
+    cooccurrence_pairs: int = 0
+    """Anchors drawn per distinct history for lemur's co-occurrence pairs (`Batch.cooccurrence`); 0: none."""
+    cooccurrence_min_cosine: float = 0.5
 
     @property
     def cosines(self) -> bool:
@@ -119,9 +122,17 @@ def batch_layout(config: ModelConfig) -> BatchLayout:
     """The layout the model of `config` reads."""
     if config.stage == "model":
         scl = SCL_FEATURES if reads_scl_sequence(config) else (schema.SCL_TARGET,)
-        return BatchLayout("all", config.keep_top, config.short_seq_len, scl)
+        return _with_pairs(BatchLayout("all", config.keep_top, config.short_seq_len, scl), config)
     long: Selection = {"muse": "muse", "sim_hard": "sim_hard", "din": "none"}.get(config.method, "all")
-    return BatchLayout(long, config.keep_top, config.short_seq_len, ())
+    return _with_pairs(BatchLayout(long, config.keep_top, config.short_seq_len, ()), config)
+
+
+def _with_pairs(layout: BatchLayout, config: ModelConfig) -> BatchLayout:
+    """lemur training its encoder with a co-occurrence loss: the loader draws the pairs."""
+    lemur = config.lemur
+    if config.method != "lemur" or lemur.cooccurrence_weight == 0 or not lemur.train_encoder:
+        return layout
+    return dataclasses.replace(layout, cooccurrence_pairs=lemur.cooccurrence_pairs, cooccurrence_min_cosine=lemur.cooccurrence_min_cosine)
 
 
 @dataclass
@@ -140,6 +151,9 @@ class Batch(Pipelineable):
     top_cells: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     # int64 (B, K) per DISTINCT_ROW_FEATURES key stored as distinct rows: each kept cell's index
     # among that feature's values; empty when the batch holds its cells per impression, or none
+    cooccurrence: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.int64))
+    # int64 (P, 3): lemur's co-occurrence pairs (`muse_rec.data.cooccurrence`): anchor item row,
+    # positive item row, distinct history; P = 0 unless model.lemur.cooccurrence_weight > 0
 
     @property
     def batch_size(self) -> int:
@@ -185,6 +199,7 @@ class Batch(Pipelineable):
             history_of_row=tensor_op(self.history_of_row),
             num_histories=self.num_histories,
             top_cells={key: tensor_op(cells) for key, cells in self.top_cells.items()},
+            cooccurrence=tensor_op(self.cooccurrence),
         )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
@@ -194,7 +209,7 @@ class Batch(Pipelineable):
         for kjt in (self.id_features, self.sequence_features, self.scl_features):
             if kjt is not None:
                 kjt.record_stream(stream)
-        for tensor in (self.labels, self.weights, self.user_ids, self.top_cosines, self.short_cosines, self.history_of_row, *self.top_cells.values()):
+        for tensor in (self.labels, self.weights, self.user_ids, self.top_cosines, self.short_cosines, self.history_of_row, self.cooccurrence, *self.top_cells.values()):
             tensor.record_stream(stream)
 
     def pin_memory(self) -> "Batch":

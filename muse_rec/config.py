@@ -147,6 +147,24 @@ class LemurConfig:
         at_least=0,
     )
     contrastive_scale: float = option(50.0, "Scale of the cosine logits of the contrastive loss (the paper's 50).", at_least=0)
+    cooccurrence_weight: float = option(
+        0.0,
+        "Weight of the co-occurrence InfoNCE between history items (0: off). The loader pairs items of one history: "
+        "`cooccurrence_pairs` positions of each distinct history, each with the other item of that history whose "
+        "frozen SCL vector is closest (cosine >= cooccurrence_min_cosine); the encoder encodes both with gradient and "
+        "learns to put them together, the other pairs of the batch as negatives (pairs of the same history masked "
+        "out). Users' histories are where the data says which items belong together, and the bank's reads of them "
+        "carry no gradient: without this the encoder learns from clicked targets alone (benchmarks/lemur.py).",
+        at_least=0,
+    )
+    cooccurrence_pairs: int = option(32, "Positions of each distinct history the loader draws as anchors of co-occurrence pairs.", at_least=1)
+    cooccurrence_min_cosine: float = option(
+        0.5,
+        "An anchor is paired only if the history holds another item whose SCL cosine with it reaches this (items of "
+        "one semantic cluster: about 0.73 on the synthetic set; of sibling clusters 0.26); items without an SCL "
+        "vector are never drawn.",
+        at_least=-1, at_most=1,
+    )
     ranking_weight: float = option(1.0, "Weight of the click loss (0 with contrastive only: the two-stage pretraining).", at_least=0)
     train_encoder: bool = option(
         True,

@@ -42,6 +42,7 @@ from muse_rec.batch import DISTINCT_ROW_FEATURES, HISTORY_FEATURES, ID_FEATURES,
 from muse_rec.config import DataConfig
 from muse_rec.data import gsu, schema
 from muse_rec.data.checks import check_aligned, check_columns, check_total_rows, clicks_from_labels, dense_list, open_parquet
+from muse_rec.data.cooccurrence import cooccurring_pairs
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.errors import DataError
@@ -145,6 +146,8 @@ def batch_order(num_batches: int, num_workers: int) -> np.ndarray:
 
 # -- decoding: one row group -> remapped, padded arrays -------------------------------------------
 _SCALAR_COLUMNS = (*ID_FEATURES, schema.TARGET_ITEM, schema.TARGET_CATE)
+_PAIR_STREAM = 0x5C0CC
+"""First word of the seed of the co-occurrence pairs' draws (the second: the batch's first row)."""
 
 
 @dataclass
@@ -292,12 +295,19 @@ def assemble_batch(
     long_len: int,
     layout: BatchLayout = BatchLayout(),
     scl_values: np.ndarray | None = None,
+    seed: int = 0,
 ) -> Batch:
     """Gather rows (pieces of decoded row groups, in order) into one `Batch` laid out as `layout`.
     What depends on the history alone (`muse_rec.batch.HISTORY_FEATURES`: the whole long sequence,
     or the last S positions at gsu_stage loader) is carried once per distinct history of the batch.
     Where the layout carries SCL cosines (gsu_stage loader), the GSU runs here on `scl_values`,
-    the memory-mapped int8 values file (`muse_rec.data.gsu`)."""
+    the memory-mapped int8 values file (`muse_rec.data.gsu`); so do lemur's co-occurrence pairs
+    (`muse_rec.data.cooccurrence`), drawn from `seed` (the batch's first row: the same pairs
+    whatever the workers, and on resume)."""
+    if layout.cooccurrence_pairs and scl_values is None:
+        raise ValueError("a batch layout with co-occurrence pairs needs the SCL values")
+    rng = np.random.default_rng([_PAIR_STREAM, seed]) if layout.cooccurrence_pairs else None
+    pairs = [np.zeros((0, 3), np.int64)]
     size = sum(len(rows) for _, rows in pieces)
     # each piece's distinct decoded sequences, and each row's index among them
     distinct = [np.unique(decoded.sequence_of_row[rows], return_inverse=True) for decoded, rows in pieces]
@@ -324,6 +334,11 @@ def assemble_batch(
                 np.take(source, sequences, axis=0, out=history_features[key][history_part])
         per_row = {key: f[part] for key, f in features.items() if key not in HISTORY_FEATURES}
         _fill_sequences(decoded, rows, layout, scl_values, per_row, top_cosines[part], short_cosines[part])
+        if rng is not None:
+            anchors, positives, history = cooccurring_pairs(
+                scl_values, decoded.scl[sequences], decoded.items[sequences], layout.cooccurrence_pairs, layout.cooccurrence_min_cosine, rng
+            )
+            pairs.append(np.stack([anchors, positives, first_history + history], axis=1))
         at, first_history = at + len(rows), first_history + len(sequences)
     top_cells = {key: features[key] for key in DISTINCT_ROW_FEATURES if key in features}
     if top_cells:
@@ -340,6 +355,7 @@ def assemble_batch(
         history_of_row=torch.from_numpy(history_of_row),
         num_histories=histories,
         top_cells=top_cells,
+        cooccurrence=torch.from_numpy(np.concatenate(pairs)),
     )
 
 
@@ -480,7 +496,7 @@ class ShardDataset(IterableDataset):
                 pieces.append((decoded, np.full(spec.padding, last)))
             weights = np.ones(spec.stop - spec.start + spec.padding, np.float32)
             weights[spec.stop - spec.start :] = 0.0
-            yield assemble_batch(pieces, weights, self.config.long_seq_len, self.layout, self.maps.scl.values)
+            yield assemble_batch(pieces, weights, self.config.long_seq_len, self.layout, self.maps.scl.values, seed=spec.start)
 
 
 class _RowGroupReader:

@@ -118,14 +118,26 @@ class TargetEncoding(nn.Module):
         """Seed of the p / q draws (give each rank its own); step s draws from seed and s alone."""
         self.draw_seed = seed
 
+    @property
+    def encodes_pairs(self) -> bool:
+        """Whether training encodes the co-occurrence pairs (`cooccurrence_weight` > 0, encoder trained)."""
+        return self.config.cooccurrence_weight > 0 and self.config.train_encoder
+
     def forward(
-        self, rows: torch.Tensor, scl: torch.Tensor, weights: torch.Tensor, history_rows: torch.Tensor, history_scl: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """rows (B,) target item rows, scl (B, 128) their SCL vectors, weights (B,) (0 = padding row).
+        self, rows: torch.Tensor, scl: torch.Tensor, weights: torch.Tensor, history_rows: torch.Tensor, history_scl: torch.Tensor,
+        pairs: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rows (B,) target item rows, scl (B, 128) their SCL vectors, weights (B,) (0 = padding row),
+        pairs (P, 3) the co-occurrence pairs (`Batch.cooccurrence`).
         Returns the encoded targets (B, 128; zero where not encoded), which were encoded (B,) bool,
-        which could be (B,) bool: a real item of a real sample (the rest read the bank), and with
-        `history_source: encoder` the encoded history (B, L, 128) (else an empty tensor)."""
+        which could be (B,) bool: a real item of a real sample (the rest read the bank), with
+        `history_source: encoder` the encoded history (B, L, 128) (else an empty tensor), and in
+        training with `encodes_pairs` the pairs' representations (P, 2, 128), with gradient (else
+        empty). Pairs are encoded first, so the step's centring mean, committed at the end, has them."""
         c = self.config
+        pair_values = scl.new_zeros(0, 2, OUTPUT_DIM)
+        if self.training and self.encodes_pairs:
+            pair_values = self._encode_items(pairs[:, :2].reshape(-1)).view(-1, 2, OUTPUT_DIM)
         target = scl.new_zeros(rows.numel(), OUTPUT_DIM)
         encodable = (rows != 0) & (weights > 0)
         if not self.training:
@@ -152,7 +164,7 @@ class TargetEncoding(nn.Module):
             history = (flat * (history_rows.reshape(-1, 1) != 0)).view(*history_rows.shape, OUTPUT_DIM)
         if self.training and self.centring is not None:  # collective: every rank, once a training step
             self.centring.commit(self.reduce)
-        return target, encoded, encodable, history
+        return target, encoded, encodable, history, pair_values
 
     def encode(self, rows: torch.Tensor, scl: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Representations (N, 128) of items `rows` (N,), each distinct item encoded once, and the
@@ -189,6 +201,13 @@ class TargetEncoding(nn.Module):
             rows = self.writer.held_rows(positions)
             staleness += self.writer.store_local(rows, self.encode_for_bank(rows), only_written=True, counted=False).to(staleness)
         return staleness
+
+    def _encode_items(self, rows: torch.Tensor) -> torch.Tensor:
+        """Representations (N, 128) of item rows (N,) from the item content, with gradient (the
+        co-occurrence pairs), each distinct item encoded once; in training centred by their batch's
+        mean like the targets."""
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        return self.encoder(self._content(unique))[inverse]
 
     def calibrate_centring(self, rows: torch.Tensor) -> bool:
         """`ContentEncoder.calibrate_centring` on these items (the warm start's sample)."""
@@ -306,6 +325,28 @@ class InBatchContrastive(nn.Module):
         return loss / max(len(clicked), 1)  # no clicked row: 0, with every parameter still in the graph
 
 
+class CooccurrenceContrastive(nn.Module):
+    """InfoNCE between the two items of each co-occurrence pair (`muse_rec.data.cooccurrence`):
+    anchor against every pair's positive, the other pairs of the same history masked out of the
+    negatives (they may be its cluster-mates too)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, values: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """values (P, 2, 128): anchor and positive representations (`TargetEncoding`), history (P,)
+        the distinct history of each pair. Returns the mean loss (0 for P = 0, with the encoder
+        still in the graph)."""
+        if values.shape[0] == 0:
+            return values.sum() * 0.0
+        z = F.normalize(values, dim=-1)
+        logits = self.scale * z[:, 0] @ z[:, 1].T
+        diagonal = torch.eye(len(history), dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill((history.unsqueeze(0) == history.unsqueeze(1)) & ~diagonal, float("-inf"))
+        return F.cross_entropy(logits, torch.arange(len(history), device=logits.device))
+
+
 class LemurModel(MuseModel):
     """`MuseModel`'s tables and dense arch, plus the content encoder, the bank table and the
     contrastive head. Same forward contract: `(loss, (loss, scores, labels, weights, user_ids))`.
@@ -336,6 +377,7 @@ class LemurModel(MuseModel):
         self.sorted_similarities = SortedSimilarities(lemur.sorted_similarities)
         user_dim = 3 * config.embedding_dim + 3 * config.embedding_dim // 2
         self.contrastive = InBatchContrastive(user_dim, lemur.contrastive_scale)
+        self.cooccurrence = CooccurrenceContrastive(lemur.contrastive_scale)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         c = self.config.lemur
@@ -343,7 +385,9 @@ class LemurModel(MuseModel):
         rows = batch.sequence_features.to_dict()
         history_rows = batch.per_impression(rows[schema.HIST_ITEMS].values())
         target_rows = rows[schema.TARGET_ITEM].values()
-        encoded_target, encoded, encodable, encoded_history = self.targets(target_rows, target_scl, batch.weights, history_rows, history_scl)
+        encoded_target, encoded, encodable, encoded_history, pairs = self.targets(
+            target_rows, target_scl, batch.weights, history_rows, history_scl, batch.cooccurrence
+        )
         bank = self.bank_table(batch.sequence_features)  # after the write: this step's targets are in
         bank_target = bank[schema.TARGET_ITEM].values().detach().float()
         if c.history_source == "bank":
@@ -363,6 +407,8 @@ class LemurModel(MuseModel):
         ranking, scores = two_class_loss_and_prob(self.dense(self.retrieval(full), extra), batch.labels, batch.weights)
         contrastive = self.contrastive(full.user, history, target, batch.labels, batch.weights, batch.user_ids)
         loss = c.ranking_weight * ranking + c.contrastive_weight * contrastive
+        if self.training and self.targets.encodes_pairs:
+            loss = loss + c.cooccurrence_weight * self.cooccurrence(pairs, batch.cooccurrence[:, 2])
         return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights, batch.user_ids)
 
     @staticmethod

@@ -18,7 +18,7 @@ from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset
 from muse_rec.distributed.table_weights import local_pieces
 from muse_rec.model.encoder import ContentEncoder
-from muse_rec.model.lemur import InBatchContrastive, LemurModel, TargetEncoding
+from muse_rec.model.lemur import CooccurrenceContrastive, InBatchContrastive, LemurModel, TargetEncoding
 from muse_rec.model.memory_bank import bank_metrics
 from muse_rec.batch import batch_layout
 from muse_rec.model.tower import tower_input_dim
@@ -213,6 +213,31 @@ def test_contrastive_masks_other_rows_of_the_same_user():
     logits[0, 1] = logits[1, 0] = float("-inf")  # rows 0 and 1 are the same user
     expected = F.cross_entropy(logits, torch.arange(3))
     torch.testing.assert_close(loss, expected)
+
+
+def test_cooccurrence_contrastive_masks_other_pairs_of_the_same_history():
+    torch.manual_seed(0)
+    values, history = torch.randn(4, 2, 128), torch.tensor([0, 0, 1, 2])
+    z = F.normalize(values, dim=-1)
+    logits = 5.0 * z[:, 0] @ z[:, 1].T
+    logits[0, 1] = logits[1, 0] = float("-inf")  # pairs 0 and 1 come from one history
+    torch.testing.assert_close(CooccurrenceContrastive(5.0)(values, history), F.cross_entropy(logits, torch.arange(4)))
+
+
+def test_cooccurrence_pairs_alone_train_the_encoder(synthetic_root):
+    only_pairs = ["model.lemur.ranking_weight=0", "model.lemur.contrastive_weight=0", "model.lemur.cooccurrence_weight=1",
+                  "model.lemur.cooccurrence_min_cosine=0.3"]
+    model, batch = make(synthetic_root, *only_pairs)
+    assert len(batch.cooccurrence) > 0
+    loss = model(batch)[0]
+    assert loss > 0
+    loss.backward()
+    assert encoder_grad_norm(model) > 0  # the other losses weigh 0: the pairs alone
+    model.zero_grad()
+    empty = dataclasses.replace(batch, cooccurrence=batch.cooccurrence[:0])
+    loss = model(empty)[0]
+    loss.backward()  # no pair: a zero loss with the encoder still in the graph (DDP)
+    assert float(loss.detach()) == 0 and all(p.grad is not None for p in model.targets.encoder.parameters())
 
 
 def test_synthetic_titles_name_the_true_cluster(synthetic_root):

@@ -6,8 +6,9 @@
   frozen encoder's output for every item;
 - end to end with the warm start and the most-read refresh: the warm start's cost is logged in
   metrics.jsonl, coverage stays at 1, and a run resumed from a mid-epoch checkpoint ends with
-  exactly the weights and bank of the uninterrupted run (the p / q draws, the refresh and the
-  encoder's centring follow the checkpointed state, the same on every rank);
+  exactly the weights and bank of the uninterrupted run (the p / q draws, the refresh, the
+  co-occurrence pairs and the encoder's centring follow the checkpointed state or the batch, the
+  same on every rank);
 - the whole-bank re-encode (reencode_every, reencode_before_eval): logged at the steps it runs,
   and the final checkpoint's bank is the final encoder's value of every written item.
 """
@@ -105,7 +106,8 @@ def test_two_stage_reads_every_target_and_history_item_from_the_bank(two_stage):
 
 
 def test_end_to_end_run_with_warm_start_and_refresh_resumes_exactly(data, tmp_path):
-    refresh = ["model.lemur.refresh_rows=30", "model.lemur.refresh_policy=most_read", "train.checkpoint_every=2", "train.keep_checkpoints=10"]
+    refresh = ["model.lemur.refresh_rows=30", "model.lemur.refresh_policy=most_read", "train.checkpoint_every=2", "train.keep_checkpoints=10",
+               "model.lemur.cooccurrence_weight=1"]  # the loader's pairs follow the batch alone
     whole = tmp_path / "whole"
     records = train(data, whole, *refresh)
     warm = records[0]
