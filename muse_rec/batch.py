@@ -130,7 +130,7 @@ def batch_layout(config: ModelConfig) -> BatchLayout:
 def _with_pairs(layout: BatchLayout, config: ModelConfig) -> BatchLayout:
     """lemur training its encoder with a co-occurrence loss: the loader draws the pairs."""
     lemur = config.lemur
-    if config.method != "lemur" or lemur.cooccurrence_weight == 0 or not lemur.train_encoder:
+    if config.method != "lemur" or not lemur.trains_on_pairs:
         return layout
     return dataclasses.replace(layout, cooccurrence_pairs=lemur.cooccurrence_pairs, cooccurrence_min_cosine=lemur.cooccurrence_min_cosine)
 

@@ -249,6 +249,11 @@ class LemurConfig:
         "encoder", "Evaluation: encode the target items, or score from the bank alone (no encoder run at all)."
     )
 
+    @property
+    def trains_on_pairs(self) -> bool:
+        """Whether training draws and encodes co-occurrence pairs: a weight > 0 and an encoder to train."""
+        return self.cooccurrence_weight > 0 and self.train_encoder
+
 
 @dataclass
 class ModelConfig:

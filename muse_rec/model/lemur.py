@@ -118,11 +118,6 @@ class TargetEncoding(nn.Module):
         """Seed of the p / q draws (give each rank its own); step s draws from seed and s alone."""
         self.draw_seed = seed
 
-    @property
-    def encodes_pairs(self) -> bool:
-        """Whether training encodes the co-occurrence pairs (`cooccurrence_weight` > 0, encoder trained)."""
-        return self.config.cooccurrence_weight > 0 and self.config.train_encoder
-
     def forward(
         self, rows: torch.Tensor, scl: torch.Tensor, weights: torch.Tensor, history_rows: torch.Tensor, history_scl: torch.Tensor,
         pairs: torch.Tensor,
@@ -132,11 +127,11 @@ class TargetEncoding(nn.Module):
         Returns the encoded targets (B, 128; zero where not encoded), which were encoded (B,) bool,
         which could be (B,) bool: a real item of a real sample (the rest read the bank), with
         `history_source: encoder` the encoded history (B, L, 128) (else an empty tensor), and in
-        training with `encodes_pairs` the pairs' representations (P, 2, 128), with gradient (else
+        training with `LemurConfig.trains_on_pairs` the pairs' representations (P, 2, 128), with gradient (else
         empty). Pairs are encoded first, so the step's centring mean, committed at the end, has them."""
         c = self.config
         pair_values = scl.new_zeros(0, 2, OUTPUT_DIM)
-        if self.training and self.encodes_pairs:
+        if self.training and c.trains_on_pairs:
             pair_values = self._encode_items(pairs[:, :2].reshape(-1)).view(-1, 2, OUTPUT_DIM)
         target = scl.new_zeros(rows.numel(), OUTPUT_DIM)
         encodable = (rows != 0) & (weights > 0)
@@ -407,7 +402,7 @@ class LemurModel(MuseModel):
         ranking, scores = two_class_loss_and_prob(self.dense(self.retrieval(full), extra), batch.labels, batch.weights)
         contrastive = self.contrastive(full.user, history, target, batch.labels, batch.weights, batch.user_ids)
         loss = c.ranking_weight * ranking + c.contrastive_weight * contrastive
-        if self.training and self.targets.encodes_pairs:
+        if self.training and c.trains_on_pairs:
             loss = loss + c.cooccurrence_weight * self.cooccurrence(pairs, batch.cooccurrence[:, 2])
         return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights, batch.user_ids)
 
