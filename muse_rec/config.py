@@ -329,6 +329,12 @@ class TrainConfig:
     out: str = option("runs/muse", "Run directory: checkpoints, metrics.jsonl, the resolved config.")
     log_every: int = option(50, "Steps between metric lines in metrics.jsonl.", at_least=1)
     eval_batch_size: int = option(1000, "Samples per evaluation batch on each rank.", at_least=1)
+    save_eval_scores: bool = option(
+        False,
+        "Evaluation: rank 0 writes every evaluated row (user ID, score, label; 13 bytes a row) to eval_scores.npz in "
+        "train.out (or beside the checkpoint for `muse-rec eval`), so two runs on the same test split can be compared "
+        "paired (muse_rec.train.metrics.paired_gauc_difference; benchmarks/lemur.py) or analysed offline.",
+    )
     eval_gauc_se_draws: int = option(
         0,
         "Evaluation: resamples of the test users behind gauc_bootstrap_se, the bootstrap standard error of the GAUC "

@@ -45,6 +45,8 @@ from muse_rec.train.metrics import EvalAccumulator
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+EVAL_SCORES = "eval_scores.npz"
+"""Every evaluated row (user ID, score, label), with `train.save_eval_scores` (`metrics.EvalRows`)."""
 CONFIG = "config.yaml"
 
 
@@ -178,7 +180,7 @@ def train(config: Config, progress: bool = True) -> dict:
             _checkpoint(config, sharded, runtime, out, run, done)
     pipeline.detach()  # restore the modules' own forwards for evaluation
     gather_bank_metrics(sharded.model)  # evaluation reports its own bank reads
-    metrics = evaluate(sharded, config, maps, runtime, progress)
+    metrics = evaluate(sharded, config, maps, runtime, progress, out / EVAL_SCORES)
     writer.write({"step": steps, "split": "test", **metrics})
     if runtime.rank == 0:
         log.info("run directory: %s (%s, %s, checkpoints/)", out.resolve(), METRICS, CONFIG)
@@ -230,10 +232,10 @@ def _prepare_run_dir(out: Path, config: Config, writer: MetricsWriter, resumed: 
 
 
 def _set_aside_earlier_run(out: Path) -> None:
-    """Move an earlier run's checkpoints, log and config into `out/prev-run-<time>/`, deleting
+    """Move an earlier run's checkpoints, log, evaluated rows and config into `out/prev-run-<time>/`, deleting
     nothing: the log would otherwise be appended to and the config overwritten, and this run's saves
     would prune the checkpoints, or keep the longer earlier run's in place of its own."""
-    earlier = [out / name for name in (checkpoint.checkpoint_root(out).name, METRICS, CONFIG) if (out / name).exists()]
+    earlier = [out / name for name in (checkpoint.checkpoint_root(out).name, METRICS, EVAL_SCORES, CONFIG) if (out / name).exists()]
     if all(path.name == CONFIG for path in earlier):
         return  # a config alone: the earlier run neither logged nor saved
     aside = out / f"prev-run-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -255,7 +257,7 @@ def evaluate_checkpoint(path: Path, overrides: list[str], progress: bool = True)
     maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab, strict=config.data.strict)
     sharded = build_model(config, maps, runtime, train=False)
     position = checkpoint.load(path, sharded, with_optimizer=False)
-    metrics = {**evaluate(sharded, config, maps, runtime, progress), "step": position.step, "checkpoint": str(path)}
+    metrics = {**evaluate(sharded, config, maps, runtime, progress, Path(path) / EVAL_SCORES), "step": position.step, "checkpoint": str(path)}
     if runtime.rank == 0:
         write_json(Path(path) / "eval.json", metrics)
         log.info("evaluation written to %s", Path(path) / "eval.json")
@@ -270,8 +272,11 @@ def _unbound_from_training_hardware(saved: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: Runtime, progress: bool = True) -> dict:
-    """Exact AUC and GAUC over the whole test split (all ranks), plus the reference's numbers."""
+def evaluate(
+    sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: Runtime, progress: bool = True, scores_path: Path | None = None
+) -> dict:
+    """Exact AUC and GAUC over the whole test split (all ranks), plus the reference's numbers; with
+    `train.save_eval_scores`, rank 0 writes every evaluated row to `scores_path`."""
     data = dataclasses.replace(config.data, batch_size=config.train.eval_batch_size)
     dataset = ShardDataset(data, "test", runtime.rank, runtime.world_size, maps, layout=batch_layout(config.model))
     sharded.model.eval()
@@ -280,7 +285,10 @@ def evaluate(sharded: ShardedModel, config: Config, maps: FeatureMaps, runtime: 
         _, (_, scores, labels, weights, user_ids) = sharded.model(batch.to(runtime.device))
         accumulator.update(user_ids, scores, labels, weights)
     sharded.model.train()
-    metrics = accumulator.compute(bootstrap_draws=config.train.eval_gauc_se_draws)
+    save = scores_path if config.train.save_eval_scores and runtime.rank == 0 else None
+    metrics = accumulator.compute(bootstrap_draws=config.train.eval_gauc_se_draws, save_to=save)
+    if save is not None:
+        log.info("evaluated rows written to %s", save)
     bank = gather_bank_metrics(sharded.model)
     if bank:
         metrics |= bank | {"lemur_targets_from": config.model.lemur.eval_target}

@@ -10,10 +10,14 @@ compared with the paper. Pair counts come from one sort and int64 block counts, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from muse_rec.data.atomic import atomic_path
 
 REFERENCE_THRESHOLDS = 200
 """The reference's `num_thresholds`."""
@@ -149,6 +153,38 @@ def _bootstrap_se(aucs: np.ndarray, rows: np.ndarray, draws: int = GAUC_BOOTSTRA
     return float(np.concatenate(values).std(ddof=1))
 
 
+@dataclass(frozen=True)
+class EvalRows:
+    """Every evaluated row of a run, as `train.save_eval_scores` writes them (`EvalAccumulator.compute`)."""
+
+    user_ids: np.ndarray  # int64
+    scores: np.ndarray  # float32
+    labels: np.ndarray  # uint8
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, user_ids=self.user_ids, scores=self.scores, labels=self.labels)
+
+    @classmethod
+    def load(cls, path: Path) -> "EvalRows":
+        with np.load(path) as saved:
+            return cls(saved["user_ids"], saved["scores"], saved["labels"])
+
+
+def paired_gauc_difference(a: EvalRows, b: EvalRows, draws: int = GAUC_BOOTSTRAP_DRAWS, seed: int = 0) -> tuple[float, float]:
+    """GAUC(a) - GAUC(b) of two models scored on the same rows, and its bootstrap SE: each resample
+    draws the same users for both models, so the noise of the user sample, which both GAUCs share,
+    cancels (the unpaired SE, from the two SEs, counts it twice). The difference of two GAUCs
+    over the same users and row counts is the row-weighted mean of the per-user AUC differences."""
+    if not (np.array_equal(a.user_ids, b.user_ids) and np.array_equal(a.labels, b.labels)):
+        raise ValueError("paired GAUC: the two runs scored different rows (user IDs or labels differ, or their order); "
+                         "evaluate both on the same test split with the same number of ranks and eval batch size")
+    aucs_a, rows = group_aucs(a.user_ids, a.scores, a.labels, tie_credit=0.5)
+    aucs_b, _ = group_aucs(b.user_ids, b.scores, b.labels, tie_credit=0.5)
+    differences = aucs_a - aucs_b
+    return float(np.dot(differences, rows) / rows.sum()), _bootstrap_se(differences, rows, draws, seed)
+
+
 def reference_batch_gauc(user_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
     """The reference's `calc_gauc_gpu` for one batch: (sum of AUC x rows, sum of rows) over its users.
 
@@ -234,12 +270,15 @@ class EvalAccumulator:
         self._scores.append(scores)
         self._labels.append(labels)
 
-    def compute(self, process_group: dist.ProcessGroup | None = None, bootstrap_draws: int = 0) -> dict[str, float | int]:
+    def compute(
+        self, process_group: dist.ProcessGroup | None = None, bootstrap_draws: int = 0, save_to: Path | None = None
+    ) -> dict[str, float | int]:
         """Every metric over the rows of all ranks (the same dict on each); a collective when distributed.
 
         Distributed when `process_group` is given or torch.distributed is initialised (then over
         its default group): every rank must call it. With `bootstrap_draws` > 0 the dict also holds
-        `gauc_bootstrap_se`, the GAUC's bootstrap SE over that many resamples of the users.
+        `gauc_bootstrap_se`, the GAUC's bootstrap SE over that many resamples of the users. With
+        `save_to` (give it on one rank) the gathered rows are written there (`EvalRows`).
         """
         columns = [
             np.concatenate(chunks) if chunks else np.zeros(0, dtype)
@@ -250,6 +289,8 @@ class EvalAccumulator:
             columns = _all_gather_rows(columns, process_group)
             reference = _all_reduce_sum(reference, process_group)
         user_ids, scores, labels = columns
+        if save_to is not None:
+            EvalRows(user_ids, scores, labels).save(save_to)
         aucs, rows = group_aucs(user_ids, scores, labels, tie_credit=0.5)  # exact_gauc's, kept for its SE
         reference_sum, reference_rows = reference
         se = {"gauc_bootstrap_se": _bootstrap_se(aucs, rows, bootstrap_draws)} if bootstrap_draws > 0 else {}

@@ -1,7 +1,7 @@
 """The training loop's samples/s counts real samples: not the weight-0 rows that pad a rank's last
 batch so that all ranks step together. A run directory's metrics.jsonl reads as one run: a resumed
 run's log equals an uninterrupted run's, and a fresh run into a used directory starts a new log,
-moving the earlier run's files aside."""
+moving the earlier run's files aside. Evaluated rows saved on request give the logged metrics."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +16,8 @@ import pytest
 from muse_rec.config import DataConfig
 from muse_rec.data.loader import ShardDataset, make_dataloader
 from muse_rec.train.checkpoint import LATEST, checkpoint_root
-from muse_rec.train.loop import CONFIG, METRICS, real_rows_per_step
+from muse_rec.train.loop import CONFIG, EVAL_SCORES, METRICS, real_rows_per_step
+from muse_rec.train.metrics import EvalRows, exact_gauc
 
 WORLD = 2
 
@@ -37,9 +38,10 @@ RESUMED_FROM = 3
 
 @pytest.fixture(scope="module")
 def whole(synthetic_root, tmp_path_factory) -> Path:
-    """An uninterrupted one-rank run: 11 steps, a checkpoint every 3 (all kept), a record every 2."""
+    """An uninterrupted one-rank run: 11 steps, a checkpoint every 3 (all kept), a record every 2,
+    its evaluated rows saved."""
     run = tmp_path_factory.mktemp("whole")
-    train(synthetic_root, run)
+    train(synthetic_root, run, "train.save_eval_scores=true")
     return run
 
 
@@ -78,17 +80,25 @@ def test_a_fresh_run_into_a_used_directory_sets_the_earlier_run_aside(synthetic_
     overwritten or pruned."""
     run = tmp_path / "run"
     shutil.copytree(whole, run)
-    earlier = {name: (whole / name).read_text() for name in (METRICS, CONFIG)}
+    earlier = {name: (whole / name).read_bytes() for name in (METRICS, EVAL_SCORES, CONFIG)}
 
     logged = train(synthetic_root, run, "train.resume=false", "train.log_every=3")
     (aside,) = run.glob("prev-run-*")
-    assert f"held an earlier run: its checkpoints, {METRICS}, {CONFIG} moved to {aside}" in logged, logged[-3000:]
-    assert {name: (aside / name).read_text() for name in (METRICS, CONFIG)} == earlier
+    assert f"held an earlier run: its checkpoints, {METRICS}, {EVAL_SCORES}, {CONFIG} moved to {aside}" in logged, logged[-3000:]
+    assert {name: (aside / name).read_bytes() for name in (METRICS, EVAL_SCORES, CONFIG)} == earlier
+    assert not (run / EVAL_SCORES).exists()  # this run did not ask to save its rows
     assert sorted(p.name for p in checkpoint_root(aside).iterdir()) == sorted(p.name for p in checkpoint_root(whole).iterdir())
     logged_now = records(run)
     assert [r["step"] for r in logged_now if "split" not in r] == [3, 6, 9, 11]
     assert [r["split"] for r in logged_now if "split" in r] == ["test"]
     assert "log_every: 3" in (run / CONFIG).read_text()
+
+
+def test_saved_evaluation_rows_give_the_logged_metrics(whole):
+    rows = EvalRows.load(whole / EVAL_SCORES)
+    (test,) = [r for r in records(whole) if r.get("split") == "test"]
+    assert rows.labels.size == test["rows"]
+    assert exact_gauc(rows.user_ids, rows.scores, rows.labels) == (test["gauc"], test["gauc_users"])
 
 
 def records(run: Path) -> list[dict]:

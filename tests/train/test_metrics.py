@@ -16,7 +16,9 @@ from muse_rec.train import metrics
 from muse_rec.train.metrics import (
     GAUC_BOOTSTRAP_DRAWS,
     EvalAccumulator,
+    EvalRows,
     gauc_bootstrap_se,
+    paired_gauc_difference,
     exact_auc,
     exact_gauc,
     reference_batch_gauc,
@@ -256,3 +258,29 @@ def test_gauc_bootstrap_se_is_the_spread_of_the_gauc_over_resampled_users(monkey
     monkeypatch.setattr(metrics, "_BOOTSTRAP_CHUNK_INDICES", 1000)  # 3 resamples a chunk
     assert gauc_bootstrap_se(users, scores, labels) == pytest.approx(se, rel=0.1)
     assert math.isnan(gauc_bootstrap_se(users[:12], scores[:12], labels[:12]))  # one user: no spread
+
+
+def test_paired_gauc_difference_is_the_gauc_difference_with_the_spread_of_a_joint_resample(tmp_path: Path) -> None:
+    """Against a direct bootstrap that resamples users once for both models; a saved and reloaded
+    `EvalRows` gives the same; other rows are refused."""
+    rng = np.random.default_rng(6)
+    users = np.repeat(np.arange(300), 12)
+    labels = (rng.random(users.size) < 0.3).astype(np.uint8)
+    shared = labels * 0.4 + rng.random(users.size)  # what both models see: their errors correlate
+    a = EvalRows(users, (shared + 0.3 * rng.random(users.size)).astype(np.float32), labels)
+    b = EvalRows(users, (shared + 0.3 * rng.random(users.size)).astype(np.float32), labels)
+    a.save(tmp_path / "a.npz")
+    difference, se = paired_gauc_difference(EvalRows.load(tmp_path / "a.npz"), b)
+    assert difference == pytest.approx(exact_gauc(users, a.scores, labels)[0] - exact_gauc(users, b.scores, labels)[0], abs=1e-12)
+    direct = []
+    for _ in range(300):
+        picked = rng.integers(300, size=300)
+        rows = (picked[:, None] * 12 + np.arange(12)).reshape(-1)
+        resampled = [exact_gauc(np.repeat(np.arange(300), 12), m.scores[rows], labels[rows])[0] for m in (a, b)]
+        direct.append(resampled[0] - resampled[1])
+    assert se == pytest.approx(np.std(direct, ddof=1), rel=0.15)
+    unpaired = math.hypot(gauc_bootstrap_se(users, a.scores, labels), gauc_bootstrap_se(users, b.scores, labels))
+    assert se < 0.8 * unpaired  # the shared noise cancels
+    assert paired_gauc_difference(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="different rows"):
+        paired_gauc_difference(a, EvalRows(users[::-1].copy(), b.scores, labels))
