@@ -30,6 +30,9 @@ is it staleness or the representation?), the whole bank re-encoded before evalua
 target, two more gradient paths from the ranking loss into the encoder (the sorted-similarity
 feature, a soft SimTier), a smaller and a larger encoder (these two from a random encoder: the
 stage-1 checkpoint has another shape). `--ablations NAMES` runs only those named.
+Each run saves its evaluated rows (train.save_eval_scores), so the comparisons the target names
+(LEMUR against MUSE and two-stage, two-stage against DIN, each ablation against LEMUR) get their GAUC
+difference with a paired bootstrap SE over the same test users (`paired_gauc_difference`).
 Coverage and staleness come from the last training record of each run (metrics.jsonl). Each run's
 final encoder also encodes `SEPARATION_ITEMS` catalogue items: mean cosine within a semantic
 cluster, across clusters, and between clusters of one category (the SCL vectors: about 0.73 /
@@ -90,6 +93,8 @@ from muse_rec.model.encoder import ContentEncoder  # noqa: E402
 from muse_rec.model.factory import make_model  # noqa: E402
 from muse_rec.model.lemur import LemurModel  # noqa: E402
 from muse_rec.train.checkpoint import latest  # noqa: E402
+from muse_rec.train.loop import EVAL_SCORES  # noqa: E402
+from muse_rec.train.metrics import EvalRows, paired_gauc_difference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEMUR_CONFIG = ROOT / "configs" / "lemur_synthetic.yaml"
@@ -209,7 +214,8 @@ def encoder_check(path: Path, data_root: Path, synth_cfg: SynthConfig, overrides
 def quality(args: argparse.Namespace, data_root: Path, runs: Path, synth_cfg: SynthConfig) -> dict[str, dict]:
     def job(label: str, config_file: Path, name: str, extra: list[str]) -> dict:
         run_dir = runs / name
-        records, seconds = run_training(config_file, common_overrides(args, data_root, run_dir) + extra, run_dir, args.nproc, args.quiet, label)
+        overrides = common_overrides(args, data_root, run_dir) + ["train.save_eval_scores=true"] + extra  # rows for the paired comparisons
+        records, seconds = run_training(config_file, overrides, run_dir, args.nproc, args.quiet, label)
         trained = [r for r in records if "loss" in r and r.get("split") != "test"]
         bank = {f"train_{k}": trained[-1].get(k) for k in BANK_KEYS} if trained and BANK_KEYS[0] in trained[-1] else {}
         warm = next(({k: v for k, v in r.items() if k.startswith("warm_start")} for r in records if "warm_start_items" in r), {})
@@ -242,6 +248,7 @@ def quality(args: argparse.Namespace, data_root: Path, runs: Path, synth_cfg: Sy
     base = results["muse"]["gauc"]
     for r in results.values():
         r["gauc_gain_vs_muse"] = (r["gauc"] - base) / base
+    results["paired"] = paired_differences(results)
     return results
 
 
@@ -319,6 +326,24 @@ def bank_plans(profiles: tuple[str, ...] = GPU_PROFILES) -> list[dict]:
     return rows
 
 
+PAIRED = (("lemur", "muse"), ("lemur", "two_stage"), ("two_stage", "din"), ("lemur", "lemur_scratch"))
+"""Comparisons the target names, each paired over the same test users; every ablation is also paired with "lemur"."""
+
+
+def paired_differences(results: dict[str, dict]) -> list[dict]:
+    """GAUC differences of the PAIRED arms (and each ablation against LEMUR end to end) with their
+    paired bootstrap SE: both runs scored the same test rows (`train.save_eval_scores`)."""
+    pairs = [*PAIRED, *(("lemur", key) for key in results if key.startswith("ablation_"))]
+    out = []
+    for a, b in pairs:
+        if a in results and b in results:
+            difference, se = paired_gauc_difference(*(EvalRows.load(Path(results[k]["run_dir"]) / EVAL_SCORES) for k in (a, b)))
+            unpaired = float(np.hypot(results[a]["gauc_bootstrap_se"], results[b]["gauc_bootstrap_se"]))
+            out.append({"a": a, "b": b, "label": f"{results[a]['label']} - {results[b]['label']}", "gauc_difference": difference,
+                        "paired_se": se, "unpaired_se": unpaired})
+    return out
+
+
 def tables(results: dict[str, dict] | None, costs: dict, plans: list[dict], oracle: dict | None, args: argparse.Namespace) -> str:
     def value(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
@@ -331,7 +356,7 @@ def tables(results: dict[str, dict] | None, costs: dict, plans: list[dict], orac
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for key, r in results.items():
-            if key == "pretrain":
+            if key in ("pretrain", "paired"):
                 continue
             coverage = " / ".join(value(r.get(f"train_{k}"), ".3f") for k in BANK_KEYS[:3]) if f"train_{BANK_KEYS[0]}" in r else "-"
             staleness = " / ".join(value(r.get(f"train_{k}"), ".3f") for k in BANK_KEYS[3:]) if f"train_{BANK_KEYS[0]}" in r else "-"
@@ -342,6 +367,10 @@ def tables(results: dict[str, dict] | None, costs: dict, plans: list[dict], orac
                          f"| {coverage} | {staleness} | {value(r.get('final_bank_staleness'), '.3f')} | {separation} | {minutes:.1f} min |")
         if oracle:
             lines.append(f"| oracle (true click probability) | {oracle['gauc']:.4f} ± {oracle['gauc_bootstrap_se']:.4f} | {oracle['auc']:.4f} | - | - | - | - | - | - |")
+        lines += ["", "| comparison (the same test users) | GAUC difference | paired SE | difference / paired SE | unpaired SE |", "|---|---|---|---|---|"]
+        for p in results["paired"]:
+            lines.append(f"| {p['label']} | {p['gauc_difference']:+.4f} | {p['paired_se']:.4f} | {p['gauc_difference'] / p['paired_se']:+.1f} "
+                         f"| {p['unpaired_se']:.4f} |")
         lines.append("")
     lines += [
         f"| cost (batch {args.cost_batch_size}, forward + backward, 1 process, 1 thread) | s / step | vs MUSE |",

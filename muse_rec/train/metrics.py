@@ -175,10 +175,12 @@ def paired_gauc_difference(a: EvalRows, b: EvalRows, draws: int = GAUC_BOOTSTRAP
     """GAUC(a) - GAUC(b) of two models scored on the same rows, and its bootstrap SE: each resample
     draws the same users for both models, so the noise of the user sample, which both GAUCs share,
     cancels (the unpaired SE, from the two SEs, counts it twice). The difference of two GAUCs
-    over the same users and row counts is the row-weighted mean of the per-user AUC differences."""
-    if not (np.array_equal(a.user_ids, b.user_ids) and np.array_equal(a.labels, b.labels)):
-        raise ValueError("paired GAUC: the two runs scored different rows (user IDs or labels differ, or their order); "
-                         "evaluate both on the same test split with the same number of ranks and eval batch size")
+    over the same users and row counts is the row-weighted mean of the per-user AUC differences.
+    The rows may come in any order (another eval batch size or number of ranks), but each user must
+    have the same labels in both."""
+    keys = [(run.user_ids[order], run.labels[order]) for run in (a, b) for order in [np.lexsort((run.labels, run.user_ids))]]
+    if not all(np.array_equal(x, y) for x, y in zip(*keys)):
+        raise ValueError("paired GAUC: the two runs scored different rows (a user's labels differ): evaluate both on the same test split")
     aucs_a, rows = group_aucs(a.user_ids, a.scores, a.labels, tie_credit=0.5)
     aucs_b, _ = group_aucs(b.user_ids, b.scores, b.labels, tie_credit=0.5)
     differences = aucs_a - aucs_b

@@ -282,5 +282,7 @@ def test_paired_gauc_difference_is_the_gauc_difference_with_the_spread_of_a_join
     unpaired = math.hypot(gauc_bootstrap_se(users, a.scores, labels), gauc_bootstrap_se(users, b.scores, labels))
     assert se < 0.8 * unpaired  # the shared noise cancels
     assert paired_gauc_difference(a, a) == (0.0, 0.0)
+    shuffled = rng.permutation(users.size)  # another eval batch size or world size: another row order
+    assert paired_gauc_difference(a, EvalRows(users[shuffled], b.scores[shuffled], labels[shuffled])) == (difference, se)
     with pytest.raises(ValueError, match="different rows"):
-        paired_gauc_difference(a, EvalRows(users[::-1].copy(), b.scores, labels))
+        paired_gauc_difference(a, EvalRows(users, b.scores, np.roll(labels, 1)))
