@@ -127,8 +127,9 @@ class TargetEncoding(nn.Module):
         Returns the encoded targets (B, 128; zero where not encoded), which were encoded (B,) bool,
         which could be (B,) bool: a real item of a real sample (the rest read the bank), with
         `history_source: encoder` the encoded history (B, L, 128) (else an empty tensor), and in
-        training with `LemurConfig.trains_on_pairs` the pairs' representations (P, 2, 128), with gradient (else
-        empty). Pairs are encoded first, so the step's centring mean, committed at the end, has them."""
+        training with `LemurConfig.trains_on_pairs` the pairs' representations (P, 2, 128), with
+        gradient (else empty). Pairs are encoded first, so the step's centring mean, committed at
+        the end, has them."""
         c = self.config
         pair_values = scl.new_zeros(0, 2, OUTPUT_DIM)
         if self.training and c.trains_on_pairs:
