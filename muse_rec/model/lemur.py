@@ -35,7 +35,7 @@ from muse_rec.config import LemurConfig, ModelConfig
 from muse_rec.model import gsu
 from muse_rec.model.encoder import OUTPUT_DIM, ContentEncoder, OutputCentring
 from muse_rec.model.esu import SimTier
-from muse_rec.model.memory_bank import READ_STATS, BankWriter, bank_table_config, missing
+from muse_rec.model.memory_bank import PAIR_STATS, READ_STATS, BankWriter, bank_table_config, missing
 from muse_rec.model.muse import MuseDense, MuseModel
 from muse_rec.model.tower import two_class_loss_and_prob
 
@@ -274,14 +274,26 @@ class TargetEncoding(nn.Module):
         return out
 
 
-class ReadCoverage(nn.Module):
+class StatSums(nn.Module):
+    """Sums of statistics kept on the device (no sync a step), read and reset by `pop_stats`."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.register_buffer("stats", torch.zeros(len(names), dtype=torch.float64), persistent=False)
+
+    def pop_stats(self) -> torch.Tensor:
+        out = self.stats.clone()
+        self.stats.zero_()
+        return out
+
+
+class ReadCoverage(StatSums):
     """Counts bank reads found vs looked up (`READ_STATS`): the history (non-padding positions),
     short and long, and the targets read from the bank instead of encoded; a tracer leaf."""
 
     def __init__(self, short_len: int) -> None:
-        super().__init__()
+        super().__init__(READ_STATS)
         self.short_len = short_len
-        self.register_buffer("stats", torch.zeros(len(READ_STATS), dtype=torch.float64), persistent=False)
 
     @torch.no_grad()
     def forward(self, reads_missing: torch.Tensor, present: torch.Tensor, target_missing: torch.Tensor, target_read: torch.Tensor) -> None:
@@ -289,11 +301,6 @@ class ReadCoverage(nn.Module):
         short = slice(-self.short_len, None)
         counts = [found[:, short].sum(), present[:, short].sum(), found.sum(), present.sum(), (target_read & ~target_missing).sum(), target_read.sum()]
         self.stats += torch.stack(counts).to(self.stats)
-
-    def pop_stats(self) -> torch.Tensor:
-        out = self.stats.clone()
-        self.stats.zero_()
-        return out
 
 
 class InBatchContrastive(nn.Module):
@@ -321,13 +328,14 @@ class InBatchContrastive(nn.Module):
         return loss / max(len(clicked), 1)  # no clicked row: 0, with every parameter still in the graph
 
 
-class CooccurrenceContrastive(nn.Module):
+class CooccurrenceContrastive(StatSums):
     """InfoNCE between the two items of each co-occurrence pair (`muse_rec.data.cooccurrence`):
     anchor against every pair's positive, the other pairs of the same history masked out of the
-    negatives (they may be its cluster-mates too)."""
+    negatives (they may be its cluster-mates too). Sums its loss and pairs (`PAIR_STATS`) for
+    metrics.jsonl."""
 
     def __init__(self, scale: float) -> None:
-        super().__init__()
+        super().__init__(PAIR_STATS)
         self.scale = scale
 
     def forward(self, values: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -335,12 +343,15 @@ class CooccurrenceContrastive(nn.Module):
         the distinct history of each pair. Returns the mean loss (0 for P = 0, with the encoder
         still in the graph)."""
         if values.shape[0] == 0:
-            return values.sum() * 0.0
-        z = F.normalize(values, dim=-1)
-        logits = self.scale * z[:, 0] @ z[:, 1].T
-        diagonal = torch.eye(len(history), dtype=torch.bool, device=logits.device)
-        logits = logits.masked_fill((history.unsqueeze(0) == history.unsqueeze(1)) & ~diagonal, float("-inf"))
-        return F.cross_entropy(logits, torch.arange(len(history), device=logits.device))
+            loss = values.sum() * 0.0
+        else:
+            z = F.normalize(values, dim=-1)
+            logits = self.scale * z[:, 0] @ z[:, 1].T
+            diagonal = torch.eye(len(history), dtype=torch.bool, device=logits.device)
+            logits = logits.masked_fill((history.unsqueeze(0) == history.unsqueeze(1)) & ~diagonal, float("-inf"))
+            loss = F.cross_entropy(logits, torch.arange(len(history), device=logits.device))
+        self.stats += torch.stack([loss.detach().to(self.stats), self.stats.new_tensor(1.0), self.stats.new_tensor(float(len(history)))])
+        return loss
 
 
 class LemurModel(MuseModel):
@@ -416,8 +427,8 @@ class LemurModel(MuseModel):
         return torch.cat([F.normalize(target, dim=-1), flags], dim=-1)
 
     def pop_bank_stats(self) -> torch.Tensor:
-        """`BankWriter.STATS` + `READ_STATS` sums since the last call, this rank's share."""
-        return torch.cat([self.targets.writer.pop_stats(), self.read_coverage.pop_stats()])
+        """`BankWriter.STATS` + `READ_STATS` + `PAIR_STATS` sums since the last call, this rank's share."""
+        return torch.cat([self.targets.writer.pop_stats(), self.read_coverage.pop_stats(), self.cooccurrence.pop_stats()])
 
 
 class SoftSimTier(SimTier):

@@ -172,16 +172,19 @@ class BankWriter(nn.Module):
 READ_STATS = ("short_hits", "short_lookups", "long_hits", "long_lookups", "target_hits", "target_lookups")
 """Bank reads found / looked up: history (non-padding positions), short and long, and the targets
 read from the bank instead of encoded (outside the p share, or all of them with eval_target bank)."""
+PAIR_STATS = ("pair_loss_sum", "pair_steps", "pairs")
+"""lemur's co-occurrence loss summed over training steps, the steps, and the pairs they had."""
 
 
 def bank_metrics(sums: torch.Tensor) -> dict[str, float | None]:
-    """Coverage and staleness from the sums of `BankWriter.STATS` then `READ_STATS` (one rank's or
-    all ranks'). Target coverage: the share of target lookups the bank could answer: the distinct
+    """Coverage and staleness from the sums of `BankWriter.STATS`, `READ_STATS` and `PAIR_STATS` (one
+    rank's or all ranks'). Target coverage: the share of target lookups the bank could answer: the distinct
     encoded targets already in it before their write, and the targets read from it. Staleness: the
     cosine between a target's fresh encoding and the value it replaces (the paper's measure);
     `bank_staleness_refresh` the same for the rows the refresh re-encoded, `bank_refreshed_rows` how
-    many (already in the bank) it re-encoded."""
-    s = dict(zip(BankWriter.STATS + READ_STATS, sums.tolist()))
+    many (already in the bank) it re-encoded. With co-occurrence pairs: their loss, the mean over
+    steps and ranks, and the pairs a step (all ranks)."""
+    s = dict(zip(BankWriter.STATS + READ_STATS + PAIR_STATS, sums.tolist()))
     s["target_found"] = s["target_items_known"] + s["target_hits"]
     s["target_total"] = s["written_items"] + s["target_lookups"]
 
@@ -195,7 +198,7 @@ def bank_metrics(sums: torch.Tensor) -> dict[str, float | None]:
         "bank_staleness_cosine": share("staleness_sum", "staleness_items"),
         "bank_refreshed_rows": s["refreshed_items"],
         "bank_staleness_refresh": share("refresh_staleness_sum", "refreshed_items"),
-    }
+    } | ({"cooccurrence_loss": share("pair_loss_sum", "pair_steps"), "cooccurrence_pairs": s["pairs"] / s["pair_steps"]} if s["pair_steps"] else {})
 
 
 def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -199,6 +199,12 @@ def test_centred_output_gives_no_loss_a_common_direction_to_grow():
         assert float(plain(tokens).mean(dim=0).norm()) > 0.1
 
 
+def test_no_cooccurrence_metrics_without_pairs(synthetic_root):
+    model, batch = make(synthetic_root)
+    model(batch)
+    assert not any(key.startswith("cooccurrence") for key in bank_metrics(model.pop_bank_stats()))
+
+
 def test_contrastive_masks_other_rows_of_the_same_user():
     torch.manual_seed(0)
     head = InBatchContrastive(user_dim=4, scale=5.0)
@@ -229,8 +235,11 @@ def test_cooccurrence_pairs_alone_train_the_encoder(synthetic_root):
                   "model.lemur.cooccurrence_min_cosine=0.3"]
     model, batch = make(synthetic_root, *only_pairs)
     assert len(batch.cooccurrence) > 0
+    model.pop_bank_stats()
     loss = model(batch)[0]
     assert loss > 0
+    logged = bank_metrics(model.pop_bank_stats())  # what metrics.jsonl reports
+    assert logged["cooccurrence_loss"] == pytest.approx(float(loss)) and logged["cooccurrence_pairs"] == len(batch.cooccurrence)
     loss.backward()
     assert encoder_grad_norm(model) > 0  # the other losses weigh 0: the pairs alone
     model.zero_grad()

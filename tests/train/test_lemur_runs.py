@@ -116,6 +116,8 @@ def test_end_to_end_run_with_warm_start_and_refresh_resumes_exactly(data, tmp_pa
     trained = [r for r in records if "loss" in r]
     assert all(r["bank_coverage_long"] == 1.0 and r["bank_coverage_short"] == 1.0 for r in trained)
     assert all(0 < r["bank_refreshed_rows"] <= 30 * 2 * 2 for r in trained)  # 30 a rank a step, 2 steps a record
+    assert all(r["cooccurrence_loss"] > 0 and r["cooccurrence_pairs"] > 0 for r in trained)
+    assert not any("cooccurrence_loss" in r for r in records if r.get("split") == "test")  # evaluation draws no pair
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
     root = checkpoint_root(resumed)
