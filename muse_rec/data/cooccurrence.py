@@ -11,11 +11,14 @@ points to the wrong cluster still finds the anchor's true cluster-mates in its o
 user's history holds its interests' items, not their siblings'), so the pairs are right more
 often than the SCL vectors are.
 
-Cosines come from the memory-mapped int8 values file, as the GSU's (`muse_rec.data.gsu`).
+Cosines come from the memory-mapped int8 values file and are exact, as the GSU's
+(`muse_rec.data.gsu.pairwise_cosines`): the same pairs on any CPU.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from muse_rec.data import gsu
 
 
 def cooccurring_pairs(
@@ -40,9 +43,7 @@ def cooccurring_pairs(
         if len(candidates) < 2:
             continue
         drawn = rng.choice(len(candidates), size=min(per_history, len(candidates)), replace=False)
-        vectors = np.take(values, scl_rows[u, candidates] - 1, axis=0).astype(np.float32)
-        unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        cosines = unit[drawn] @ unit.T
+        cosines = gsu.pairwise_cosines(values, scl_rows[u, candidates[drawn]], scl_rows[u, candidates])
         items = item_rows[u, candidates]
         cosines[items[drawn][:, None] == items[None, :]] = -np.inf
         best = cosines.argmax(axis=1)

@@ -74,6 +74,16 @@ def scl_cosines(
     return cosines.add_(0.0).numpy()  # a zero vector: (+-dot) / inf = +-0.0 -> 0.0
 
 
+def pairwise_cosines(values: np.ndarray, rows: np.ndarray, other_rows: np.ndarray) -> np.ndarray:
+    """float64 (n, m): cosine of the SCL vector of each of `rows` (n,) with each of `other_rows` (m,),
+    from exact integer products and squared norms divided once, so the same on any CPU (as
+    `scl_cosines`'); row 0 and zero vectors give 0 (lemur's co-occurrence pairs)."""
+    vectors, others = _gather(values, rows), _gather(values, other_rows)
+    norms = _norms(vectors.float().square_().sum(dim=-1), rows)
+    other_norms = _norms(others.float().square_().sum(dim=-1), other_rows)
+    return (_products(vectors, others).double() / (norms.unsqueeze(-1) * other_norms)).add_(0.0).numpy()
+
+
 def _gather(values: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
     """int8 vectors (n, 128) of SCL rows. Row 0 (pad, no vector) reads the first stored vector,
     which `_norms` cancels; mode="clip" skips numpy's bounds check (the rows are table rows)."""

@@ -83,3 +83,15 @@ def test_cosines_at_kept_positions_equal_the_whole_rows_on_either_product_kernel
     np.testing.assert_array_equal(kept, np.take_along_axis(whole, positions, axis=1))
     table = torch.cat([torch.zeros(1, 128), torch.from_numpy(values).float()])
     assert torch.equal(torch.from_numpy(whole), gsu.scl_cosines(table[torch.from_numpy(targets)], table[torch.from_numpy(histories[of_row])]))
+
+
+def test_pairwise_cosines_are_the_exact_scl_cosines_before_their_float32_rounding():
+    rng = np.random.default_rng(2)
+    values = rng.integers(-127, 128, (50, 128), dtype=np.int8)
+    values[6] = 0  # a stored zero vector
+    rows, others = np.append(rng.integers(1, 51, 8), 0), np.append(rng.integers(0, 51, 30), 7)  # row 0 and the zero vector (row 7) last
+    pairwise = loader_gsu.pairwise_cosines(values, rows, others)
+    assert pairwise.dtype == np.float64
+    want = loader_gsu.scl_cosines(values, rows, others[None, :], np.zeros(9, np.int64))
+    np.testing.assert_array_equal(pairwise.astype(np.float32), want)
+    assert not pairwise[:, -1].any() and not pairwise[-1].any()  # the zero vector and row 0: cosine 0
