@@ -35,7 +35,7 @@ from muse_rec.config import LemurConfig, ModelConfig
 from muse_rec.model import gsu
 from muse_rec.model.encoder import OUTPUT_DIM, ContentEncoder, OutputCentring
 from muse_rec.model.esu import SimTier
-from muse_rec.model.memory_bank import PAIR_STATS, READ_STATS, BankWriter, bank_table_config, missing
+from muse_rec.model.memory_bank import PAIR_STATS, READ_STATS, BankWriter, StatSums, bank_table_config, missing
 from muse_rec.model.muse import MuseDense, MuseModel
 from muse_rec.model.tower import two_class_loss_and_prob
 
@@ -271,19 +271,6 @@ class TargetEncoding(nn.Module):
         stays on the device (`step_uniforms`): no sync."""
         out = step_uniforms(self.draw_seed, self.steps, n)
         self.steps += 1
-        return out
-
-
-class StatSums(nn.Module):
-    """Sums of statistics kept on the device (no sync a step), read and reset by `pop_stats`."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.register_buffer("stats", torch.zeros(len(names), dtype=torch.float64), persistent=False)
-
-    def pop_stats(self) -> torch.Tensor:
-        out = self.stats.clone()
-        self.stats.zero_()
         return out
 
 

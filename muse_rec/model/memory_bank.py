@@ -49,7 +49,21 @@ def _local_exchange(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Ten
     return rows, values
 
 
-class BankWriter(nn.Module):
+class StatSums(nn.Module):
+    """Sums of statistics kept on the device (no sync a step), read and reset by `pop_stats`."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.register_buffer("stats", torch.zeros(len(names), dtype=torch.float64), persistent=False)
+
+    def pop_stats(self) -> torch.Tensor:
+        """The sums since the last call, then reset."""
+        out = self.stats.clone()
+        self.stats.zero_()
+        return out
+
+
+class BankWriter(StatSums):
     """Writes encoded items into this rank's pieces of the bank, and keeps the bank's statistics
     since the last `pop_stats`: staleness and coverage (see `STATS`).
 
@@ -64,10 +78,9 @@ class BankWriter(nn.Module):
     )
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(self.STATS)
         self.pieces: list[tuple[int, int, torch.Tensor]] | None = None  # None until bound; [] on a rank holding none
         self.exchange: Exchange = _local_exchange
-        self.register_buffer("stats", torch.zeros(len(self.STATS), dtype=torch.float64), persistent=False)
         self.held_ranges: list[tuple[int, int]] = []  # the rows this rank holds: sorted, disjoint [start, stop)
         self.register_buffer("_held_starts", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("_held_offsets", torch.zeros(1, dtype=torch.long), persistent=False)
@@ -161,13 +174,6 @@ class BankWriter(nn.Module):
 
     def _add(self, name: str, amount: torch.Tensor | int) -> None:
         self.stats[self.STATS.index(name)] += torch.as_tensor(amount, dtype=torch.float64, device=self.stats.device)
-
-    def pop_stats(self) -> torch.Tensor:
-        """The sums since the last call, then reset."""
-        out = self.stats.clone()
-        self.stats.zero_()
-        return out
-
 
 READ_STATS = ("short_hits", "short_lookups", "long_hits", "long_lookups", "target_hits", "target_lookups")
 """Bank reads found / looked up: history (non-padding positions), short and long, and the targets
