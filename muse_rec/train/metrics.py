@@ -178,8 +178,11 @@ def paired_gauc_difference(a: EvalRows, b: EvalRows, draws: int = GAUC_BOOTSTRAP
     over the same users and row counts is the row-weighted mean of the per-user AUC differences.
     The rows may come in any order (another eval batch size or number of ranks), but each user must
     have the same labels in both."""
-    keys = [(run.user_ids[order], run.labels[order]) for run in (a, b) for order in [np.lexsort((run.labels, run.user_ids))]]
-    if not all(np.array_equal(x, y) for x, y in zip(*keys)):
+    def rows_by_user(run: EvalRows) -> tuple[np.ndarray, np.ndarray]:
+        order = np.lexsort((run.labels, run.user_ids))
+        return run.user_ids[order], run.labels[order]
+
+    if not all(np.array_equal(x, y) for x, y in zip(rows_by_user(a), rows_by_user(b))):
         raise ValueError("paired GAUC: the two runs scored different rows (a user's labels differ): evaluate both on the same test split")
     aucs_a, rows = group_aucs(a.user_ids, a.scores, a.labels, tie_credit=0.5)
     aucs_b, _ = group_aucs(b.user_ids, b.scores, b.labels, tie_credit=0.5)
