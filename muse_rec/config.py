@@ -109,7 +109,10 @@ class SynthConfig:
         "Share of SCL vectors drawn around a sibling cluster (same category) instead of the item's own: the image "
         "misleads, the title does not. Clicks follow the true cluster, so content tokens carry what these vectors lack.",
     )
-    content_vocab: int = option(8192, "Token vocabulary of the item titles in feature_map/item_content.parquet (0 = padding).")
+    content_vocab: int = option(
+        8192, "Token vocabulary of the item titles in feature_map/item_content.parquet: 0 padding, 1 field separator, "
+        "then one keyword per cluster and per category, the rest filler words."
+    )
     title_tokens: int = option(8, "Tokens per item title (a cluster keyword, a category keyword, the rest filler).")
 
 

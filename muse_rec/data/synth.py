@@ -34,8 +34,9 @@ image misleads.
 
 Item content (feature_map/item_content.parquet, for method lemur). Every item's title is
 `title_tokens` token IDs in [2, content_vocab): its cluster's keyword and its category's keyword
-(fixed hashes of the cluster and category) at two random positions, the rest uniform filler. The
-title always names the true cluster, so it carries what the mislabelled SCL vectors lack, and it
+at two random positions, the rest filler words drawn uniformly from the tokens no cluster or
+category owns (every cluster and category has a keyword of its own, `Catalogue.keyword`). The title
+names the true cluster and no other, so it carries what the mislabelled SCL vectors lack, and it
 exists for items outside the p90 vocabulary, which have no SCL vector at all.
 
 Users. Each user has `interests_per_user` interest clusters (random clusters, may repeat) and
@@ -75,7 +76,7 @@ impression order; raw samples follow the joined rows and raw user features the s
 Vocabularies follow `muse_rec.data.vocab`, built from the train users and the item features (every
 target of both splits, once).
 
-Output. A complete set made with the same config is reused. Otherwise the set is written into a
+Output. A complete set made with the same config by the same `GENERATOR` is reused. Otherwise the set is written into a
 staging directory and swapped in when complete (`atomic.staged_swap`: a failing or killed run leaves
 the earlier set, or after its commit point the new one), replacing train/, test/, feature_map/ and
 raw/. A directory holding any of those that synth did not write (no output marker of synth: a
@@ -178,11 +179,14 @@ _SLOT = {
 }
 _ITEM_ATTR_HASH_SLOT = 11  # (+k) hashes choosing each item's 213/214 value
 _MISLABEL_HASH_SLOT, _SIBLING_HASH_SLOT = 13, 14  # which items get a misleading SCL vector, and which sibling
-_KEYWORD_HASH_SLOT = 15  # (+0 cluster, +1 category) keyword token of each cluster / category
 _CATEGORY_HASH_SLOT = 17  # which category of its cluster's group an item lies in (cluster_categories > 1)
 _FIRST_WORD = 2  # token IDs 0 (padding) and 1 (field separator) are reserved
 _SEQUENCES = (schema.HIST_ITEMS, schema.HIST_CATES)
 COMMAND = "synth"  # the name in output markers and swap journals
+GENERATOR = 2
+"""What synth writes for a config, in the split metadata beside it: bumped when the same config gives
+other files, so a set of an earlier generator is written again, not reused (2: titles whose keywords
+are tokens of their own)."""
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -276,8 +280,15 @@ class Catalogue:
         return np.where(mislabelled & (per > 1), sibling, own)
 
     def keyword(self, kind: int, index: np.ndarray) -> np.ndarray:
-        """The title keyword of cluster (kind 0) or category (kind 1) `index`: a fixed hash into the vocabulary."""
-        return _FIRST_WORD + _hash_mod(_KEYWORD_HASH_SLOT + kind, index, self.config.content_vocab - _FIRST_WORD)
+        """The title keyword of cluster (kind 0) or category (kind 1) `index`: a token of its own, so a
+        keyword names one cluster or category (a hash into the vocabulary made 18 % of the default
+        clusters share theirs and put about one other cluster's keyword among every title's filler)."""
+        return _FIRST_WORD + np.asarray(index, np.int64) + (self.num_clusters if kind else 0)
+
+    @property
+    def first_filler(self) -> int:
+        """Filler words are the token IDs from here to content_vocab: after every keyword."""
+        return _FIRST_WORD + self.num_clusters + self.config.categories
 
 
 def _hash_mod(slot: int, index: np.ndarray, modulus: int) -> np.ndarray:
@@ -543,7 +554,7 @@ def _write_split(
     c = catalogue.config
     num_users = c.train_users if split == "train" else c.test_users
     writer = ShardWriter(
-        layout, split, c.rows_per_shard, c.row_group_rows, extra_metadata={"synth": dataclasses.asdict(c)}
+        layout, split, c.rows_per_shard, c.row_group_rows, extra_metadata={"synth": dataclasses.asdict(c), "synth_generator": GENERATOR}
     )
     rows = clicks = 0
     start = time.perf_counter()
@@ -609,8 +620,9 @@ def _write_vocabularies(layout: DatasetLayout, catalogue: Catalogue, stats: Voca
 
 def _write_content(layout: DatasetLayout, catalogue: Catalogue) -> None:
     """feature_map/item_content.parquet: every catalogue item's title, `title_tokens` tokens: its
-    cluster's keyword and its category's keyword at random positions among uniform filler words.
-    The cluster keyword names the item's true cluster, which a mislabelled SCL vector hides.
+    cluster's keyword and its category's keyword at random positions among filler words (uniform
+    over the tokens no keyword owns). The cluster keyword names the item's true cluster, which a
+    mislabelled SCL vector hides.
     Rows in raw-ID order, drawn in chunks of SCL_CHUNK_ITEMS rows from their own seeded streams."""
     c = catalogue.config
     ids = raw_ids(schema.ITEM_MAP, np.arange(c.items))
@@ -619,7 +631,7 @@ def _write_content(layout: DatasetLayout, catalogue: Catalogue) -> None:
         for chunk, begin in enumerate(range(0, c.items, SCL_CHUNK_ITEMS)):
             items = order[begin : begin + SCL_CHUNK_ITEMS]
             rng = _rng(c.seed, "content", chunk)
-            tokens = rng.integers(_FIRST_WORD, c.content_vocab, size=(len(items), c.title_tokens), dtype=np.int64)
+            tokens = rng.integers(catalogue.first_filler, c.content_vocab, size=(len(items), c.title_tokens), dtype=np.int64)
             slots = np.argsort(rng.random((len(items), c.title_tokens)), axis=1)[:, :2]  # two distinct positions
             every = np.arange(len(items))
             tokens[every, slots[:, 0]] = catalogue.keyword(0, catalogue.cluster_of(items))
@@ -709,7 +721,8 @@ def _is_complete(layout: DatasetLayout, config: SynthConfig) -> bool:
 
 def _made_with(layout: DatasetLayout, split: str, config: SynthConfig) -> bool:
     try:
-        return layout.read_metadata(split).get("synth") == dataclasses.asdict(config)
+        metadata = layout.read_metadata(split)
+        return metadata.get("synth") == dataclasses.asdict(config) and metadata.get("synth_generator") == GENERATOR
     except DataError:  # missing or unreadable: not a complete split
         return False
 
@@ -763,7 +776,11 @@ def _check_config(config: SynthConfig) -> None:
         ),
         "coverage": (0.0 < config.coverage <= 1.0, "a share in (0, 1]"),
         "scl_mislabel_share": (0.0 <= config.scl_mislabel_share <= 1.0, "a probability in [0, 1]"),
-        "content_vocab": (config.content_vocab > _FIRST_WORD, f"more than {_FIRST_WORD} (tokens 0 and 1 are reserved)"),
+        "content_vocab": (
+            config.content_vocab > _FIRST_WORD + clusters + config.categories,
+            f"more than {_FIRST_WORD + clusters + config.categories} (tokens 0 and 1 are reserved, then a keyword for each "
+            f"of the {clusters} clusters and {config.categories} categories, and at least one filler word)",
+        ),
         "title_tokens": (config.title_tokens >= 2, "at least 2 (a cluster and a category keyword)"),
     }
     for key, (ok, expected) in problems.items():
@@ -783,7 +800,7 @@ def synthesize(
     layout = DatasetLayout(out)
     params = dataclasses.asdict(config)
     start = time.perf_counter()
-    if _is_complete(layout, config):  # exactly what this run would write; an unmarked one of an earlier version is adopted
+    if _is_complete(layout, config):  # exactly what this run would write; an unmarked one of an earlier muse_rec is adopted
         with contextlib.suppress(OSError):  # a read-only copy is reused as it is
             mark_output(layout.root, COMMAND, params)
         log.info("%s already holds a complete synthetic data set made with this config: reusing it", layout.root)

@@ -21,7 +21,7 @@ from muse_rec.data.checks import check_columns, clicks_from_labels
 from muse_rec.data.feature_map import SclIndex, load_id_map
 from muse_rec.data.layout import RAW_TABLES, SPLITS, DatasetLayout
 from muse_rec.data.prepare import prepare
-from muse_rec.data.synth import Catalogue, mix64, raw_ids, split_blocks, synthesize
+from muse_rec.data.synth import GENERATOR, Catalogue, mix64, raw_ids, split_blocks, synthesize
 from muse_rec.data.verify import verify
 from muse_rec.data.vocab import coverage_vocab, sorted_vocab
 from muse_rec.errors import ConfigError, DataError
@@ -199,6 +199,13 @@ def test_a_complete_set_is_reused_and_an_incomplete_or_different_one_rewritten(t
     assert again["vocab_sizes"] == first["vocab_sizes"]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == mtimes
 
+    for split in SPLITS:  # a set of an earlier generator (no synth_generator: before version 2) is written again
+        meta = layout.read_metadata(split)
+        del meta["synth_generator"]
+        layout.metadata_path(split).write_text(json.dumps(meta))
+    assert not synthesize(TINY, tmp_path, progress=False)["reused"]
+    assert layout.read_metadata("train")["synth_generator"] == GENERATOR
+
     layout.map_path(schema.CATE_MAP).unlink()  # an incomplete set is written again
     assert not synthesize(TINY, tmp_path, progress=False)["reused"] and layout.map_path(schema.CATE_MAP).exists()
 
@@ -361,6 +368,28 @@ def test_mislabelled_scl_vectors_point_to_a_sibling_cluster_while_titles_keep_th
     title_of = dict(zip(titles[schema.TARGET_ITEM], titles[schema.TITLE_TOKENS]))
     for key, cluster in zip(keys[:50], own[:50]):
         assert int(catalogue.keyword(0, np.array([cluster]))[0]) in title_of[int(key)]
+
+
+def test_a_title_names_its_cluster_and_category_and_no_other(tmp_path: Path) -> None:
+    """Each cluster and category owns its keyword; filler words are none of them. (The keywords were
+    hashes into the vocabulary: 18 % of the default clusters shared theirs, and filler named about
+    one other cluster in every title.)"""
+    synthesize(TINY, tmp_path, progress=False)
+    catalogue = Catalogue.build(TINY)
+    clusters, categories = np.arange(catalogue.num_clusters), np.arange(TINY.categories)
+    keywords = np.concatenate([catalogue.keyword(0, clusters), catalogue.keyword(1, categories)])
+    assert len(np.unique(keywords)) == len(keywords) and keywords.min() >= 2 and keywords.max() < catalogue.first_filler
+    titles = pq.read_table(DatasetLayout(tmp_path).item_content_path).to_pydict()
+    internal = np.argsort(raw_ids(schema.ITEM_MAP, np.arange(TINY.items)))  # content rows are in raw-ID order
+    assert titles[schema.TARGET_ITEM] == sorted(titles[schema.TARGET_ITEM])
+    tokens = np.array(titles[schema.TITLE_TOKENS])
+    assert tokens.shape == (TINY.items, TINY.title_tokens) and tokens.max() < TINY.content_vocab
+    named = np.isin(tokens, keywords)
+    assert (named.sum(axis=1) == 2).all()  # exactly the two keywords, then filler
+    own = np.stack([catalogue.keyword(0, catalogue.cluster_of(internal)), catalogue.keyword(1, catalogue.category_of(internal))], axis=1)
+    assert (np.sort(np.where(named, tokens, 0), axis=1)[:, -2:] == np.sort(own, axis=1)).all()
+    with pytest.raises(ConfigError, match=rf"synth.content_vocab: expected more than {catalogue.first_filler} .*found {catalogue.first_filler}"):
+        synthesize(dataclasses.replace(TINY, content_vocab=catalogue.first_filler), tmp_path / "small")
 
 
 # -- the separating preset (configs/synthetic_separating.yaml) --------------------------------------
