@@ -12,6 +12,9 @@ lemur_synthetic.yaml as it is: warm start, refresh, encoder learning rate) and i
 whole test split, GAUC with its bootstrap SE over test users:
 - DIN: the short sequence alone, the floor every long-sequence arm should clear.
 - MUSE: configs/muse.yaml, frozen SCL vectors in the GSU and ESU.
+- MUSE on a second set of the same rows where no SCL vector is mislabelled: what the content could
+  add to MUSE at most (the lemur arms keep MUSE's GSU and ESU on the SCL vectors and add the
+  representations beside them, `keep_scl`).
 - two-stage, as the paper runs it: stage 1 trains the encoder on the contrastive losses alone
   (ranking_weight 0, contrastive_weight 1, and the yaml's co-occurrence loss; one epoch); stage 2 freezes it (train_encoder false,
   encoder_checkpoint), encodes every item of the item table once into the bank (warm_start
@@ -21,7 +24,8 @@ whole test split, GAUC with its bootstrap SE over test users:
   the two differ only in joint training (each has one pretraining and one ranking epoch).
 - LEMUR end to end from a random encoder (one epoch, no pretraining).
 - the lemur machinery with its random encoder frozen, every item encoded once (what training adds).
-With `--ablations`, runs like "LEMUR end to end" with one thing changed each: no warm start and no
+With `--ablations`, runs like "LEMUR end to end" with one thing changed each: the representations in
+the SCL vectors' place (keep_scl false: the GSU, SimTier and SA-TA on the representations), no warm start and no
 refresh (the bank holds past targets only), no refresh, the sweep refresh instead of the most-read
 one, the encoder at 5e-4 and at the dense learning rate (staleness; no re-encode), the encoder at the dense
 learning rate with the whole bank re-encoded every 5 steps and before evaluation (a fresh bank:
@@ -116,6 +120,7 @@ NO_REENCODE = ["model.lemur.reencode_every=0", "model.lemur.reencode_before_eval
 LABELS = {
     "din": "DIN (short sequence only)",
     "muse": "MUSE (frozen SCL)",
+    "muse_true_scl": "MUSE, no SCL vector mislabelled (the same rows: what the content could add)",
     "two_stage": "two-stage (contrastive pretrain, frozen, every item encoded once)",
     "lemur": "LEMUR end to end (same pretrained encoder)",
     "lemur_scratch": "LEMUR end to end from a random encoder",
@@ -132,6 +137,7 @@ ABLATIONS = {
     "reencode_before_eval": ("whole bank re-encoded before evaluation", ["model.lemur.reencode_before_eval=true"]),
     "reencode_every_10": ("whole bank re-encoded every 10 steps and before evaluation",
                           ["model.lemur.reencode_every=10", "model.lemur.reencode_before_eval=true"]),
+    "replace_scl": ("representations in the SCL vectors' place (GSU, SimTier, SA-TA), no SCL cosines", ["model.lemur.keep_scl=false"]),
     "no_cooccurrence": ("no co-occurrence loss end to end (the pretraining kept it)", ["model.lemur.cooccurrence_weight=0"]),
     "stop_gradient": ("stop-gradient: the ranker reads the target detached", ["model.lemur.ranker_gradient=false"]),
     "sorted_similarities": ("+ sorted-similarity feature (top 50 cosines to the tower)", ["model.lemur.sorted_similarities=50"]),
@@ -211,10 +217,10 @@ def encoder_check(path: Path, data_root: Path, synth_cfg: SynthConfig, overrides
             "final_bank_coverage_of_sample": float(written.float().mean())}
 
 
-def quality(args: argparse.Namespace, data_root: Path, runs: Path, synth_cfg: SynthConfig) -> dict[str, dict]:
-    def job(label: str, config_file: Path, name: str, extra: list[str]) -> dict:
+def quality(args: argparse.Namespace, data_root: Path, runs: Path, synth_cfg: SynthConfig, true_scl_root: Path) -> dict[str, dict]:
+    def job(label: str, config_file: Path, name: str, extra: list[str], root: Path = data_root) -> dict:
         run_dir = runs / name
-        overrides = common_overrides(args, data_root, run_dir) + ["train.save_eval_scores=true"] + extra  # rows for the paired comparisons
+        overrides = common_overrides(args, root, run_dir) + ["train.save_eval_scores=true"] + extra  # rows for the paired comparisons
         records, seconds = run_training(config_file, overrides, run_dir, args.nproc, args.quiet, label)
         trained = [r for r in records if "loss" in r and r.get("split") != "test"]
         bank = {f"train_{k}": trained[-1].get(k) for k in BANK_KEYS} if trained and BANK_KEYS[0] in trained[-1] else {}
@@ -228,6 +234,7 @@ def quality(args: argparse.Namespace, data_root: Path, runs: Path, synth_cfg: Sy
     done: dict[str, dict] = {}
     results = {"din": job(LABELS["din"], ROOT / "configs" / "din.yaml", "din", [])}
     results["muse"] = job(LABELS["muse"], ROOT / "configs" / "muse.yaml", "muse", [])
+    results["muse_true_scl"] = job(LABELS["muse_true_scl"], ROOT / "configs" / "muse.yaml", "muse_true_scl", [], true_scl_root)
     arms = args.arms.split(",")
     pretrain = job("stage 1: encoder on the contrastive loss alone", LEMUR_CONFIG, "pretrain", PRETRAIN + args.pretrain_overrides)
     encoder = [f"model.lemur.encoder_checkpoint={latest(Path(pretrain['run_dir']))}"]
@@ -326,7 +333,8 @@ def bank_plans(profiles: tuple[str, ...] = GPU_PROFILES) -> list[dict]:
     return rows
 
 
-PAIRED = (("lemur", "muse"), ("lemur", "two_stage"), ("two_stage", "din"), ("lemur", "lemur_scratch"))
+PAIRED = (("lemur", "muse"), ("lemur", "two_stage"), ("two_stage", "din"), ("lemur", "lemur_scratch"), ("muse_true_scl", "muse"),
+          ("muse_true_scl", "lemur"))
 """Comparisons the target names, each paired over the same test users; every ablation is also paired with "lemur"."""
 
 
@@ -416,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"synthetic data set with item titles ({args.users:,} train / {args.test_users:,} test users, "
           f"SCL mislabel share {args.scl_mislabel_share}) in {data_root}", flush=True)
     summary = synth.synthesize(synth_cfg, data_root, progress=not args.quiet)
-    oracle = None if args.skip_quality else oracle_metrics(synth_cfg)
-    results = None if args.skip_quality else quality(args, data_root, runs, synth_cfg)
+    oracle = results = None
+    if not args.skip_quality:
+        true_scl_root = out / "lemur-data-true-scl"  # the same rows; every SCL vector around its own cluster
+        synth.synthesize(dataclasses.replace(synth_cfg, scl_mislabel_share=0.0), true_scl_root, progress=not args.quiet)
+        oracle = oracle_metrics(synth_cfg)
+        results = quality(args, data_root, runs, synth_cfg, true_scl_root)
     costs = cost(args, data_root)
     plans = [] if args.skip_plans else bank_plans()
     table = tables(results, costs, plans, oracle, args)

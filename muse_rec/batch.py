@@ -76,22 +76,19 @@ Selection = Literal["all", "muse", "sim_hard", "none"]
 class BatchLayout:
     """What the loader assembles. `long`: which positions of the long sequence the batch carries:
     'all' L of them, the K kept by the loader's GSU ('muse', 'sim_hard'), or 'none' (din).
-    `scl_features`: the SCL-table keys it carries (gsu_stage model); none means the loader
-    computes SCL cosines instead. The default is the model stage with the whole sequence. Lengths
-    are the data's (`data.long_seq_len`)."""
+    `scl_features`: the SCL-table keys it carries (gsu_stage model). `cosines`: the loader computes
+    the SCL cosines of the target with the positions the batch carries (gsu_stage loader, and
+    lemur's `keep_scl` beside the target's SCL row). The default is the model stage with the whole
+    sequence. Lengths are the data's (`data.long_seq_len`)."""
 
     long: Selection = "all"
     keep_top: int = 50
     short_seq_len: int = 50
     scl_features: tuple[str, ...] = SCL_FEATURES
+    cosines: bool = False
     cooccurrence_pairs: int = 0
     """Anchors drawn per distinct history for lemur's co-occurrence pairs (`Batch.cooccurrence`); 0: none."""
     cooccurrence_min_cosine: float = 0.5
-
-    @property
-    def cosines(self) -> bool:
-        """Whether the loader computes SCL cosines (gsu_stage loader)."""
-        return not self.scl_features
 
     def sequence_lengths(self, long_seq_len: int) -> dict[str, int]:
         """Length per sample of each feature of `sequence_features`, in KJT key order. A history
@@ -122,9 +119,10 @@ def batch_layout(config: ModelConfig) -> BatchLayout:
     """The layout the model of `config` reads."""
     if config.stage == "model":
         scl = SCL_FEATURES if reads_scl_sequence(config) else (schema.SCL_TARGET,)
-        return _with_pairs(BatchLayout("all", config.keep_top, config.short_seq_len, scl), config)
+        keeps_scl = config.method == "lemur" and config.lemur.keep_scl  # MUSE's GSU on the loader's cosines
+        return _with_pairs(BatchLayout("all", config.keep_top, config.short_seq_len, scl, cosines=keeps_scl), config)
     long: Selection = {"muse": "muse", "sim_hard": "sim_hard", "din": "none"}.get(config.method, "all")
-    return _with_pairs(BatchLayout(long, config.keep_top, config.short_seq_len, ()), config)
+    return _with_pairs(BatchLayout(long, config.keep_top, config.short_seq_len, (), cosines=True), config)
 
 
 def _with_pairs(layout: BatchLayout, config: ModelConfig) -> BatchLayout:

@@ -184,6 +184,14 @@ class LemurConfig:
         "The tower reads the target's (L2-normalised) representation as a feature, as the paper's ranker reads the "
         "encoded target (false: the representation reaches the ranker only through its similarities to the history).",
     )
+    keep_scl: bool = option(
+        False,
+        "MUSE's GSU and ESU keep the frozen SCL vectors (the loader's cosines of the target with all L positions, as "
+        "sim_soft's) and the representations join the tower beside them: the encoded target, the missing flags, a "
+        "SimTier histogram of the target's cosines to the whole long history (and sorted_similarities), as the paper "
+        "adds LEMUR's features to its base ranker. false: the representations take the SCL vectors' place in the GSU, "
+        "SimTier and SA-TA.",
+    )
     sorted_similarities: int = option(
         0,
         "n > 0: the tower also reads the n largest cosines between the target's representation and the long history "
@@ -195,7 +203,7 @@ class LemurConfig:
         False,
         "Share each cosine between SimTier's two nearest bins instead of counting it in one: the histogram becomes "
         "differentiable in the cosine, another path by which the ranking loss trains the encoder (the hard one passes "
-        "no gradient).",
+        "no gradient). With keep_scl, the histogram of the representations' cosines (SCL's stay hard).",
     )
     warm_start: Literal["none", "train_items", "all_items"] = option(
         "train_items",

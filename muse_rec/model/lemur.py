@@ -15,7 +15,10 @@ Per training step, on each rank:
    representation and (`sorted_similarities`) its largest cosines to the history, the path by which
    the ranking loss trains the encoder. A never-written item reads as zeros: its cosine is 0, so
    the GSU ranks it below every written item (the reference's score for zero vectors) and SimTier
-   counts it at cosine 0.
+   counts it at cosine 0. With `keep_scl` the GSU, SimTier and SA-TA stay MUSE's, on the loader's
+   SCL cosines, and the representations join the tower beside them: the target's, and a SimTier
+   histogram of its cosines to the whole long history (the paper adds LEMUR's features to its base
+   ranker).
 4. Loss = ranking_weight * click loss + contrastive_weight * in-batch InfoNCE between a user vector
    and the clicked target's representation (`InBatchContrastive`).
 Evaluation never writes the bank; with `eval_target: bank` it runs no encoder at all.
@@ -351,7 +354,8 @@ class LemurModel(MuseModel):
     long history missing from the bank: the "missing" flags; then (`sorted_similarities` = n > 0)
     the paper's cosine-similarity feature in sorted form: the n largest cosines between the target
     and the long history, which carry the ranking loss's gradient into the encoder (the GSU's
-    selection and SimTier's histogram carry none)."""
+    selection and SimTier's histogram carry none); then (`keep_scl`) that feature as a SimTier
+    histogram over the non-padding long history."""
 
     TOWER_EXTRA_INPUTS = OUTPUT_DIM + 2
 
@@ -360,10 +364,13 @@ class LemurModel(MuseModel):
         lemur = config.lemur
         if not 0.0 <= lemur.backward_share <= lemur.encode_share <= 1.0:
             raise ValueError(f"model.lemur: expected 0 <= backward_share <= encode_share <= 1, found {lemur.backward_share}, {lemur.encode_share}")
+        simtier = SoftSimTier if lemur.soft_simtier else SimTier
+        self.representation_simtier = simtier() if lemur.keep_scl else None
         extra = (self.TOWER_EXTRA_INPUTS if lemur.tower_reads_target else 2) + lemur.sorted_similarities
+        extra += self.representation_simtier.bins if self.representation_simtier is not None else 0
         if extra != self.TOWER_EXTRA_INPUTS:
             self.dense = MuseDense(config, extra)
-        if lemur.soft_simtier:
+        if lemur.soft_simtier and not lemur.keep_scl:
             self.dense.simtier_short, self.dense.simtier_long = SoftSimTier(), SoftSimTier()
         self.bank_table = EmbeddingCollection([bank_table_config(table_rows[schema.ITEM_MAP], lemur.bank_dtype)], device=device)
         self.targets = TargetEncoding(lemur)
@@ -392,12 +399,15 @@ class LemurModel(MuseModel):
         self.read_coverage(missing(history), history_rows != 0, missing(bank_target), target_read)
         target = torch.where(encoded.unsqueeze(-1), encoded_target, bank_target)
         ranked = target if c.ranker_gradient else target.detach()  # false: the ranking loss leaves the encoder alone
-        full = self.full_inputs(batch, gsu.cosines(ranked, history))
+        cosines = gsu.cosines(ranked, history)
+        full = self.full_inputs(batch, batch.top_cosines if c.keep_scl else cosines)
         extra = self._missing_flags_and_target(ranked, history, history_rows)
         if not c.tower_reads_target:
             extra = extra[:, OUTPUT_DIM:]  # the missing flags alone
         if c.sorted_similarities:
             extra = torch.cat([extra, self.sorted_similarities(ranked, history)], dim=-1)
+        if self.representation_simtier is not None:
+            extra = torch.cat([extra, self.representation_simtier(cosines, history_rows != 0)], dim=-1)
         ranking, scores = two_class_loss_and_prob(self.dense(self.retrieval(full), extra), batch.labels, batch.weights)
         contrastive = self.contrastive(full.user, history, target, batch.labels, batch.weights, batch.user_ids)
         loss = c.ranking_weight * ranking + c.contrastive_weight * contrastive

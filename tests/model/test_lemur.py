@@ -433,3 +433,32 @@ def test_the_tower_can_leave_the_target_representation_out(synthetic_root):
     model, batch = make(synthetic_root, "model.lemur.tower_reads_target=false", "model.lemur.sorted_similarities=5")
     assert model.dense.tower.layers[0].in_features == tower_input_dim(model.config.embedding_dim) + 2 + 5
     model(batch)[0].backward()
+
+
+def test_keep_scl_runs_muses_gsu_on_the_loaders_scl_cosines_beside_the_representations(synthetic_root):
+    """keep_scl: the batch carries the SCL cosines of the target with all L positions (the ones the
+    SCL table's vectors give), the GSU selects on them, and the representations reach the tower
+    beside them: the target's and a SimTier histogram of its cosines to the non-padding history."""
+    from muse_rec.distributed.table_weights import load_scl_table
+    from muse_rec.model import gsu
+
+    model, batch = make(synthetic_root, "model.lemur.keep_scl=true")
+    reader, same_rows = make(synthetic_root, "model.lemur.history_source=encoder", "model.lemur.content_input=scl")  # reads the SCL sequence
+    load_scl_table(reader, FeatureMaps.load(DatasetLayout(synthetic_root), "p90").scl, torch.device("cpu"))
+    expected = gsu.scl_cosines(*reader.scl_vectors(same_rows))
+    assert batch.top_cosines.shape == expected.shape and expected.shape[1] > model.config.keep_top  # all L positions
+    assert torch.equal(batch.top_cosines, expected) and expected.abs().sum() > 0
+    assert batch.scl_features.keys() == [schema.SCL_TARGET]  # no 1000 x 128 SCL lookup
+
+    seen = {}
+    model.retrieval.register_forward_hook(lambda module, args, out: seen.update(gsu=args[0].cosines))
+    model.representation_simtier.register_forward_hook(lambda module, args, out: seen.update(simtier=args, features=out))
+    model(batch)[0].backward()
+    assert torch.equal(seen["gsu"], batch.top_cosines)
+    cosines, present = seen["simtier"]
+    rows = batch.per_impression(batch.sequence_features[schema.HIST_ITEMS].values())
+    assert torch.equal(present, rows != 0) and not torch.equal(cosines, batch.top_cosines)
+    assert seen["features"].shape == (batch.batch_size, model.representation_simtier.bins)
+    extra = LemurModel.TOWER_EXTRA_INPUTS + model.representation_simtier.bins
+    assert model.dense.tower.layers[0].in_features == tower_input_dim(model.config.embedding_dim) + extra
+    assert encoder_grad_norm(model) > 0
