@@ -76,10 +76,10 @@ impression order; raw samples follow the joined rows and raw user features the s
 Vocabularies follow `muse_rec.data.vocab`, built from the train users and the item features (every
 target of both splits, once).
 
-Output. A complete set made with the same config by the same `GENERATOR` is reused. Otherwise the set is written into a
-staging directory and swapped in when complete (`atomic.staged_swap`: a failing or killed run leaves
-the earlier set, or after its commit point the new one), replacing train/, test/, feature_map/ and
-raw/. A directory holding any of those that synth did not write (no output marker of synth: a
+Output. A complete set made with the same config by the same `GENERATOR` is reused. Otherwise the
+set is written into a staging directory and swapped in when complete (`atomic.staged_swap`: a
+failing or killed run leaves the earlier set, or after its commit point the new one), replacing
+train/, test/, feature_map/ and raw/. A directory holding any of those that synth did not write (no output marker of synth: a
 prepared or downloaded set, or an unmarked one of an earlier muse_rec version) is refused before
 anything is deleted unless `force` (`atomic.claim_output_dir`).
 
