@@ -7,9 +7,17 @@ with SGD on the tables and the first step's dense gradients check the mean over 
 (AVX2, AVX-512, AMX kernels sum in other orders). The test measures that noise itself: a third
 run trains on one rank with every batch's rows reversed, which changes nothing but the order of
 the sums. Each compared tensor may then differ between 1 and 2 ranks by `NOISE_FACTOR` times its
-own reversed-rows difference plus `UPDATE_SHARE` of what training changed in it. The bugs these
-tests guard against (a sum instead of a mean over ranks, a rank's gradient dropped) change a
-tensor by the order of its whole update, far above that bound.
+own reversed-rows difference plus `UPDATE_SHARE` of what training changed in it. The second term
+covers what the reversed rows cannot reproduce: the layouts multiply matrices of other shapes (8
+rows a rank against 16 on one rank), which vectorised kernels block and sum in other orders, and
+AdamW and Adagrad divide each gradient element by its own running scale, so where a gradient is
+mostly cancellation (an attention query's) that noise moves the update by a share of its size. On
+an AVX-512 machine 2 ranks differed from 1 by up to 0.37 % of a tensor's update (a first-step
+gradient: 0.2 %), 450 times that tensor's reversed-rows difference. The bugs these tests guard
+against (a sum instead of a mean over ranks, a rank's gradient dropped) change a tensor by the
+order of its whole update, far above that bound: with rank 1's rows weighted 0 (its gradient
+dropped), 239 of the 243 trained tensors of the seven runs differed by more than 1 % of their
+update (median 59 %), besides the losses.
 """
 from __future__ import annotations
 
@@ -41,8 +49,8 @@ BATCH_SIZE = 8
 """Rows per rank and step: 2 ranks, or 1 rank reading both ranks' batches side by side."""
 NOISE_FACTOR = 10.0
 """How far above the measured reduction-order noise (the reversed-rows run) a difference may lie."""
-UPDATE_SHARE = 1e-3
-"""A floor for tensors whose reversed-rows noise happens to be 0: this share of the tensor's update."""
+UPDATE_SHARE = 1e-2
+"""This share of a tensor's update: the noise of other matrix shapes, which reversed rows keep (see above)."""
 ROUNDING = 2 * BATCH_SIZE * torch.finfo(torch.float32).eps
 """And the rounding of a sum of a step's rows, relative to the value itself (the loss at step 0)."""
 SCL_KEY = "scl_table.embeddings.scl.weight"
