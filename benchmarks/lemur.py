@@ -25,9 +25,9 @@ whole test split, GAUC with its bootstrap SE over test users:
 - LEMUR end to end from a random encoder (one epoch, no pretraining).
 - the lemur machinery with its random encoder frozen, every item encoded once (what training adds).
 With `--ablations`, runs like "LEMUR end to end" with one thing changed each: the representations in
-the SCL vectors' place (keep_scl false: the GSU, SimTier and SA-TA on the representations), no warm start and no
-refresh (the bank holds past targets only), no refresh, the sweep refresh instead of the most-read
-one, the encoder at 5e-4 and at the dense learning rate (staleness; no re-encode), the encoder at the dense
+the SCL vectors' place (keep_scl false: the GSU, SimTier and SA-TA on the representations), no warm
+start and no refresh (the bank holds past targets only), no refresh, the sweep refresh instead of
+the most-read one, the encoder at 5e-4 and at the dense learning rate (staleness; no re-encode), the encoder at the dense
 learning rate with the whole bank re-encoded every 5 steps and before evaluation (a fresh bank:
 is it staleness or the representation?), the whole bank re-encoded before evaluation, and every
 10 steps too, the co-occurrence loss off end to end, the ranker's gradient stopped at the
