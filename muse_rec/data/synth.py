@@ -79,9 +79,9 @@ target of both splits, once).
 Output. A complete set made with the same config by the same `GENERATOR` is reused. Otherwise the
 set is written into a staging directory and swapped in when complete (`atomic.staged_swap`: a
 failing or killed run leaves the earlier set, or after its commit point the new one), replacing
-train/, test/, feature_map/ and raw/. A directory holding any of those that synth did not write (no output marker of synth: a
-prepared or downloaded set, or an unmarked one of an earlier muse_rec version) is refused before
-anything is deleted unless `force` (`atomic.claim_output_dir`).
+train/, test/, feature_map/ and raw/. A directory holding any of those that synth did not write
+(no output marker of synth: a prepared or downloaded set, or an unmarked one of an earlier
+muse_rec version) is refused before anything is deleted unless `force` (`atomic.claim_output_dir`).
 
 Scale. Users are generated in blocks of BLOCK_USERS, each from its own seeded stream, so memory is
 bounded by one block plus per-item counters, and the output does not depend on anything but the config.
@@ -287,8 +287,12 @@ class Catalogue:
 
     @property
     def first_filler(self) -> int:
-        """Filler words are the token IDs from here to content_vocab: after every keyword."""
-        return _FIRST_WORD + self.num_clusters + self.config.categories
+        return first_filler(self.config)
+
+
+def first_filler(config: SynthConfig) -> int:
+    """Filler words are the token IDs from here to content_vocab: after every cluster's and category's keyword."""
+    return _FIRST_WORD + config.categories * config.clusters_per_category + config.categories
 
 
 def _hash_mod(slot: int, index: np.ndarray, modulus: int) -> np.ndarray:
@@ -777,8 +781,8 @@ def _check_config(config: SynthConfig) -> None:
         "coverage": (0.0 < config.coverage <= 1.0, "a share in (0, 1]"),
         "scl_mislabel_share": (0.0 <= config.scl_mislabel_share <= 1.0, "a probability in [0, 1]"),
         "content_vocab": (
-            config.content_vocab > _FIRST_WORD + clusters + config.categories,
-            f"more than {_FIRST_WORD + clusters + config.categories} (tokens 0 and 1 are reserved, then a keyword for each "
+            config.content_vocab > first_filler(config),
+            f"more than {first_filler(config)} (tokens 0 and 1 are reserved, then a keyword for each "
             f"of the {clusters} clusters and {config.categories} categories, and at least one filler word)",
         ),
         "title_tokens": (config.title_tokens >= 2, "at least 2 (a cluster and a category keyword)"),
