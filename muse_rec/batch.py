@@ -89,6 +89,9 @@ class BatchLayout:
     cooccurrence_pairs: int = 0
     """Anchors drawn per distinct history for lemur's co-occurrence pairs (`Batch.cooccurrence`); 0: none."""
     cooccurrence_min_cosine: float = 0.5
+    cooccurrence_negatives: int = 0
+    """Same-category hard negatives drawn per pair (`Batch.cooccurrence`'s columns after the third)."""
+    cooccurrence_negative_max_cosine: float = 0.45
 
     def sequence_lengths(self, long_seq_len: int) -> dict[str, int]:
         """Length per sample of each feature of `sequence_features`, in KJT key order. A history
@@ -130,7 +133,10 @@ def _with_pairs(layout: BatchLayout, config: ModelConfig) -> BatchLayout:
     lemur = config.lemur
     if config.method != "lemur" or not lemur.trains_on_pairs:
         return layout
-    return dataclasses.replace(layout, cooccurrence_pairs=lemur.cooccurrence_pairs, cooccurrence_min_cosine=lemur.cooccurrence_min_cosine)
+    return dataclasses.replace(
+        layout, cooccurrence_pairs=lemur.cooccurrence_pairs, cooccurrence_min_cosine=lemur.cooccurrence_min_cosine,
+        cooccurrence_negatives=lemur.cooccurrence_negatives, cooccurrence_negative_max_cosine=lemur.cooccurrence_negative_max_cosine,
+    )
 
 
 @dataclass
@@ -150,8 +156,9 @@ class Batch(Pipelineable):
     # int64 (B, K) per DISTINCT_ROW_FEATURES key stored as distinct rows: each kept cell's index
     # among that feature's values; empty when the batch holds its cells per impression, or none
     cooccurrence: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.int64))
-    # int64 (P, 3): lemur's co-occurrence pairs (`muse_rec.data.cooccurrence`): anchor item row,
-    # positive item row, distinct history; P = 0 unless model.lemur.cooccurrence_weight > 0
+    # int64 (P, 3 + N): lemur's co-occurrence pairs (`muse_rec.data.cooccurrence`): anchor item row,
+    # positive item row, distinct history, then N hard negatives as positions u * L + j of the
+    # distinct histories (-1: none); P = 0 unless model.lemur.cooccurrence_weight > 0
 
     @property
     def batch_size(self) -> int:

@@ -168,6 +168,17 @@ class LemurConfig:
         "vector are never drawn.",
         at_least=-1, at_most=1,
     )
+    cooccurrence_negatives: int = option(
+        0,
+        "Hard negatives per co-occurrence pair (0: the batch's other pairs alone). The loader draws positions of the "
+        "batch's other histories whose item lies in the anchor's category with an SCL cosine below "
+        "cooccurrence_negative_max_cosine: mostly sibling clusters, which the other pairs, seldom of the anchor's "
+        "category, almost never offer. Their representations are the bank's (read anyway for the histories: no encoding).",
+        at_least=0,
+    )
+    cooccurrence_negative_max_cosine: float = option(
+        0.45, "A hard negative's SCL cosine with its anchor is below this (cluster-mates are about 0.73 apart).", at_least=-1, at_most=1,
+    )
     ranking_weight: float = option(1.0, "Weight of the click loss (0 with contrastive only: the two-stage pretraining).", at_least=0)
     train_encoder: bool = option(
         True,
@@ -198,6 +209,12 @@ class LemurConfig:
         "(the paper's cosine-similarity feature in sorted form), a path by which the ranking loss trains the encoder "
         "(the GSU's top-K and SimTier's histogram pass no gradient). 0: off.",
         at_least=0,
+    )
+    history_attention: bool = option(
+        False,
+        "The tower also reads an attention from the target's representation over its whole long history's "
+        "representations (the bank's), pooled and projected to 2 x embedding_dim: the paper's sequence module over "
+        "the history, and the ranking loss's main path into the encoder (through the target's query).",
     )
     soft_simtier: bool = option(
         False,

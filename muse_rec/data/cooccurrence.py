@@ -17,6 +17,7 @@ Cosines come from the memory-mapped int8 values file and are exact, as the GSU's
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from muse_rec.data import gsu
 
@@ -28,8 +29,8 @@ def cooccurring_pairs(
     per_history: int,
     min_cosine: float,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(anchor item rows, positive item rows, history index), each int64 (P,).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(anchor item rows, positive item rows, history index, anchor position u * L + j), each int64 (P,).
 
     `values` int8 (N, 128): the SCL values file (SCL row r is `values[r - 1]`, 0 = no vector);
     `scl_rows`, `item_rows` (U, L): the SCL and item-table rows of the U distinct histories.
@@ -37,7 +38,8 @@ def cooccurring_pairs(
     positions with an item and an SCL vector; each anchor's positive is the candidate of another
     item (a repeat of the anchor's item is not a pair) with the largest cosine, the oldest on ties,
     kept if that cosine is >= `min_cosine`."""
-    anchors, positives, owners = [], [], []
+    anchors, positives, owners, places = [], [], [], []
+    length = scl_rows.shape[1]
     for u in range(len(scl_rows)):
         candidates = np.flatnonzero((scl_rows[u] != 0) & (item_rows[u] != 0))
         if len(candidates) < 2:
@@ -51,6 +53,52 @@ def cooccurring_pairs(
         anchors.append(items[drawn[kept]])
         positives.append(items[best[kept]])
         owners.append(np.full(int(kept.sum()), u, np.int64))
+        places.append(u * length + candidates[drawn[kept]])
     if not anchors:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(anchors).astype(np.int64), np.concatenate(positives).astype(np.int64), np.concatenate(owners)
+        return tuple(np.zeros(0, np.int64) for _ in range(4))
+    return tuple(np.concatenate(parts).astype(np.int64) for parts in (anchors, positives, owners, places))
+
+
+def same_category_negatives(
+    values: np.ndarray,
+    scl_rows: np.ndarray,
+    item_rows: np.ndarray,
+    cate_rows: np.ndarray,
+    anchor_places: np.ndarray,
+    count: int,
+    max_cosine: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """int64 (P, count): hard negatives of each anchor, as positions u * L + j of the (U, L)
+    histories; -1 where fewer were found. A negative is a position of another history whose item
+    has an SCL vector, differs from the anchor's and lies in the anchor's category, with an SCL
+    cosine below `max_cosine`: most likely another cluster of the same category (a sibling), which
+    the batch's other pairs, seldom of the anchor's category, almost never offer. Drawn uniformly
+    (4 x count tries) among such positions, each at most once."""
+    out = np.full((len(anchor_places), count), -1, np.int64)
+    if not len(anchor_places) or not count:
+        return out
+    items, cates, scl = item_rows.reshape(-1), cate_rows.reshape(-1), scl_rows.reshape(-1)
+    owner = np.arange(items.size) // scl_rows.shape[1]
+    eligible = np.flatnonzero((items != 0) & (scl != 0) & (cates != 0))
+    eligible = eligible[np.argsort(cates[eligible], kind="stable")]
+    sorted_cates = cates[eligible]
+    anchor_cates = cates[anchor_places]
+    low, high = np.searchsorted(sorted_cates, anchor_cates, "left"), np.searchsorted(sorted_cates, anchor_cates, "right")
+    tries = low[:, None] + (rng.random((len(anchor_places), 4 * count)) * (high - low)[:, None]).astype(np.int64)
+    places = eligible[np.minimum(tries, len(eligible) - 1)]
+    ok = (high > low)[:, None] & (owner[places] != owner[anchor_places][:, None]) & (items[places] != items[anchor_places][:, None])
+    anchor_vectors = torch.from_numpy(values[scl[anchor_places] - 1]).float()
+    vectors = torch.from_numpy(values[scl[places] - 1]).float()
+    products = torch.einsum("pd,pmd->pm", anchor_vectors, vectors).double()  # integers below 2**24: exact
+    norms = anchor_vectors.square().sum(-1).double().sqrt()[:, None] * vectors.square().sum(-1).double().sqrt()
+    ok &= (products / norms.clamp_min(1e-12)).numpy() < max_cosine
+    order = np.argsort(places, axis=1, kind="stable")  # each position once: drop repeats of a draw
+    ranked = np.take_along_axis(places, order, axis=1)
+    repeat = np.zeros_like(ok)
+    repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+    np.put_along_axis(ok, order, np.take_along_axis(ok, order, axis=1) & ~repeat, axis=1)
+    first = np.argsort(~ok, axis=1, kind="stable")[:, :count]
+    kept = np.take_along_axis(ok, first, axis=1)
+    out[:] = np.where(kept, np.take_along_axis(places, first, axis=1), -1)
+    return out

@@ -42,7 +42,7 @@ from muse_rec.batch import DISTINCT_ROW_FEATURES, HISTORY_FEATURES, ID_FEATURES,
 from muse_rec.config import DataConfig
 from muse_rec.data import gsu, schema
 from muse_rec.data.checks import check_aligned, check_columns, check_total_rows, clicks_from_labels, dense_list, open_parquet
-from muse_rec.data.cooccurrence import cooccurring_pairs
+from muse_rec.data.cooccurrence import cooccurring_pairs, same_category_negatives
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.errors import DataError
@@ -307,7 +307,7 @@ def assemble_batch(
     if layout.cooccurrence_pairs and scl_values is None:
         raise ValueError("a batch layout with co-occurrence pairs needs the SCL values")
     rng = np.random.default_rng([_PAIR_STREAM, seed]) if layout.cooccurrence_pairs else None
-    pairs = [np.zeros((0, 3), np.int64)]
+    pairs = [np.zeros((0, 3 + layout.cooccurrence_negatives), np.int64)]
     size = sum(len(rows) for _, rows in pieces)
     # each piece's distinct decoded sequences, and each row's index among them
     distinct = [np.unique(decoded.sequence_of_row[rows], return_inverse=True) for decoded, rows in pieces]
@@ -335,10 +335,16 @@ def assemble_batch(
         per_row = {key: f[part] for key, f in features.items() if key not in HISTORY_FEATURES}
         _fill_sequences(decoded, rows, layout, scl_values, per_row, top_cosines[part], short_cosines[part])
         if rng is not None:
-            anchors, positives, history = cooccurring_pairs(
-                scl_values, decoded.scl[sequences], decoded.items[sequences], layout.cooccurrence_pairs, layout.cooccurrence_min_cosine, rng
+            scl, items = decoded.scl[sequences], decoded.items[sequences]
+            anchors, positives, history, places = cooccurring_pairs(
+                scl_values, scl, items, layout.cooccurrence_pairs, layout.cooccurrence_min_cosine, rng
             )
-            pairs.append(np.stack([anchors, positives, first_history + history], axis=1))
+            negatives = same_category_negatives(
+                scl_values, scl, items, decoded.cates[sequences], places, layout.cooccurrence_negatives,
+                layout.cooccurrence_negative_max_cosine, rng,
+            )
+            negatives = np.where(negatives >= 0, negatives + first_history * items.shape[1], -1)
+            pairs.append(np.concatenate([np.stack([anchors, positives, first_history + history], axis=1), negatives], axis=1))
         at, first_history = at + len(rows), first_history + len(sequences)
     top_cells = {key: features[key] for key in DISTINCT_ROW_FEATURES if key in features}
     if top_cells:

@@ -328,10 +328,11 @@ class CooccurrenceContrastive(StatSums):
         super().__init__(PAIR_STATS)
         self.scale = scale
 
-    def forward(self, values: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    def forward(self, values: torch.Tensor, history: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         """values (P, 2, 128): anchor and positive representations (`TargetEncoding`), history (P,)
-        the distinct history of each pair. Returns the mean loss (0 for P = 0, with the encoder
-        still in the graph)."""
+        the distinct history of each pair, negatives (P, N, 128) each anchor's hard negatives as
+        the bank holds them (all zeros: none, or never written). Returns the mean loss (0 for
+        P = 0, with the encoder still in the graph)."""
         if values.shape[0] == 0:
             loss = values.sum() * 0.0
         else:
@@ -339,6 +340,8 @@ class CooccurrenceContrastive(StatSums):
             logits = self.scale * z[:, 0] @ z[:, 1].T
             diagonal = torch.eye(len(history), dtype=torch.bool, device=logits.device)
             logits = logits.masked_fill((history.unsqueeze(0) == history.unsqueeze(1)) & ~diagonal, float("-inf"))
+            hard = self.scale * torch.einsum("pd,pnd->pn", z[:, 0], F.normalize(negatives, dim=-1))
+            logits = torch.cat([logits, hard.masked_fill(missing(negatives), float("-inf"))], dim=1)
             loss = F.cross_entropy(logits, torch.arange(len(history), device=logits.device))
         self.stats += torch.stack([loss.detach().to(self.stats), self.stats.new_tensor(1.0), self.stats.new_tensor(float(len(history)))])
         return loss
@@ -367,6 +370,8 @@ class LemurModel(MuseModel):
         simtier = SoftSimTier if lemur.soft_simtier else SimTier
         self.representation_simtier = simtier() if lemur.keep_scl else None
         extra = (self.TOWER_EXTRA_INPUTS if lemur.tower_reads_target else 2) + lemur.sorted_similarities
+        self.history_attention = HistoryAttention(2 * config.embedding_dim) if lemur.history_attention else None
+        extra += self.history_attention.out_features if self.history_attention is not None else 0
         extra += self.representation_simtier.bins if self.representation_simtier is not None else 0
         if extra != self.TOWER_EXTRA_INPUTS:
             self.dense = MuseDense(config, extra)
@@ -391,8 +396,9 @@ class LemurModel(MuseModel):
         )
         bank = self.bank_table(batch.sequence_features)  # after the write: this step's targets are in
         bank_target = bank[schema.TARGET_ITEM].values().detach().float()
+        bank_history = bank[schema.HIST_ITEMS].values().detach().float()  # (U x L, 128): each distinct history once
         if c.history_source == "bank":
-            history = batch.per_impression(bank[schema.HIST_ITEMS].values().detach().float(), OUTPUT_DIM)
+            history = batch.per_impression(bank_history, OUTPUT_DIM)
         else:
             history = encoded_history
         target_read = encodable & ~encoded
@@ -406,13 +412,17 @@ class LemurModel(MuseModel):
             extra = extra[:, OUTPUT_DIM:]  # the missing flags alone
         if c.sorted_similarities:
             extra = torch.cat([extra, self.sorted_similarities(ranked, history)], dim=-1)
+        if self.history_attention is not None:
+            extra = torch.cat([extra, self.history_attention(ranked, history, (history_rows != 0) & ~missing(history))], dim=-1)
         if self.representation_simtier is not None:
             extra = torch.cat([extra, self.representation_simtier(cosines, history_rows != 0)], dim=-1)
         ranking, scores = two_class_loss_and_prob(self.dense(self.retrieval(full), extra), batch.labels, batch.weights)
         contrastive = self.contrastive(full.user, history, target, batch.labels, batch.weights, batch.user_ids)
         loss = c.ranking_weight * ranking + c.contrastive_weight * contrastive
         if self.training and c.trains_on_pairs:
-            loss = loss + c.cooccurrence_weight * self.cooccurrence(pairs, batch.cooccurrence[:, 2])
+            places = batch.cooccurrence[:, 3:]
+            negatives = bank_history[places.clamp_min(0)] * (places >= 0).unsqueeze(-1)
+            loss = loss + c.cooccurrence_weight * self.cooccurrence(pairs, batch.cooccurrence[:, 2], negatives)
         return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights, batch.user_ids)
 
     @staticmethod
@@ -456,3 +466,31 @@ class SortedSimilarities(nn.Module):
     def forward(self, target: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         cosines = gsu.cosines(target, history.detach())
         return torch.topk(cosines, min(self.n, cosines.shape[1]), dim=1).values
+
+
+class HistoryAttention(nn.Module):
+    """The paper's sequence module over the history's representations: attention from the target's
+    representation over every position of its long history as the bank holds it (no self-attention
+    over the history), pooled and projected to `out_features` for the tower. The history is
+    detached (bank reads), so the ranking loss reaches the encoder through the target's query.
+
+    q = Wq t, k = Wk h, scores = q.k / sqrt(d) over the present positions, out = Wv sum softmax * h,
+    with t and h L2-normalised. Scores are computed as h.(Wk^T q) and the value projection after
+    the pooling (it commutes with the weighted sum): one (B, L, 128) product each way instead of
+    projecting every history item; a key bias would add q.b to every score alike, so there is none."""
+
+    def __init__(self, out_features: int, dim: int = OUTPUT_DIM) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, out_features)
+
+    def forward(self, target: torch.Tensor, history: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """target (B, 128), history (B, L, 128), present (B, L) bool -> (B, out_features); a history
+        with nothing present pools to zeros (the value bias alone)."""
+        probe = self.query(F.normalize(target, dim=-1)) @ self.key.weight / self.key.in_features ** 0.5
+        items = F.normalize(history.detach(), dim=-1)
+        scores = torch.einsum("bld,bd->bl", items, probe).masked_fill(~present, torch.finfo(target.dtype).min)
+        weights = F.softmax(scores, dim=-1) * present
+        return self.value(torch.einsum("bl,bld->bd", weights, items))

@@ -227,7 +227,21 @@ def test_cooccurrence_contrastive_masks_other_pairs_of_the_same_history():
     z = F.normalize(values, dim=-1)
     logits = 5.0 * z[:, 0] @ z[:, 1].T
     logits[0, 1] = logits[1, 0] = float("-inf")  # pairs 0 and 1 come from one history
-    torch.testing.assert_close(CooccurrenceContrastive(5.0)(values, history), F.cross_entropy(logits, torch.arange(4)))
+    none = torch.zeros(4, 0, 128)
+    torch.testing.assert_close(CooccurrenceContrastive(5.0)(values, history, none), F.cross_entropy(logits, torch.arange(4)))
+
+
+def test_cooccurrence_hard_negatives_join_each_anchors_logits_and_missing_ones_count_nothing():
+    torch.manual_seed(0)
+    values, history, negatives = torch.randn(3, 2, 128), torch.tensor([0, 1, 2]), torch.randn(3, 2, 128)
+    negatives[1, 1] = 0.0  # a never-written bank row (or no negative found): left out
+    z, n = F.normalize(values, dim=-1), F.normalize(negatives, dim=-1)
+    hard = 5.0 * torch.einsum("pd,pnd->pn", z[:, 0], n)
+    hard[1, 1] = float("-inf")
+    logits = torch.cat([5.0 * z[:, 0] @ z[:, 1].T, hard], dim=1)
+    got = CooccurrenceContrastive(5.0)(values, history, negatives)
+    torch.testing.assert_close(got, F.cross_entropy(logits, torch.arange(3)))
+    assert got > CooccurrenceContrastive(5.0)(values, history, negatives[:, :0])  # more negatives: a harder task
 
 
 def test_cooccurrence_pairs_alone_train_the_encoder(synthetic_root):
@@ -428,6 +442,30 @@ def test_soft_simtier_is_the_histogram_at_bin_centres_and_passes_gradient():
     torch.testing.assert_close(counts[0, 13:15], torch.tensor([0.5, 0.5]))
     soft(centres).sum().backward()
     assert centres.grad.abs().sum() > 0
+
+
+def test_history_attention_equals_projecting_every_item_and_trains_the_encoder(synthetic_root):
+    from muse_rec.model.lemur import HistoryAttention
+
+    torch.manual_seed(0)
+    attention = HistoryAttention(32)
+    target, history = torch.randn(3, 128), torch.randn(3, 9, 128)
+    present = torch.rand(3, 9) > 0.3
+    present[2] = False
+    t, h = F.normalize(target, dim=-1), F.normalize(history, dim=-1)
+    keys, values = attention.key(h), h @ attention.value.weight.T  # every item projected: the plain form
+    scores = torch.einsum("bld,bd->bl", keys, attention.query(t)) / 128 ** 0.5
+    weights = F.softmax(scores.masked_fill(~present, float("-inf")), dim=-1).nan_to_num(0.0)
+    expected = torch.einsum("bl,bld->bd", weights, values) + attention.value.bias
+    torch.testing.assert_close(attention(target, history, present), expected)
+    ranker_only = ["model.lemur.keep_scl=true", "model.lemur.contrastive_weight=0", "model.lemur.tower_reads_target=false"]
+    for attends in (True, False):
+        model, batch = make(synthetic_root, *ranker_only, f"model.lemur.history_attention={str(attends).lower()}")
+        assert model.dense.tower.layers[0].in_features == tower_input_dim(model.config.embedding_dim) + 2 + 32 * attends + 22
+        model(batch)  # fills the bank, so the second step's history has something to attend to
+        model.zero_grad(set_to_none=True)
+        model(batch)[0].backward()
+        assert (encoder_grad_norm(model) > 0) == attends  # the ranking loss alone, through the target's query
 
 
 def test_the_tower_can_leave_the_target_representation_out(synthetic_root):
