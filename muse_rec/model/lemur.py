@@ -357,8 +357,9 @@ class LemurModel(MuseModel):
     long history missing from the bank: the "missing" flags; then (`sorted_similarities` = n > 0)
     the paper's cosine-similarity feature in sorted form: the n largest cosines between the target
     and the long history, which carry the ranking loss's gradient into the encoder (the GSU's
-    selection and SimTier's histogram carry none); then (`keep_scl`) that feature as a SimTier
-    histogram over the non-padding long history."""
+    selection and SimTier's histogram carry none); then (`history_attention`) the target's
+    attention over the history's representations (`HistoryAttention`); then (`keep_scl`) the
+    cosine feature as a SimTier histogram over the non-padding long history."""
 
     TOWER_EXTRA_INPUTS = OUTPUT_DIM + 2
 
