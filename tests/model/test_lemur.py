@@ -19,7 +19,7 @@ from muse_rec.data.loader import ShardDataset
 from muse_rec.distributed.table_weights import local_pieces
 from muse_rec.model.encoder import ContentEncoder
 from muse_rec.model.lemur import CooccurrenceContrastive, InBatchContrastive, LemurModel, TargetEncoding
-from muse_rec.model.memory_bank import bank_metrics
+from muse_rec.model.memory_bank import bank_metrics, missing
 from muse_rec.batch import batch_layout
 from muse_rec.model.tower import tower_input_dim
 
@@ -135,7 +135,7 @@ def test_tower_reads_the_normalised_target_and_the_missing_flags():
     history = torch.zeros(2, 4, 128)
     history[0, 1:, 0] = 1.0  # row 0: positions 1..3 found, position 0 missing; row 1: all missing
     rows = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 9]])
-    extra = LemurModel._missing_flags_and_target(target, history, rows)
+    extra = LemurModel._missing_flags_and_target(target, missing(history), rows)
     torch.testing.assert_close(extra[:, :2], torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
     torch.testing.assert_close(extra[:, 128:], torch.tensor([[0.0, 0.25], [1.0, 1.0]]))
     assert LemurModel.TOWER_EXTRA_INPUTS == extra.shape[1]
@@ -212,7 +212,7 @@ def test_contrastive_masks_other_rows_of_the_same_user():
     history = torch.randn(4, 3, 128)
     labels = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the unclicked row is no positive and no negative
     ids = torch.tensor([7, 7, 8, 8])
-    loss = head(user, history, target, labels, torch.ones(4), ids)
+    loss = head(user, history, missing(history), target, labels, torch.ones(4), ids)
     u = F.normalize(head.user_tower(torch.cat([user, history.mean(1)], -1))[:3], dim=-1)
     t = F.normalize(target[:3], dim=-1)
     logits = 5.0 * u @ t.T
