@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -26,6 +25,7 @@ from muse_rec.distributed.sharding import dense_module
 from muse_rec.model.memory_bank import BankWriter, missing
 from muse_rec.train import checkpoint
 from muse_rec.train.loop import Runtime, build_model
+from tests.gloo import gloo_group
 
 WORLD = 2
 
@@ -43,70 +43,69 @@ def read(model, rows: list[int]) -> torch.Tensor:
 
 
 def run(rank: int, root: str, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    config = load_config(
-        Path(__file__).resolve().parents[2] / "configs" / "lemur_synthetic.yaml",
-        [f"data.root={root}", "data.batch_size=8", "data.num_workers=0", "model.keep_top=20", "model.lemur.width=16",
-         "model.lemur.heads=2", "sharding.tables.bank.sharding_types=[row_wise]", f"train.out={out}-run"],
-    )
-    maps = FeatureMaps.load(DatasetLayout(root), "p90")
-    runtime = Runtime(rank, WORLD, torch.device("cpu"))
-    sharded = build_model(config, maps, runtime)
-    writer = next(m for m in sharded.model.modules() if isinstance(m, BankWriter))
-    rows = maps.table_rows()[schema.ITEM_MAP]
-    owned_by_0, owned_by_1, never = 2, rows - 3, 5  # row-wise: rank 0 holds the first half
-    generator = torch.Generator().manual_seed(0)
-    a, b, c, d, e = torch.randn(5, schema.SCL_DIM, generator=generator)
-    results = {"pieces": [(first, piece.shape[0]) for first, _, piece in writer.pieces]}
+    with gloo_group(init_file, rank, WORLD):
+        config = load_config(
+            Path(__file__).resolve().parents[2] / "configs" / "lemur_synthetic.yaml",
+            [f"data.root={root}", "data.batch_size=8", "data.num_workers=0", "model.keep_top=20", "model.lemur.width=16",
+             "model.lemur.heads=2", "sharding.tables.bank.sharding_types=[row_wise]", f"train.out={out}-run"],
+        )
+        maps = FeatureMaps.load(DatasetLayout(root), "p90")
+        runtime = Runtime(rank, WORLD, torch.device("cpu"))
+        sharded = build_model(config, maps, runtime)
+        writer = next(m for m in sharded.model.modules() if isinstance(m, BankWriter))
+        rows = maps.table_rows()[schema.ITEM_MAP]
+        owned_by_0, owned_by_1, never = 2, rows - 3, 5  # row-wise: rank 0 holds the first half
+        generator = torch.Generator().manual_seed(0)
+        a, b, c, d, e = torch.randn(5, schema.SCL_DIM, generator=generator)
+        results = {"pieces": [(first, piece.shape[0]) for first, _, piece in writer.pieces]}
 
-    # rank 0 writes a row of its own twice (the last value wins) and a row rank 1 holds; rank 1 writes one
-    if rank == 0:
-        writer(torch.tensor([owned_by_0, owned_by_1, owned_by_0]), torch.stack([a, b, c]))
-    else:
-        writer(torch.tensor([rows - 2]), d.unsqueeze(0))
-    looked_up = [owned_by_0, owned_by_1, rows - 2, never]
-    results["after_first_write"] = read(sharded.model, looked_up)
-    results["first_metrics"] = gather_bank_metrics(sharded.model)
-    # rank 1 overwrites rank 0's row: staleness is the cosine between the old and the new value
-    writes = 1 if rank == 1 else 0  # a collective: rank 0 takes part with nothing to write
-    writer(torch.tensor([owned_by_0] * writes, dtype=torch.long), e.unsqueeze(0)[:writes])
-    results["second_metrics"] = gather_bank_metrics(sharded.model)
-    results["expected_staleness"] = float(F.cosine_similarity(c, e, dim=0))
-    results["after_second_write"] = read(sharded.model, looked_up)
+        # rank 0 writes a row of its own twice (the last value wins) and a row rank 1 holds; rank 1 writes one
+        if rank == 0:
+            writer(torch.tensor([owned_by_0, owned_by_1, owned_by_0]), torch.stack([a, b, c]))
+        else:
+            writer(torch.tensor([rows - 2]), d.unsqueeze(0))
+        looked_up = [owned_by_0, owned_by_1, rows - 2, never]
+        results["after_first_write"] = read(sharded.model, looked_up)
+        results["first_metrics"] = gather_bank_metrics(sharded.model)
+        # rank 1 overwrites rank 0's row: staleness is the cosine between the old and the new value
+        writes = 1 if rank == 1 else 0  # a collective: rank 0 takes part with nothing to write
+        writer(torch.tensor([owned_by_0] * writes, dtype=torch.long), e.unsqueeze(0)[:writes])
+        results["second_metrics"] = gather_bank_metrics(sharded.model)
+        results["expected_staleness"] = float(F.cosine_similarity(c, e, dim=0))
+        results["after_second_write"] = read(sharded.model, looked_up)
 
-    with torch.no_grad():  # an encoder unlike the seeded init, to be found again below
-        for tensor in dense_module(sharded.model).targets.encoder.state_dict().values():  # the centring's running mean too
-            tensor.add_(0.5)
-    # checkpoint round trip into a fresh model (its bank starts empty)
-    dense_module(sharded.model).targets.steps.fill_(7)  # p / q draws resume at the saved step
-    path = checkpoint.save(Path(out + "-run"), sharded, checkpoint.Position(0, WORLD, 8, 0), checkpoint.run_identity(config, maps.table_rows()), {}, keep=1)
-    fresh = build_model(config, maps, runtime)
-    results["fresh"] = read(fresh.model, looked_up)
-    initial_encoder = {k: v.clone() for k, v in dense_module(fresh.model).targets.encoder.state_dict().items()}
-    checkpoint.load(path, fresh, with_optimizer=False)
-    results["reloaded"] = read(fresh.model, looked_up)
-    results["reloaded_steps"] = int(dense_module(fresh.model).targets.steps)
+        with torch.no_grad():  # an encoder unlike the seeded init, to be found again below
+            for tensor in dense_module(sharded.model).targets.encoder.state_dict().values():  # the centring's running mean too
+                tensor.add_(0.5)
+        # checkpoint round trip into a fresh model (its bank starts empty)
+        dense_module(sharded.model).targets.steps.fill_(7)  # p / q draws resume at the saved step
+        path = checkpoint.save(Path(out + "-run"), sharded, checkpoint.Position(0, WORLD, 8, 0), checkpoint.run_identity(config, maps.table_rows()), {}, keep=1)
+        fresh = build_model(config, maps, runtime)
+        results["fresh"] = read(fresh.model, looked_up)
+        initial_encoder = {k: v.clone() for k, v in dense_module(fresh.model).targets.encoder.state_dict().items()}
+        checkpoint.load(path, fresh, with_optimizer=False)
+        results["reloaded"] = read(fresh.model, looked_up)
+        results["reloaded_steps"] = int(dense_module(fresh.model).targets.steps)
 
-    # the encoder alone into a model built with encoder_checkpoint (the two-stage variant)
-    with_encoder = dataclasses.replace(config, model=dataclasses.replace(
-        config.model, lemur=dataclasses.replace(config.model.lemur, encoder_checkpoint=str(path), train_encoder=False)))
-    second_stage = build_model(with_encoder, maps, runtime)
-    saved = dense_module(sharded.model).targets.encoder.state_dict()
-    loaded = dense_module(second_stage.model).targets.encoder.state_dict()
-    results["encoder_loaded"] = all(torch.equal(saved[k], loaded[k]) for k in saved)
-    results["encoder_was_random"] = not any(torch.equal(saved[k], initial_encoder[k]) for k in saved)
+        # the encoder alone into a model built with encoder_checkpoint (the two-stage variant)
+        with_encoder = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, lemur=dataclasses.replace(config.model.lemur, encoder_checkpoint=str(path), train_encoder=False)))
+        second_stage = build_model(with_encoder, maps, runtime)
+        saved = dense_module(sharded.model).targets.encoder.state_dict()
+        loaded = dense_module(second_stage.model).targets.encoder.state_dict()
+        results["encoder_loaded"] = all(torch.equal(saved[k], loaded[k]) for k in saved)
+        results["encoder_was_random"] = not any(torch.equal(saved[k], initial_encoder[k]) for k in saved)
 
-    # the traced training pipeline: targets encoded and written, then read back
-    pipeline = TrainPipelineSparseDist(fresh.model, fresh.optimizer, torch.device("cpu"))
-    batches = iter(ShardDataset(config.data, "train", rank, WORLD, maps, layout=batch_layout(config.model)))  # lemur, history from the bank
-    results["losses"] = [float(pipeline.progress(batches)[0]) for _ in range(3)]
-    pipeline.detach()
-    results["train_metrics"] = gather_bank_metrics(fresh.model)
-    if rank == 0:
-        results["rows"] = [owned_by_0, owned_by_1, rows - 2, never]
-        results["values"] = {"a": a, "b": b, "c": c, "d": d, "e": e}
-    torch.save(results, f"{out}-{rank}.pt")
-    dist.destroy_process_group()
+        # the traced training pipeline: targets encoded and written, then read back
+        pipeline = TrainPipelineSparseDist(fresh.model, fresh.optimizer, torch.device("cpu"))
+        batches = iter(ShardDataset(config.data, "train", rank, WORLD, maps, layout=batch_layout(config.model)))  # lemur, history from the bank
+        results["losses"] = [float(pipeline.progress(batches)[0]) for _ in range(3)]
+        pipeline.detach()
+        results["train_metrics"] = gather_bank_metrics(fresh.model)
+        if rank == 0:
+            results["rows"] = [owned_by_0, owned_by_1, rows - 2, never]
+            results["values"] = {"a": a, "b": b, "c": c, "d": d, "e": e}
+        torch.save(results, f"{out}-{rank}.pt")
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from muse_rec.distributed.topology import GIB, running_hardware
 from muse_rec.errors import ConfigError, MuseRecError
 from muse_rec.model.muse import MuseModel
 from muse_rec.train.loop import Runtime, build_model
+from tests.gloo import gloo_group
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 GB = 10**9
@@ -222,26 +223,25 @@ STEPS = 3
 
 
 def run_with_plan(rank: int, root: str, plan_path: str, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    config = load_config_with_profile(
-        None, "cpu-2core", [f"data.root={root}", "data.batch_size=8", "model.keep_top=20", f"sharding.plan={plan_path}"]
-    )
-    maps = FeatureMaps.load(DatasetLayout(root), "p90")
-    sharded = build_model(config, maps, Runtime(rank, 2, torch.device("cpu")))
-    item = next(v for k, v in sharded.model.state_dict().items() if k.endswith("sequence_tables.embeddings.item.weight"))
-    before = [s.tensor.clone() for s in item.local_shards()]
-    pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, torch.device("cpu"))
-    batches = iter(ShardDataset(config.data, "train", rank, 2, maps, layout=batch_layout(config.model)))
-    losses = [float(pipeline.progress(batches)[0]) for _ in range(STEPS)]
-    pipeline.detach()
-    result = {
-        "plan_used": sharded.plan == load_plan(plan_path, "cpu", 2),
-        "losses": losses,
-        "item_shards": [(list(s.metadata.shard_offsets), list(s.metadata.shard_sizes)) for s in item.local_shards()],
-        "item_moved": any(not torch.equal(b, s.tensor) for b, s in zip(before, item.local_shards())),
-    }
-    torch.save(result, f"{out}.{rank}")
-    dist.destroy_process_group()
+    with gloo_group(init_file, rank, 2):
+        config = load_config_with_profile(
+            None, "cpu-2core", [f"data.root={root}", "data.batch_size=8", "model.keep_top=20", f"sharding.plan={plan_path}"]
+        )
+        maps = FeatureMaps.load(DatasetLayout(root), "p90")
+        sharded = build_model(config, maps, Runtime(rank, 2, torch.device("cpu")))
+        item = next(v for k, v in sharded.model.state_dict().items() if k.endswith("sequence_tables.embeddings.item.weight"))
+        before = [s.tensor.clone() for s in item.local_shards()]
+        pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, torch.device("cpu"))
+        batches = iter(ShardDataset(config.data, "train", rank, 2, maps, layout=batch_layout(config.model)))
+        losses = [float(pipeline.progress(batches)[0]) for _ in range(STEPS)]
+        pipeline.detach()
+        result = {
+            "plan_used": sharded.plan == load_plan(plan_path, "cpu", 2),
+            "losses": losses,
+            "item_shards": [(list(s.metadata.shard_offsets), list(s.metadata.shard_sizes)) for s in item.local_shards()],
+            "item_moved": any(not torch.equal(b, s.tensor) for b, s in zip(before, item.local_shards())),
+        }
+        torch.save(result, f"{out}.{rank}")
 
 
 def test_a_plan_made_offline_for_cpu_2core_trains_on_two_gloo_ranks(synthetic_root, tmp_path):
@@ -302,11 +302,8 @@ def test_fused_optimizer_kwargs_are_what_fbgemm_takes(synthetic_root, tmp_path, 
     attach_sparse_optimizers(model, OptimConfig(), optimizer_of, train)
     topology = topology_from_profile(HardwareConfig(), "cpu", 1)
     plan = make_planner(model, ShardingConfig(), topology, DataConfig(batch_size=8)).plan(model, sharders())
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
+    with gloo_group(tmp_path / "init"):
         DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders())
-    finally:
-        dist.destroy_process_group()
 
     by_table = {name: kwargs for kwargs in recorded for name in kwargs["table_names"]}
     assert {"item", "category", "scl", "129_1"} <= by_table.keys()

@@ -26,6 +26,7 @@ from muse_rec.distributed.warm_start import DIRECTORY, META, items_read, warm_st
 from muse_rec.model.lemur import TargetEncoding
 from muse_rec.model.memory_bank import missing
 from muse_rec.train.loop import Runtime, build_model
+from tests.gloo import gloo_group
 from tests.distributed.test_memory_bank import read
 
 WORLD = 2
@@ -87,65 +88,64 @@ def count_encodes(model) -> list[int]:
 
 
 def run(rank: int, root: str, init_file: str, tmp: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    runtime = Runtime(rank, WORLD, torch.device("cpu"))
-    maps = FeatureMaps.load(DatasetLayout(root), "p90")
-    results = {}
+    with gloo_group(init_file, rank, WORLD):
+        runtime = Runtime(rank, WORLD, torch.device("cpu"))
+        maps = FeatureMaps.load(DatasetLayout(root), "p90")
+        results = {}
 
-    # an uninterrupted warm start
-    config = lemur_config(root, f"{tmp}/whole")
-    whole = build_model(config, maps, runtime)
-    calls = count_encodes(whole.model)
-    results["record"] = warm_start_bank(whole.model, config, maps, Path(config.train.out), 0, progress=False)
-    results["encoded_here"] = sum(calls)
-    targets = dense_module(whole.model).targets
-    results["held"] = targets.writer.held_rows(torch.arange(targets.writer.held_count)).tolist()
-    rows = sorted(loader_items(Path(root), config.data.long_seq_len, rank, WORLD))  # this rank's batches' items
-    results["rows"] = rows
-    results["bank"] = bank_rows(whole.model, rows)
-    targets.encoder.eval()
-    with torch.no_grad():  # the encoder as evaluation runs it (the centring's running mean)
-        results["encoder"] = targets.encoder(targets.tokens[torch.tensor(rows)])
-    targets.encoder.train()
-    read_anywhere = set().union(*(loader_items(Path(root), config.data.long_seq_len, r, WORLD) for r in range(WORLD)))
-    others = [r for r in range(1, maps.table_rows()[schema.ITEM_MAP]) if r not in read_anywhere][:500]
-    results["unread_rows"] = others
-    results["unread_bank"] = bank_rows(whole.model, others)
+        # an uninterrupted warm start
+        config = lemur_config(root, f"{tmp}/whole")
+        whole = build_model(config, maps, runtime)
+        calls = count_encodes(whole.model)
+        results["record"] = warm_start_bank(whole.model, config, maps, Path(config.train.out), 0, progress=False)
+        results["encoded_here"] = sum(calls)
+        targets = dense_module(whole.model).targets
+        results["held"] = targets.writer.held_rows(torch.arange(targets.writer.held_count)).tolist()
+        rows = sorted(loader_items(Path(root), config.data.long_seq_len, rank, WORLD))  # this rank's batches' items
+        results["rows"] = rows
+        results["bank"] = bank_rows(whole.model, rows)
+        targets.encoder.eval()
+        with torch.no_grad():  # the encoder as evaluation runs it (the centring's running mean)
+            results["encoder"] = targets.encoder(targets.tokens[torch.tensor(rows)])
+        targets.encoder.train()
+        read_anywhere = set().union(*(loader_items(Path(root), config.data.long_seq_len, r, WORLD) for r in range(WORLD)))
+        others = [r for r in range(1, maps.table_rows()[schema.ITEM_MAP]) if r not in read_anywhere][:500]
+        results["unread_rows"] = others
+        results["unread_bank"] = bank_rows(whole.model, others)
 
-    # killed after KILLED_AFTER chunks (its progress saved after each), then restarted
-    config = lemur_config(root, f"{tmp}/killed", "model.lemur.warm_start_save_every=1")
-    killed = build_model(config, maps, runtime)
-    calls = count_encodes(killed.model)
-    original = dense_module(killed.model).targets.encode_for_bank
+        # killed after KILLED_AFTER chunks (its progress saved after each), then restarted
+        config = lemur_config(root, f"{tmp}/killed", "model.lemur.warm_start_save_every=1")
+        killed = build_model(config, maps, runtime)
+        calls = count_encodes(killed.model)
+        original = dense_module(killed.model).targets.encode_for_bank
 
-    def dies(rows):
-        if len(calls) >= KILLED_AFTER:
-            raise Killed
-        return original(rows)
+        def dies(rows):
+            if len(calls) >= KILLED_AFTER:
+                raise Killed
+            return original(rows)
 
-    dense_module(killed.model).targets.encode_for_bank = dies
-    try:
-        warm_start_bank(killed.model, config, maps, Path(config.train.out), 0, progress=False)
-    except Killed:
-        pass
-    dist.barrier()
-    results["saved_meta"] = json.loads((Path(config.train.out) / DIRECTORY / META).read_text())
-    restarted = build_model(config, maps, runtime)
-    calls = count_encodes(restarted.model)
-    results["resumed_record"] = warm_start_bank(restarted.model, config, maps, Path(config.train.out), 0, progress=False)
-    results["resumed_calls"] = len(calls)
-    results["resumed_bank"] = bank_rows(restarted.model, rows)
+        dense_module(killed.model).targets.encode_for_bank = dies
+        try:
+            warm_start_bank(killed.model, config, maps, Path(config.train.out), 0, progress=False)
+        except Killed:
+            pass
+        dist.barrier()
+        results["saved_meta"] = json.loads((Path(config.train.out) / DIRECTORY / META).read_text())
+        restarted = build_model(config, maps, runtime)
+        calls = count_encodes(restarted.model)
+        results["resumed_record"] = warm_start_bank(restarted.model, config, maps, Path(config.train.out), 0, progress=False)
+        results["resumed_calls"] = len(calls)
+        results["resumed_bank"] = bank_rows(restarted.model, rows)
 
-    # restarted again once complete: nothing to encode; resumed from a training checkpoint: nothing at all
-    again = build_model(config, maps, runtime)
-    calls = count_encodes(again.model)
-    warm_start_bank(again.model, config, maps, Path(config.train.out), 0, progress=False)
-    results["complete_calls"] = len(calls)
-    results["complete_bank"] = bank_rows(again.model, rows)
-    results["after_checkpoint"] = warm_start_bank(again.model, config, maps, Path(config.train.out), 5, progress=False)
-    results["directory_left"] = (Path(config.train.out) / DIRECTORY).exists()
-    torch.save(results, f"{tmp}/result-{rank}.pt")
-    dist.destroy_process_group()
+        # restarted again once complete: nothing to encode; resumed from a training checkpoint: nothing at all
+        again = build_model(config, maps, runtime)
+        calls = count_encodes(again.model)
+        warm_start_bank(again.model, config, maps, Path(config.train.out), 0, progress=False)
+        results["complete_calls"] = len(calls)
+        results["complete_bank"] = bank_rows(again.model, rows)
+        results["after_checkpoint"] = warm_start_bank(again.model, config, maps, Path(config.train.out), 5, progress=False)
+        results["directory_left"] = (Path(config.train.out) / DIRECTORY).exists()
+        torch.save(results, f"{tmp}/result-{rank}.pt")
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -31,6 +29,7 @@ from muse_rec.distributed.table_weights import SCL_WEIGHT_SUFFIX
 from muse_rec.train import checkpoint
 from muse_rec.train.checkpoint import FRESH_START, checkpoint_root, latest, read_meta
 from muse_rec.train.loop import Runtime, build_model, evaluate
+from tests.gloo import gloo_group
 from tests.train.test_loop import records, without_rates
 from tests.train.test_sharded_training import full_weights
 
@@ -149,23 +148,13 @@ def test_a_loaded_and_evaluated_checkpoint_keeps_the_scl_values_file(data, whole
 
 def _load_and_evaluate(path: Path, init_file: Path, overrides: list[str]) -> dict[str, torch.Tensor]:
     """What `muse-rec eval` does, on one rank in this process; the model's weights after evaluating."""
-    with one_rank(init_file):
+    with gloo_group(init_file):
         config = config_from_dict(read_meta(path)["config"], overrides)
         maps = FeatureMaps.load(DatasetLayout(config.data.root), config.data.vocab)
         sharded = build_model(config, maps, ONE_RANK)
         checkpoint.load(path, sharded, with_optimizer=False)
         evaluate(sharded, config, maps, ONE_RANK, progress=False)
         return full_weights(sharded.model, 0)
-
-
-@contextlib.contextmanager
-def one_rank(init_file: Path) -> Iterator[None]:
-    """A one-rank gloo group in this process, for the collectives of building, saving and loading."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 class Crash(Exception):
@@ -183,7 +172,7 @@ def test_a_save_failing_at_any_file_system_call_leaves_a_checkpoint_to_resume(da
     """The n-th file-system call of a save, and every later one, fail (a kill there), for each n
     until a save gets through: the run still finds the old or the new checkpoint, complete (its
     weights are the ones its meta.json was saved with), and saves again, leaving nothing behind."""
-    with one_rank(tmp_path / "init"):
+    with gloo_group(tmp_path / "init"):
         config = config_from_dict({}, [f"data.root={data}", "data.batch_size=12", "data.long_seq_len=200", "model.keep_top=20"])
         maps = FeatureMaps.load(DatasetLayout(data), config.data.vocab)
         sharded = build_model(config, maps, ONE_RANK)

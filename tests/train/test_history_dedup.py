@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -21,6 +20,7 @@ from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset
 from muse_rec.train.loop import Runtime, build_model
+from tests.gloo import gloo_group
 from tests.train.test_sharded_training import assert_same_up_to_reduction_order, full_weights, reversed_rows
 
 RUNS = {
@@ -38,20 +38,19 @@ LAYOUTS = {
 
 
 def run(rank: int, root: str, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    results = {}
-    for (name, overrides), layout in itertools.product(RUNS.items(), LAYOUTS):
-        config = load_config(None, [f"data.root={root}", "data.batch_size=16", "model.keep_top=20", "optim.sparse_cpu_lr=0.05", *overrides])
-        maps = FeatureMaps.load(DatasetLayout(root), "p90")
-        sharded = build_model(config, maps, Runtime(0, 1, torch.device("cpu")))
-        batches = map(LAYOUTS[layout], ShardDataset(config.data, "train", 0, 1, maps, layout=batch_layout(config.model)))
-        initial = full_weights(sharded.model, 0)
-        pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, torch.device("cpu"))
-        losses = [pipeline.progress(batches)[0].detach().clone() for _ in range(STEPS)]
-        pipeline.detach()
-        results[name, layout] = {"losses": losses, "initial": initial, "weights": full_weights(sharded.model, 0)}
-    torch.save(results, out)
-    dist.destroy_process_group()
+    with gloo_group(init_file):
+        results = {}
+        for (name, overrides), layout in itertools.product(RUNS.items(), LAYOUTS):
+            config = load_config(None, [f"data.root={root}", "data.batch_size=16", "model.keep_top=20", "optim.sparse_cpu_lr=0.05", *overrides])
+            maps = FeatureMaps.load(DatasetLayout(root), "p90")
+            sharded = build_model(config, maps, Runtime(0, 1, torch.device("cpu")))
+            batches = map(LAYOUTS[layout], ShardDataset(config.data, "train", 0, 1, maps, layout=batch_layout(config.model)))
+            initial = full_weights(sharded.model, 0)
+            pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, torch.device("cpu"))
+            losses = [pipeline.progress(batches)[0].detach().clone() for _ in range(STEPS)]
+            pipeline.detach()
+            results[name, layout] = {"losses": losses, "initial": initial, "weights": full_weights(sharded.model, 0)}
+        torch.save(results, out)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from muse_rec.train import metrics
@@ -25,6 +24,7 @@ from muse_rec.train.metrics import (
     reference_threshold_auc,
     reference_thresholds,
 )
+from tests.gloo import gloo_group
 
 
 def brute_auc(scores: list[float], labels: list[float], tie_credit: float = 0.5) -> float:
@@ -188,11 +188,8 @@ def accumulate(batches) -> EvalAccumulator:
 
 def distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
     """One rank: its share of the batches (round robin), then the collective `compute`."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(init_file, rank, WORLD):
         result = accumulate(make_batches()[rank::WORLD]).compute(bootstrap_draws=200)
-    finally:
-        dist.destroy_process_group()
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
 
 

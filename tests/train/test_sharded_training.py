@@ -37,6 +37,7 @@ from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset
 from muse_rec.train.loop import Runtime, build_model
+from tests.gloo import gloo_group
 
 METHODS = ("muse", "sim_soft", "sim_hard", "din")
 RUNS = {method: [f"model.method={method}"] for method in METHODS} | {
@@ -131,37 +132,36 @@ def full_weights(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
 
 
 def run(rank: int, world_size: int, root: str, init_file: str, out: str, reverse: bool) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    results = {}
-    for run_name, overrides in RUNS.items():
-        config = load_config(
-            None, [f"data.root={root}", f"data.batch_size={BATCH_SIZE}", "model.keep_top=20", "optim.sparse_cpu_lr=0.05", *overrides]
-        )
-        maps = FeatureMaps.load(DatasetLayout(root), "p90")
-        sharded = build_model(config, maps, Runtime(rank, world_size, torch.device("cpu")))
-        halves = [iter(ShardDataset(config.data, "train", r, 2, maps, layout=batch_layout(config.model))) for r in range(2)]
-        if world_size == 2:
-            batches = halves[rank]
-        else:  # one rank reads both halves, each step the two ranks' batches side by side
-            batches = (concat_batches(a, b) for a, b in zip(*halves))
-            if reverse:
-                batches = map(reversed_rows, batches)
-        initial = full_weights(sharded.model, rank)
-        pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, torch.device("cpu"))
-        losses, first_gradients = [], {}
-        for step in range(STEPS):
-            loss = pipeline.progress(batches)[0].detach().clone()
-            if step == 0:  # DDP's gradients of the dense parameters, before any weight differs
-                first_gradients = {k: p.grad.clone() for k, p in sharded.model.named_parameters() if p.grad is not None}
-            dist.all_reduce(loss)
-            losses.append(float(loss) / world_size)
-        pipeline.detach()
-        results[run_name] = {
-            "losses": losses, "initial": initial, "weights": full_weights(sharded.model, rank), "first_gradients": first_gradients,
-        }
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
+    with gloo_group(init_file, rank, world_size):
+        results = {}
+        for run_name, overrides in RUNS.items():
+            config = load_config(
+                None, [f"data.root={root}", f"data.batch_size={BATCH_SIZE}", "model.keep_top=20", "optim.sparse_cpu_lr=0.05", *overrides]
+            )
+            maps = FeatureMaps.load(DatasetLayout(root), "p90")
+            sharded = build_model(config, maps, Runtime(rank, world_size, torch.device("cpu")))
+            halves = [iter(ShardDataset(config.data, "train", r, 2, maps, layout=batch_layout(config.model))) for r in range(2)]
+            if world_size == 2:
+                batches = halves[rank]
+            else:  # one rank reads both halves, each step the two ranks' batches side by side
+                batches = (concat_batches(a, b) for a, b in zip(*halves))
+                if reverse:
+                    batches = map(reversed_rows, batches)
+            initial = full_weights(sharded.model, rank)
+            pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, torch.device("cpu"))
+            losses, first_gradients = [], {}
+            for step in range(STEPS):
+                loss = pipeline.progress(batches)[0].detach().clone()
+                if step == 0:  # DDP's gradients of the dense parameters, before any weight differs
+                    first_gradients = {k: p.grad.clone() for k, p in sharded.model.named_parameters() if p.grad is not None}
+                dist.all_reduce(loss)
+                losses.append(float(loss) / world_size)
+            pipeline.detach()
+            results[run_name] = {
+                "losses": losses, "initial": initial, "weights": full_weights(sharded.model, rank), "first_gradients": first_gradients,
+            }
+        if rank == 0:
+            torch.save(results, out)
 
 
 def train_in_processes(world_size: int, root: Path, tmp: Path, reverse: bool = False) -> dict:
