@@ -17,7 +17,6 @@ Cosines come from the memory-mapped int8 values file and are exact, as the GSU's
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from muse_rec.data import gsu
 
@@ -88,11 +87,7 @@ def same_category_negatives(
     tries = low[:, None] + (rng.random((len(anchor_places), 4 * count)) * (high - low)[:, None]).astype(np.int64)
     places = eligible[np.minimum(tries, len(eligible) - 1)]
     ok = (high > low)[:, None] & (owner[places] != owner[anchor_places][:, None]) & (items[places] != items[anchor_places][:, None])
-    anchor_vectors = torch.from_numpy(values[scl[anchor_places] - 1]).float()
-    vectors = torch.from_numpy(values[scl[places] - 1]).float()
-    products = torch.einsum("pd,pmd->pm", anchor_vectors, vectors).double()  # integers below 2**24: exact
-    norms = anchor_vectors.square().sum(-1).double().sqrt()[:, None] * vectors.square().sum(-1).double().sqrt()
-    ok &= (products / norms.clamp_min(1e-12)).numpy() < max_cosine
+    ok &= gsu.paired_cosines(values, scl[anchor_places], scl[places]) < max_cosine
     order = np.argsort(places, axis=1, kind="stable")  # each position once: drop repeats of a draw
     ranked = np.take_along_axis(places, order, axis=1)
     repeat = np.zeros_like(ok)

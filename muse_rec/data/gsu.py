@@ -84,6 +84,17 @@ def pairwise_cosines(values: np.ndarray, rows: np.ndarray, other_rows: np.ndarra
     return (_products(vectors, others).double() / (norms.unsqueeze(-1) * other_norms)).add_(0.0).numpy()
 
 
+def paired_cosines(values: np.ndarray, rows: np.ndarray, other_rows: np.ndarray) -> np.ndarray:
+    """float64 (n, m): cosine of the SCL vector of each of `rows` (n,) with each of its own
+    `other_rows` (n, m), exact as `pairwise_cosines`' (lemur's hard negatives, drawn per anchor)."""
+    vectors = _gather(values, rows).float()
+    others = _gather(values, other_rows.reshape(-1)).float().view(*other_rows.shape, values.shape[1])
+    norms = _norms(vectors.square().sum(dim=-1), rows)
+    other_norms = _norms(others.square().sum(dim=-1), other_rows)
+    dots = torch.einsum("nd,nmd->nm", vectors, others).double()  # integers below 2**24: exact
+    return (dots / (norms.unsqueeze(-1) * other_norms)).add_(0.0).numpy()
+
+
 def _gather(values: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
     """int8 vectors (n, 128) of SCL rows. Row 0 (pad, no vector) reads the first stored vector,
     which `_norms` cancels; mode="clip" skips numpy's bounds check (the rows are table rows)."""

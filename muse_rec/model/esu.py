@@ -17,18 +17,21 @@ ATTENTION_EPS = 1e-7
 """The reference adds 1e-7 to every softmax weight."""
 
 
-def _attention_pool(scores: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """sum_N (softmax_N(scores) + 1e-7) * values: (B, N), (B, N, d) -> (B, d).
+def attention_pool(
+    scores: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, eps: float = ATTENTION_EPS
+) -> torch.Tensor:
+    """sum_N (softmax_N(scores) + eps) * values: (B, N), (B, N, d) -> (B, d); eps is the
+    reference's 1e-7 unless a caller (lemur's history attention) pools without it.
 
     Masked variant: masked scores are set to the lowest float (a finite -inf, so that a row with
     no real behaviour gives uniform, then zeroed, weights instead of NaN), and masked weights,
-    the 1e-7 included, are zeroed: such a row pools to 0.
+    eps included, are zeroed: such a row pools to 0.
     """
     if mask is None:
-        weights = F.softmax(scores, dim=-1) + ATTENTION_EPS
+        weights = F.softmax(scores, dim=-1) + eps
     else:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        weights = (F.softmax(scores, dim=-1) + ATTENTION_EPS) * mask
+        weights = (F.softmax(scores, dim=-1) + eps) * mask
     return torch.einsum("bn,bnd->bd", weights, values)
 
 
@@ -109,7 +112,7 @@ class SelfAttentiveTargetAttention(nn.Module):
         semantic_scores = similarity / self.tau[0]
         g1, g2, g3 = self.gates
         scores = g1 * id_scores + g2 * semantic_scores + g3 * id_scores * semantic_scores
-        return _attention_pool(scores, values, mask)
+        return attention_pool(scores, values, mask)
 
 
 class TargetAttention(nn.Module):
@@ -128,4 +131,4 @@ class TargetAttention(nn.Module):
         """target (B, dim), sequence (B, N, dim) -> (B, dim)."""
         query = self.query(target)
         keys = self.key(sequence)
-        return _attention_pool(torch.einsum("bnd,bd->bn", keys, query), keys, mask)
+        return attention_pool(torch.einsum("bnd,bd->bn", keys, query), keys, mask)

@@ -37,7 +37,7 @@ from muse_rec.batch import Batch
 from muse_rec.config import LemurConfig, ModelConfig
 from muse_rec.model import gsu
 from muse_rec.model.encoder import OUTPUT_DIM, ContentEncoder, OutputCentring
-from muse_rec.model.esu import SimTier
+from muse_rec.model.esu import SimTier, attention_pool
 from muse_rec.model.memory_bank import PAIR_STATS, READ_STATS, BankWriter, StatSums, bank_table_config, missing
 from muse_rec.model.muse import MuseDense, MuseModel
 from muse_rec.model.tower import two_class_loss_and_prob
@@ -496,6 +496,4 @@ class HistoryAttention(nn.Module):
         with nothing present pools to zeros (the value bias alone)."""
         probe = self.query(F.normalize(target, dim=-1)) @ self.key.weight / self.key.in_features ** 0.5
         items = F.normalize(history.detach(), dim=-1)
-        scores = torch.einsum("bld,bd->bl", items, probe).masked_fill(~present, torch.finfo(target.dtype).min)
-        weights = F.softmax(scores, dim=-1) * present
-        return self.value(torch.einsum("bl,bld->bd", weights, items))
+        return self.value(attention_pool(torch.einsum("bld,bd->bl", items, probe), items, present, eps=0.0))

@@ -95,3 +95,19 @@ def test_pairwise_cosines_are_the_exact_scl_cosines_before_their_float32_roundin
     want = loader_gsu.scl_cosines(values, rows, others[None, :], np.zeros(9, np.int64))
     np.testing.assert_array_equal(pairwise.astype(np.float32), want)
     assert not pairwise[:, -1].any() and not pairwise[-1].any()  # the zero vector and row 0: cosine 0
+
+
+def test_paired_cosines_are_each_rows_own_pairwise_cosines():
+    """Each anchor against its own candidates (lemur's hard negatives): bit for bit the pairwise
+    cosines of that anchor; row 0 and a stored zero vector on either side give 0."""
+    rng = np.random.default_rng(3)
+    values = rng.integers(-127, 128, (50, 128), dtype=np.int8)
+    values[6] = 0
+    rows = np.array([3, 7, 0, 12])
+    others = rng.integers(0, 51, (4, 9))
+    others[0, -1] = 7
+    paired = loader_gsu.paired_cosines(values, rows, others)
+    assert paired.dtype == np.float64 and paired.shape == (4, 9)
+    for i in range(4):
+        np.testing.assert_array_equal(paired[i], loader_gsu.pairwise_cosines(values, rows[i : i + 1], others[i])[0])
+    assert paired[0, -1] == 0 and not paired[1:3].any()
