@@ -18,7 +18,7 @@ from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset
 from muse_rec.distributed.table_weights import local_pieces
 from muse_rec.model.encoder import ContentEncoder
-from muse_rec.model.lemur import CooccurrenceContrastive, InBatchContrastive, LemurModel, TargetEncoding
+from muse_rec.model.lemur import CooccurrenceContrastive, InBatchContrastive, LemurModel, TargetEncoding, known_mean
 from muse_rec.model.memory_bank import bank_metrics, missing
 from muse_rec.batch import batch_layout
 from muse_rec.model.tower import tower_input_dim
@@ -212,7 +212,7 @@ def test_contrastive_masks_other_rows_of_the_same_user():
     history = torch.randn(4, 3, 128)
     labels = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the unclicked row is no positive and no negative
     ids = torch.tensor([7, 7, 8, 8])
-    loss = head(user, history, missing(history), target, labels, torch.ones(4), ids)
+    loss = head(user, known_mean(history, missing(history)), target, labels, torch.ones(4), ids)
     u = F.normalize(head.user_tower(torch.cat([user, history.mean(1)], -1))[:3], dim=-1)
     t = F.normalize(target[:3], dim=-1)
     logits = 5.0 * u @ t.T
@@ -220,6 +220,15 @@ def test_contrastive_masks_other_rows_of_the_same_user():
     expected = F.cross_entropy(logits, torch.arange(3))
     torch.testing.assert_close(loss, expected)
 
+
+
+def test_known_mean_pools_the_written_positions_only():
+    history = torch.randn(3, 4, 128)
+    absent = torch.tensor([[False, True, False, True], [True] * 4, [False] * 4])
+    pooled = known_mean(history, absent)
+    torch.testing.assert_close(pooled[0], history[0, [0, 2]].mean(0))
+    assert torch.equal(pooled[1], torch.zeros(128))  # nothing written: zeros, not NaN
+    torch.testing.assert_close(pooled[2], history[2].mean(0))
 
 def test_cooccurrence_contrastive_masks_other_pairs_of_the_same_history():
     torch.manual_seed(0)
