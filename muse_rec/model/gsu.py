@@ -29,9 +29,18 @@ def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = NORMALIZE_EPS) -> torc
 def cosines(target: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
     """Cosines (B, L) of `target` (B, d) with each of `sequence` (B, L, d); 0 where either vector is
     zero. A batched matmul, as in the reference, so no (B, L, d) product is materialised."""
-    query = F.normalize(target, dim=-1, eps=NORMALIZE_EPS).unsqueeze(-1)  # (B, d, 1)
-    keys = F.normalize(sequence, dim=-1, eps=NORMALIZE_EPS)
-    return torch.bmm(keys, query).squeeze(-1)
+    return unit_cosines(target, unit(sequence))
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """`x` divided by max(norm, eps) along the last dim: each side of `cosine`."""
+    return F.normalize(x, dim=-1, eps=NORMALIZE_EPS)
+
+
+def unit_cosines(target: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`cosines` of `target` (B, d) with `keys` (B, L, d) = `unit(sequence)`, bit for bit: a history
+    that several impressions share is normalised once (lemur)."""
+    return torch.bmm(keys, unit(target).unsqueeze(-1)).squeeze(-1)
 
 
 def scl_cosines(target: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:

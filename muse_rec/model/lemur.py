@@ -406,27 +406,27 @@ class LemurModel(MuseModel):
         bank_target = bank[schema.TARGET_ITEM].values().detach().float()
         bank_history = bank[schema.HIST_ITEMS].values().detach().float()  # (U x L, 128): each distinct history once
         if c.history_source == "bank":  # what depends on the history alone: once per distinct history
-            history = batch.per_impression(bank_history, OUTPUT_DIM)
+            keys = batch.per_impression(gsu.unit(bank_history), OUTPUT_DIM)
             distinct_absent = missing(bank_history).view(batch.num_histories, -1)
             absent = batch.per_impression(distinct_absent)
             pooled = known_mean(bank_history.view(batch.num_histories, -1, OUTPUT_DIM), distinct_absent)[batch.history_of_row]
         else:
-            history = encoded_history
-            absent = missing(history)
-            pooled = known_mean(history, absent)
+            keys = gsu.unit(encoded_history)
+            absent = missing(encoded_history)
+            pooled = known_mean(encoded_history, absent)
         target_read = encodable & ~encoded
         self.read_coverage(absent, history_rows != 0, missing(bank_target), target_read)
         target = torch.where(encoded.unsqueeze(-1), encoded_target, bank_target)
         ranked = target if c.ranker_gradient else target.detach()  # false: the ranking loss leaves the encoder alone
-        cosines = gsu.cosines(ranked, history)
+        cosines = gsu.unit_cosines(ranked, keys)
         full = self.full_inputs(batch, batch.top_cosines if c.keep_scl else cosines)
         extra = self._missing_flags_and_target(ranked, absent, history_rows)
         if not c.tower_reads_target:
             extra = extra[:, OUTPUT_DIM:]  # the missing flags alone
         if c.sorted_similarities:
-            extra = torch.cat([extra, self.sorted_similarities(ranked, history)], dim=-1)
+            extra = torch.cat([extra, self.sorted_similarities(ranked, keys)], dim=-1)
         if self.history_attention is not None:
-            extra = torch.cat([extra, self.history_attention(ranked, history, (history_rows != 0) & ~absent)], dim=-1)
+            extra = torch.cat([extra, self.history_attention(ranked, keys, (history_rows != 0) & ~absent)], dim=-1)
         if self.representation_simtier is not None:
             extra = torch.cat([extra, self.representation_simtier(cosines, history_rows != 0)], dim=-1)
         ranking, scores = two_class_loss_and_prob(self.dense(self.retrieval(full), extra), batch.labels, batch.weights)
@@ -469,16 +469,17 @@ class SoftSimTier(SimTier):
 
 
 class SortedSimilarities(nn.Module):
-    """(B, n): the n largest cosines between each target (B, 128) and its history (B, L, 128), in
-    descending order (a missing or padding item counts 0); the gradient goes to the target only.
+    """(B, n): the n largest cosines between each target (B, 128) and its history (B, L, 128, given
+    as `gsu.unit` of it), in descending order (a missing or padding item counts 0); the gradient
+    goes to the target only.
     A module so that TorchRec's pipeline tracer keeps it whole (a leaf)."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
         self.n = n
 
-    def forward(self, target: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        cosines = gsu.cosines(target, history.detach())
+    def forward(self, target: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        cosines = gsu.unit_cosines(target, keys.detach())
         return torch.topk(cosines, min(self.n, cosines.shape[1]), dim=1).values
 
 
@@ -500,9 +501,9 @@ class HistoryAttention(nn.Module):
         self.key = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(dim, out_features)
 
-    def forward(self, target: torch.Tensor, history: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """target (B, 128), history (B, L, 128), present (B, L) bool -> (B, out_features); a history
-        with nothing present pools to zeros (the value bias alone)."""
+    def forward(self, target: torch.Tensor, keys: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """target (B, 128), keys (B, L, 128) = `gsu.unit` of the history, present (B, L) bool ->
+        (B, out_features); a history with nothing present pools to zeros (the value bias alone)."""
         probe = self.query(F.normalize(target, dim=-1)) @ self.key.weight / self.key.in_features ** 0.5
-        items = F.normalize(history.detach(), dim=-1)
+        items = keys.detach()
         return self.value(attention_pool(torch.einsum("bld,bd->bl", items, probe), items, present, eps=0.0))

@@ -404,7 +404,7 @@ def test_sorted_similarities_are_the_largest_cosines_and_train_the_encoder(synth
 
     target, history = torch.randn(3, 128, requires_grad=True), torch.randn(3, 7, 128)
     history[0, 2] = 0.0  # a missing item: cosine 0
-    top = SortedSimilarities(4)(target, history)
+    top = SortedSimilarities(4)(target, F.normalize(history, dim=-1))
     cosines = F.cosine_similarity(target.detach().unsqueeze(1), history, dim=-1)
     cosines[0, 2] = 0.0
     torch.testing.assert_close(top, cosines.sort(dim=1, descending=True).values[:, :4])
@@ -466,7 +466,7 @@ def test_history_attention_equals_projecting_every_item_and_trains_the_encoder(s
     scores = torch.einsum("bld,bd->bl", keys, attention.query(t)) / 128 ** 0.5
     weights = F.softmax(scores.masked_fill(~present, float("-inf")), dim=-1).nan_to_num(0.0)
     expected = torch.einsum("bl,bld->bd", weights, values) + attention.value.bias
-    torch.testing.assert_close(attention(target, history, present), expected)
+    torch.testing.assert_close(attention(target, h, present), expected)
     ranker_only = ["model.lemur.keep_scl=true", "model.lemur.contrastive_weight=0", "model.lemur.tower_reads_target=false"]
     for attends in (True, False):
         model, batch = make(synthetic_root, *ranker_only, f"model.lemur.history_attention={str(attends).lower()}")
