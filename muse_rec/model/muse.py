@@ -11,8 +11,9 @@ Where the GSU runs (`model.gsu_stage`, `muse_rec.batch.BatchLayout`):
 - model (and sim_soft, lemur at either stage): the whole sequence is looked up (`FullInputs`) and
   `select` keeps K positions. The SCL cosines come from the SCL table (gsu_stage model), from the
   loader (sim_soft at gsu_stage loader) or from lemur's representations. The batch holds each
-  distinct history once (`muse_rec.batch`): U x L rows are looked up, not B x L, and
-  `Batch.per_impression` hands each impression its history's lookup.
+  distinct history once (`muse_rec.batch`): U x L rows are looked up, not B x L, and `select`
+  gathers each impression's kept and last positions from its history's lookup (no per-impression
+  copy of the L positions; sim_soft's scoring alone reads one, without gradient).
 sim_soft scores with the current trainable embeddings, so its positions cannot be chosen before
 the lookup, and TorchRec's pipeline allows one call of each sharded collection per step: the L
 positions of each distinct history are looked up once, scored detached, and the kept K are
@@ -66,18 +67,22 @@ class DenseInputs(NamedTuple):
 
 
 class FullInputs(NamedTuple):
-    """The whole sequence before the GSU: what `select` reads."""
+    """The whole sequence before the GSU: what `select` reads. With `history_of_row`, `items` and
+    `cates` are the lookups of the batch's U distinct histories, (U, L, D), and `select` gathers
+    each impression's kept and last positions from them: no (B, L, D) copy, and the gradient
+    reaches only the cells kept."""
 
     user: torch.Tensor
     ad_attributes: torch.Tensor
     target_item: torch.Tensor
     target_cate: torch.Tensor
-    items: torch.Tensor  # (B, L, D)
-    cates: torch.Tensor  # (B, L, D)
+    items: torch.Tensor  # (B, L, D), or (U, L, D) with history_of_row
+    cates: torch.Tensor  # (B, L, D), or (U, L, D) with history_of_row
     cosines: torch.Tensor  # (B, L) float32: cosine of the target's SCL vector (lemur: representation) with each position's
     cate_rows: torch.Tensor  # (B, L) category-table rows of the sequence (sim_hard)
     target_cate_row: torch.Tensor  # (B,)
     present: torch.Tensor  # (B, L) bool: a behaviour, not padding
+    history_of_row: torch.Tensor | None = None  # (B,): the distinct history of each impression (`Batch`)
 
 
 def select(x: FullInputs, config: ModelConfig) -> DenseInputs:
@@ -90,19 +95,33 @@ def select(x: FullInputs, config: ModelConfig) -> DenseInputs:
         if method in ("muse", "lemur"):  # lemur: the encoder's representations stand in the SCL vectors' place
             positions = gsu.top_k_positions(gsu.scores_of(x.cosines), k)
         elif method == "sim_soft":
-            positions = gsu.top_k_positions(gsu.sim_soft_scores(x.target_item, x.target_cate, x.items, x.cates), k)
+            items, cates = (x.items, x.cates) if x.history_of_row is None else (x.items[x.history_of_row], x.cates[x.history_of_row])
+            positions = gsu.top_k_positions(gsu.sim_soft_scores(x.target_item, x.target_cate, items, cates), k)
         elif method == "sim_hard":
             positions, valid = gsu.sim_hard_positions(x.cate_rows, x.target_cate_row, k)
         else:  # din: no long branch
             positions = torch.zeros_like(x.cate_rows[:, :0])
-    kept = [gsu.gather_positions(t, positions) for t in (x.items, x.cates, x.cosines, x.present)]
+    length = x.cosines.shape[1]
+    last = torch.arange(length - config.short_seq_len, length, device=positions.device).expand(len(positions), -1)
+    kept = [_gather_cells(t, positions, x.history_of_row) for t in (x.items, x.cates)]
+    kept += [gsu.gather_positions(t, positions) for t in (x.cosines, x.present)]
     if valid is not None:
         kept = [t * valid.unsqueeze(-1) for t in kept[:2]] + [kept[2] * valid, kept[3] & valid]
-    short = slice(x.items.shape[1] - config.short_seq_len, None)
+    short = slice(length - config.short_seq_len, None)
     return DenseInputs(
         x.user, x.ad_attributes, x.target_item, x.target_cate, *kept,
-        x.items[:, short], x.cates[:, short], x.cosines[:, short], x.present[:, short],
+        _gather_cells(x.items, last, x.history_of_row), _gather_cells(x.cates, last, x.history_of_row),
+        x.cosines[:, short], x.present[:, short],
     )
+
+
+def _gather_cells(embeddings: torch.Tensor, positions: torch.Tensor, history_of_row: torch.Tensor | None) -> torch.Tensor:
+    """Embeddings (B, k, D) at `positions` (B, k) of each impression's sequence: `embeddings` per
+    impression (B, L, D), or per distinct history (U, L, D) with `history_of_row` (B,)."""
+    if history_of_row is None:
+        return gsu.gather_positions(embeddings, positions)
+    cells = history_of_row.unsqueeze(-1) * embeddings.shape[1] + positions
+    return embeddings.flatten(0, 1).index_select(0, cells.flatten()).view(*positions.shape, embeddings.shape[-1])
 
 
 class Retrieval(nn.Module):
@@ -194,10 +213,13 @@ class MuseModel(nn.Module):
         cosines = batch.top_cosines if self.layout.cosines else gsu.scl_cosines(*self.scl_vectors(batch))
         return self.retrieval(self.full_inputs(batch, cosines))
 
-    def _lookups(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _lookups(
+        self, batch: Batch, distinct_histories: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(user, ad attributes, embeddings (B, length, D) and rows (B, length) by sequence feature).
         A history feature is looked up once per distinct history, a kept-cell feature once per
-        distinct row of the batch, then given to each impression."""
+        distinct row of the batch, then given to each impression; with `distinct_histories`, a
+        history feature's embeddings stay (U, length, D), one per distinct history."""
         size, dim = batch.batch_size, self.config.embedding_dim
         pooled = self.id_tables(batch.id_features)
         id_rows = batch.id_features.to_dict()
@@ -209,7 +231,8 @@ class MuseModel(nn.Module):
             row = jagged[key].values()
             embedding = _zero_row0(looked_up[key].values(), row)
             if key in HISTORY_FEATURES:
-                rows[key], embeddings[key] = batch.per_impression(row), batch.per_impression(embedding, dim)
+                rows[key] = batch.per_impression(row)
+                embeddings[key] = embedding.view(batch.num_histories, -1, dim) if distinct_histories else batch.per_impression(embedding, dim)
             elif key in DISTINCT_ROW_FEATURES:
                 rows[key], embeddings[key] = batch.per_cell(key, row), batch.per_cell(key, embedding, dim)
             else:
@@ -233,13 +256,14 @@ class MuseModel(nn.Module):
         )
 
     def full_inputs(self, batch: Batch, cosines: torch.Tensor) -> FullInputs:
-        """The whole sequence looked up, with the given SCL cosines (B, L)."""
-        user, ad, seq, rows = self._lookups(batch)
+        """The whole sequence looked up, with the given SCL cosines (B, L); the histories' embeddings
+        once per distinct history, for `select` to gather the kept and last positions from."""
+        user, ad, seq, rows = self._lookups(batch, distinct_histories=True)
         item_rows, cate_rows = rows[schema.HIST_ITEMS], rows[schema.HIST_CATES]
         return FullInputs(
             user, ad, seq[schema.TARGET_ITEM][:, 0], seq[schema.TARGET_CATE][:, 0],
             seq[schema.HIST_ITEMS], seq[schema.HIST_CATES], cosines,
-            cate_rows, rows[schema.TARGET_CATE][:, 0], (item_rows != 0) | (cate_rows != 0),
+            cate_rows, rows[schema.TARGET_CATE][:, 0], (item_rows != 0) | (cate_rows != 0), batch.history_of_row,
         )
 
     def scl_vectors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
