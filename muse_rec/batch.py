@@ -168,7 +168,7 @@ class Batch(Pipelineable):
         """A history feature's values or lookups, (U x L, *width) in the order of the distinct
         histories, as (B, L, *width): each impression's history. Differentiable: the gradient of an
         impression's positions flows to its history's rows, summed over the impressions sharing it."""
-        return _SelectRows.apply(history_values.view(self.num_histories, -1, *width), self.history_of_row)
+        return select_rows(history_values.view(self.num_histories, -1, *width), self.history_of_row)
 
     def per_cell(self, key: str, values: torch.Tensor, *width: int) -> torch.Tensor:
         """A DISTINCT_ROW_FEATURES feature's values or lookups, (R, *width) for its R distinct rows,
@@ -178,7 +178,7 @@ class Batch(Pipelineable):
         cells = self.top_cells.get(key)
         if cells is None:
             return values.view(self.batch_size, -1, *width)
-        return _SelectRows.apply(values.view(-1, *width), cells.reshape(-1)).view(*cells.shape, *width)
+        return select_rows(values.view(-1, *width), cells.reshape(-1)).view(*cells.shape, *width)
 
     def sequence(self, key: str) -> torch.Tensor:
         """Feature `key` (of any of the batch's KJTs) as a (B, length) matrix of table rows, one row
@@ -219,6 +219,12 @@ class Batch(Pipelineable):
 
     def pin_memory(self) -> "Batch":
         return self._map(lambda k: k.pin_memory(), lambda t: t.pin_memory())
+
+
+def select_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`values.index_select(0, index)`, differentiable, its gradient summed per row from a
+    contiguous copy (`_SelectRows`)."""
+    return _SelectRows.apply(values, index)
 
 
 class _SelectRows(torch.autograd.Function):

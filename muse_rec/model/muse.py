@@ -33,7 +33,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from muse_rec import schema
-from muse_rec.batch import DISTINCT_ROW_FEATURES, HISTORY_FEATURES, ID_FEATURES, Batch, batch_layout
+from muse_rec.batch import DISTINCT_ROW_FEATURES, HISTORY_FEATURES, ID_FEATURES, Batch, batch_layout, select_rows
 from muse_rec.config import ModelConfig
 from muse_rec.model import gsu
 from muse_rec.model.esu import SelfAttentiveTargetAttention, SimTier, TargetAttention, mean_pool
@@ -121,7 +121,7 @@ def _gather_cells(embeddings: torch.Tensor, positions: torch.Tensor, history_of_
     if history_of_row is None:
         return gsu.gather_positions(embeddings, positions)
     cells = history_of_row.unsqueeze(-1) * embeddings.shape[1] + positions
-    return embeddings.flatten(0, 1).index_select(0, cells.flatten()).view(*positions.shape, embeddings.shape[-1])
+    return select_rows(embeddings.flatten(0, 1), cells.flatten()).view(*positions.shape, embeddings.shape[-1])
 
 
 class Retrieval(nn.Module):
