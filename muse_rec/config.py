@@ -41,6 +41,12 @@ class DataConfig:
     long_seq_len: int = option(1000, "Lifelong sequence length: the last N behaviours, left-padded with 0.", at_least=1)
     batch_size: int = option(1000, "Samples per batch on each rank.", at_least=1)
     num_workers: int = option(1, "DataLoader worker processes per rank (0 reads in the training process).", at_least=0)
+    read_ahead: int = option(
+        0,
+        "With num_workers 0: batches a background thread of the training process reads ahead, beside the step (no "
+        "worker processes, so no batch is copied into fresh shared memory to cross a process boundary). 0: none.",
+        at_least=0,
+    )
     strict: bool = option(False, "Refuse SCL keys that are unsorted, duplicated or 0 (missing) instead of repairing them with a warning.")
 
 
@@ -583,6 +589,7 @@ def check_relations(config: Config) -> Config:
         ),
         (model.short_seq_len <= data.long_seq_len, "model.short_seq_len", f"at most data.long_seq_len = {data.long_seq_len} (the short sequence is its last N positions)"),
         (model.embedding_dim % 2 == 0, "model.embedding_dim", "an even number (130_3..130_5 use D/2)"),
+        (data.read_ahead == 0 or data.num_workers == 0, "data.read_ahead", f"0 with data.num_workers = {data.num_workers} (the thread reads in the training process)"),
         (lemur.backward_share <= lemur.encode_share, "model.lemur.backward_share", f"at most model.lemur.encode_share = {lemur.encode_share} (q <= p)"),
         (lemur.width % lemur.heads == 0, "model.lemur.width", f"a multiple of model.lemur.heads = {lemur.heads}"),
         (

@@ -15,6 +15,7 @@ from muse_rec.cli import main
 MISTAKES = [
     ("config model.keep_top=2000", 2, "model.keep_top: expected at most data.long_seq_len = 1000"),
     ("config model.short_seq_len=2000", 2, "model.short_seq_len: expected at most data.long_seq_len"),
+    ("config data.read_ahead=2", 2, "data.read_ahead: expected 0 with data.num_workers = 1"),
     ("config data.batch_size=0", 2, "data.batch_size: expected at least 1, found 0"),
     ("config data.batch_size=many", 2, "data.batch_size: expected int"),
     ("config model.method=dien", 2, "model.method: expected one of"),

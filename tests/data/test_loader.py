@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from muse_rec.data.atomic import save_npy, write_json
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import (
+    ReadAhead,
     ShardDataset,
     batch_order,
     decode_reference,
@@ -492,3 +494,35 @@ def test_scl_key_0_is_dropped_so_missing_items_read_the_zero_row(copy, caplog):
     assert (before[schema.SCL_LONG] == 0).any()
     with pytest.raises(DataError, match=r"0 duplicated key\(s\), 1 key\(s\) 0\); refused because strict"):
         read_all(copy, strict=True)
+
+
+def test_read_ahead_yields_the_in_process_batches_in_order(tmp_path):
+    """`data.read_ahead`: a thread of this process reads the batches, the same ones, in the same order."""
+    uneven_dataset(tmp_path)
+    plain = list(make_dataloader(ShardDataset(config(tmp_path, batch_size=7), "train"), num_workers=0))
+    loader = make_dataloader(ShardDataset(config(tmp_path, batch_size=7, read_ahead=2), "train"), num_workers=0)
+    assert isinstance(loader, ReadAhead)
+    ahead = list(loader)
+    assert len(ahead) == len(plain) > 2
+    for a, b in zip(ahead, plain):
+        assert a.batch_size == b.batch_size
+        for key, values in flatten([a], real_only=False).items():
+            np.testing.assert_array_equal(values, flatten([b], real_only=False)[key], err_msg=key)
+
+
+def test_read_ahead_raises_the_readers_error_after_the_batches_before_it_and_stops_when_left():
+    class Failing:
+        def __iter__(self):
+            yield from (1, 2)
+            raise DataError("row group 3: corrupt")
+
+    seen = []
+    with pytest.raises(DataError, match="row group 3: corrupt"):
+        for item in ReadAhead(Failing(), depth=1):
+            seen.append(item)
+    assert seen == [1, 2]
+    threads = threading.active_count()
+    endless = iter(ReadAhead(itertools.count(), depth=2))
+    assert [next(endless) for _ in range(3)] == [0, 1, 2]
+    endless.close()  # leaving the loop early: the reading thread ends
+    assert threading.active_count() == threads
