@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from muse_rec.data.schema import SCL_DIM
+from muse_rec.schema import SCL_DIM
 from muse_rec.errors import ConfigError
 
 
