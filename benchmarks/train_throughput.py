@@ -193,10 +193,10 @@ def prepare_data(data: Path, users: int, map_rows: int = 0) -> Path:
 def planned_offline(config: Config, directory: str) -> list:
     """Plan `config` for its hardware profile as `muse-rec plan` does, save the plan in `directory`
     and point `config.sharding.plan` at it (the ranks train with exactly this plan); the planner's
-    per-rank memory (RankMemory) of that plan."""
+    per-rank memory (RankMemory) of that plan, with the SCL values file each host maps (`host_mapped`)."""
     plan, estimate = plan_offline(config, config.hardware, config.data.vocab)
     path = Path(directory) / "plan.json"
-    save_plan(path, plan, config.hardware)
+    save_plan(path, plan, config.hardware, estimate[0].host_mapped)
     config.sharding.plan = str(path)
     return estimate
 
@@ -531,6 +531,9 @@ def memory_against_estimate(ranks: list[dict], estimate: list, cuda: bool) -> di
                       + ("" if cuda else " (RSS includes Python and torch: benchmarks/memory.py measures its baseline apart)"),
         "reservation_note": f"the planner also reserves {DENSE_MULTIPLIER} x the dense parameters' bytes and {RESERVED_SHARE:.0%} of "
                             "each rank's cap outside the estimate ('usable' is the cap less that share)",
+        "host_mapped_bytes": estimate[0].host_mapped,
+        "host_mapped_note": "the int8 SCL values file the loaders memory-map at gsu_stage loader: host memory (page cache), "
+                            "once per host whatever its ranks and workers, in no rank's estimate",
         "ranks": per_rank,
     }
 
@@ -634,7 +637,8 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
             f"{'meets' if rate >= args.target else 'misses'} the target: {rate:,.0f} samples/s on {world} GPU(s) against "
             f"{args.target:,.0f} ({rate / args.target:.0%}); the largest part of the instrumented {total:.0f} ms step is "
             f"{largest} ({mean_split[largest]:.0f} ms, {mean_split[largest] / total:.0%}); at the target a step may take "
-            f"{1e3 * world * batch / args.target:.0f} ms"
+            f"{1e3 * world * batch / args.target:.0f} ms, and the loader needs about "
+            f"{args.target / world / loader_rate:.1f} cores of this host per GPU"
         )
     cpu = ranks[0]["cpu_cores_in_window"]
     caveats = []
@@ -698,6 +702,8 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
                        "batches_per_rank": ranks[0]["evaluation"]["steps"],
                        "note": "model.eval(), no gradient, loader included, at the training batch size, all ranks together"},
         "loader_alone": loader,
+        "loader_cores_per_rank": round(per_rank / loader_rate, 2),
+        **({"loader_cores_per_gpu_at_target": round(args.target / world / loader_rate, 2)} if cuda else {}),
         "loader_is_bottleneck": bottleneck,
         "verdict": verdict,
         "caveats": caveats,
@@ -751,6 +757,7 @@ def report(result: dict) -> None:
             cells = [*(e[k] for k in ESTIMATE), e["planned_memory"], r["cap_bytes"], m["peak_pipelined"], m["peak_with_split"]]
             print(f"    {r['rank']:<6}" + "".join(f"{c / mib:>13,.0f}" for c in cells) + f"{r['ratio']:>12.2f}x")
         print(f"    ratio: {memory['ratio_note']}; {memory['reservation_note']}")
+        print(f"    host: {memory['host_mapped_bytes'] / mib:,.0f} MiB mapped, {memory['host_mapped_note']}")
     for caveat in result["caveats"]:
         print(f"  caveat: {caveat}")
     if result.get("target"):

@@ -60,6 +60,9 @@ def test_train_throughput_trains_with_the_profiles_offline_plan_and_sets_memory_
         assert 0 < r["estimate_bytes"]["planned_memory"] <= r["usable_bytes"] < r["cap_bytes"]
         assert r["measured_bytes"]["peak_pipelined"] > 0 and r["ratio"] > 0
     assert set(run["split_ms_per_rank"]) >= {"data", "lookup", "gsu", "dense_forward", "dense_backward", "optimizer"}
+    # gsu_stage loader: the host maps the int8 SCL values (row 0, 'missing', is not stored), once, outside every rank's estimate
+    assert run["memory"]["host_mapped_bytes"] == (run["setup"]["table_rows"]["scl"] - 1) * 128 > 0
+    assert "MiB mapped" in done.stdout and 0 < run["loader_cores_per_rank"]
 
 
 def test_train_throughput_refuses_a_gpu_profile_without_the_gpus(tmp_path):
