@@ -29,7 +29,7 @@ from muse_rec.data import schema
 from muse_rec.data.atomic import npy_memmap_writer, save_npy
 from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
-from muse_rec.data.loader import ShardDataset, assemble_batch, decode_row_group, list_row_groups, make_dataloader
+from muse_rec.data.loader import ShardDataset, assemble_batch, decode_rows, list_row_groups, make_dataloader, read_chunks, slice_pieces
 from muse_rec.data.synth import synthesize
 from muse_rec.data.vocab import sorted_vocab
 
@@ -84,24 +84,32 @@ class GsuClock:
 
 def phase_times(config: DataConfig, maps: FeatureMaps, layout: BatchLayout) -> dict:
     """Milliseconds per 1000 samples of each step on one core (second pass: caches warm), the
-    GSU's share of assembly apart."""
+    GSU's share of assembly apart; each row group streamed `data.decode_rows` rows at a time, as
+    the loader reads it."""
     groups = list_row_groups(DatasetLayout(config.root), "train")
     clock = GsuClock()
     for group in (*groups, *groups):
         if group is groups[0]:  # a pass starts: only the second one (warm caches) counts
             read = decode = assemble = clock.seconds = 0.0
             rows = 0
-        t0 = time.perf_counter()
-        table = pq.ParquetFile(group.path).read_row_group(group.index, columns=schema.JOINED_SCHEMA.names, use_threads=False)
-        t1 = time.perf_counter()
-        decoded = decode_row_group(table, maps, config.long_seq_len, str(group.path))
+        chunks, first = [], 0
+        tables = read_chunks(pq.ParquetFile(group.path), group, config.decode_rows)
+        while True:
+            t0 = time.perf_counter()
+            table = next(tables, None)
+            t1 = time.perf_counter()
+            read += t1 - t0
+            if table is None:
+                break
+            chunks.append((first, decode_rows(table, maps, config.long_seq_len, str(group.path))))
+            first += table.num_rows
+            decode += time.perf_counter() - t1
         t2 = time.perf_counter()
         with clock:
             for start in range(0, group.num_rows, config.batch_size):
-                rows_in_batch = np.arange(start, min(start + config.batch_size, group.num_rows))
-                assemble_batch([(decoded, rows_in_batch)], np.ones(len(rows_in_batch), np.float32), config.long_seq_len, layout, maps.scl.values)
-        t3 = time.perf_counter()
-        read, decode, assemble, rows = read + t1 - t0, decode + t2 - t1, assemble + t3 - t2, rows + group.num_rows
+                stop = min(start + config.batch_size, group.num_rows)
+                assemble_batch(slice_pieces(chunks, start, stop), np.ones(stop - start, np.float32), config.long_seq_len, layout, maps.scl.values)
+        assemble, rows = assemble + time.perf_counter() - t2, rows + group.num_rows
     times = {"read_parquet": read, "decode_remap_pad": decode, "assemble_batch_and_gsu": assemble, "of_which_gsu": clock.seconds}
     return {name: round(1e6 * t / rows, 2) for name, t in times.items()}
 

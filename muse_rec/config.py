@@ -47,6 +47,14 @@ class DataConfig:
         "worker processes, so no batch is copied into fresh shared memory to cross a process boundary). 0: none.",
         at_least=0,
     )
+    decode_rows: int = option(
+        1024,
+        "Rows the loader reads and decodes at a time, streamed from each parquet row group: its work per batch stays "
+        "even (a whole row group at once stalls every rank at each row group and makes the kernel zero fresh pages "
+        "for all of its columns). A batch may span chunks: its rows are the same whatever this value, and a user's "
+        "history split between two chunks is carried once for each.",
+        at_least=1,
+    )
     strict: bool = option(False, "Refuse SCL keys that are unsorted, duplicated or 0 (missing) instead of repairing them with a warning.")
 
 

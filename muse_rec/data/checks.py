@@ -42,15 +42,16 @@ def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
     return actual == expected
 
 
-def clicks_from_labels(labels: pa.ListArray, where: str) -> np.ndarray:
-    """The click (label element 1) of each row, after checking every label is a 2-element one-hot."""
+def clicks_from_labels(labels: pa.ListArray, where: str, first_row: int = 0) -> np.ndarray:
+    """The click (label element 1) of each row, after checking every label is a 2-element one-hot;
+    an error names the row as `first_row` (the first row's number in `where`) + its index."""
     lengths = np.diff(labels.offsets.to_numpy(zero_copy_only=False))
     values = labels.values.to_numpy(zero_copy_only=False)
     bad_length = np.flatnonzero(lengths != 2)
     if len(bad_length) or labels.null_count:
         row = int(bad_length[0]) if len(bad_length) else int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(
-            f"{where}, row {row}: column {schema.LABEL!r} must be a 2-element one-hot ([1, 0] or [0, 1]), "
+            f"{where}, row {first_row + row}: column {schema.LABEL!r} must be a 2-element one-hot ([1, 0] or [0, 1]), "
             f"found {labels[row].as_py()}"
         )
     pairs = values[labels.offsets[0].as_py() :][: 2 * len(labels)].reshape(-1, 2)
@@ -58,21 +59,22 @@ def clicks_from_labels(labels: pa.ListArray, where: str) -> np.ndarray:
     if len(bad):
         row = int(bad[0])
         raise DataError(
-            f"{where}, row {row}: column {schema.LABEL!r} must be a 2-element one-hot ([1, 0] or [0, 1]), "
+            f"{where}, row {first_row + row}: column {schema.LABEL!r} must be a 2-element one-hot ([1, 0] or [0, 1]), "
             f"found {pairs[row].tolist()}"
         )
     return pairs[:, 1].astype(np.float32)
 
 
-def check_aligned(items: pa.ListArray, cates: pa.ListArray, where: str) -> None:
-    """Item and category sequences must have the same length in every row."""
+def check_aligned(items: pa.ListArray, cates: pa.ListArray, where: str, first_row: int = 0) -> None:
+    """Item and category sequences must have the same length in every row (rows named as in
+    `clicks_from_labels`)."""
     item_lengths = np.diff(items.offsets.to_numpy(zero_copy_only=False))
     cate_lengths = np.diff(cates.offsets.to_numpy(zero_copy_only=False))
     bad = np.flatnonzero(item_lengths != cate_lengths)
     if len(bad):
         row = int(bad[0])
         raise DataError(
-            f"{where}, row {row}: {schema.HIST_ITEMS!r} has {item_lengths[row]} behaviours but "
+            f"{where}, row {first_row + row}: {schema.HIST_ITEMS!r} has {item_lengths[row]} behaviours but "
             f"{schema.HIST_CATES!r} has {cate_lengths[row]} (they must be aligned position by position)"
         )
 

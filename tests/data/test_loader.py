@@ -27,7 +27,7 @@ from muse_rec.data.loader import (
     ShardDataset,
     batch_order,
     decode_reference,
-    decode_row_group,
+    decode_rows,
     make_dataloader,
     plan_rank,
     list_row_groups,
@@ -96,10 +96,11 @@ def flatten(batches: list[Batch], real_only: bool = True) -> dict[str, np.ndarra
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-@pytest.mark.parametrize("vocab", ["p90", "full"])
-def test_every_field_of_every_row_matches_the_reference(handmade, vocab):
+@pytest.mark.parametrize("vocab,decode_rows", [("p90", 1024), ("full", 1024), ("p90", 3)])
+def test_every_field_of_every_row_matches_the_reference(handmade, vocab, decode_rows):
+    """decode_rows 3: row groups of 16 streamed in chunks that split users' impressions and batches."""
     root, rows = handmade
-    batches = list(ShardDataset(config(root, vocab=vocab), "train"))
+    batches = list(ShardDataset(config(root, vocab=vocab, decode_rows=decode_rows), "train"))
     got, want = flatten(batches), expected_rows(root, rows, vocab)
     for key, expected in want.items():
         np.testing.assert_array_equal(got[key], expected, err_msg=key)
@@ -170,12 +171,13 @@ def reference_gsu(full: Batch, values: np.ndarray, method: str, k: int, short: i
 
 
 @pytest.mark.parametrize("method", ["muse", "sim_hard", "din", "sim_soft"])
-@pytest.mark.parametrize("data", ["handmade", "synthetic"])
+@pytest.mark.parametrize("data", ["handmade", "handmade in chunks of 5 rows", "synthetic"])
 def test_loader_gsu_equals_the_model_reference(handmade, synthetic_root, method, data):
-    """Ties, pads, items and targets without SCL vector, OOV IDs and truncated histories (handmade),
-    fewer matches than K (sim_hard) and real 1000-long histories (synthetic)."""
-    root, long_len, k = (handmade[0], L, 3) if data == "handmade" else (synthetic_root, 1000, 50)
-    cfg = dataclasses.replace(config(root, batch_size=64), long_seq_len=long_len)
+    """Ties, pads, items and targets without SCL vector, OOV IDs and truncated histories (handmade;
+    in chunks of 5 rows, a user's history split between chunks), fewer matches than K (sim_hard)
+    and real 1000-long histories (synthetic)."""
+    root, long_len, k = (synthetic_root, 1000, 50) if data == "synthetic" else (handmade[0], L, 3)
+    cfg = dataclasses.replace(config(root, batch_size=64, decode_rows=5 if "chunks" in data else 1024), long_seq_len=long_len)
     model = ModelConfig(method=method, keep_top=k, short_seq_len=min(50, long_len - 2))
     layout = batch_layout(model)
     maps = FeatureMaps.load(DatasetLayout(root), "p90")
@@ -198,7 +200,7 @@ def test_fast_decode_equals_the_row_by_row_definition(handmade, synthetic_root):
         maps = FeatureMaps.load(layout, "p90")
         for group in list_row_groups(layout, "train")[:4]:
             table = pq.ParquetFile(group.path).read_row_group(group.index)
-            fast, slow = decode_row_group(table, maps, long_len, "x"), decode_reference(table, maps, long_len)
+            fast, slow = decode_rows(table, maps, long_len, "x"), decode_reference(table, maps, long_len)
             for field in dataclasses.fields(fast):
                 if field.name == "sequence_of_row":
                     continue
@@ -262,12 +264,14 @@ def unique_targets(root: Path, rows: list[dict]) -> list[int]:
     return targets
 
 
-@pytest.mark.parametrize("world_size,num_workers,batch_size", [(2, 2, 7), (2, 2, 45), (3, 2, 5), (2, 0, 46)])
-def test_uneven_shards_give_every_rank_the_same_steps_and_lose_no_row(tmp_path, world_size, num_workers, batch_size):
+@pytest.mark.parametrize(
+    "world_size,num_workers,batch_size,decode_rows", [(2, 2, 7, 1024), (2, 2, 45, 1024), (3, 2, 5, 1024), (2, 0, 46, 1024), (3, 2, 5, 4)]
+)
+def test_uneven_shards_give_every_rank_the_same_steps_and_lose_no_row(tmp_path, world_size, num_workers, batch_size, decode_rows):
     rows = uneven_dataset(tmp_path)
     per_rank = []
     for rank in range(world_size):
-        dataset = ShardDataset(config(tmp_path, batch_size=batch_size), "train", rank, world_size)
+        dataset = ShardDataset(config(tmp_path, batch_size=batch_size, decode_rows=decode_rows), "train", rank, world_size)
         batches = list(make_dataloader(dataset, num_workers=num_workers))
         assert len(batches) == len(dataset)
         per_rank.append(batches)
@@ -300,10 +304,11 @@ def test_batch_order_interleaves_worker_blocks():
     assert sorted(batch_order(11, 3).tolist()) == list(range(11))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resuming_at_a_step_yields_exactly_the_rest_in_order(tmp_path, num_workers):
+@pytest.mark.parametrize("num_workers,decode_rows", [(0, 1024), (2, 1024), (0, 4), (2, 4)])
+def test_resuming_at_a_step_yields_exactly_the_rest_in_order(tmp_path, num_workers, decode_rows):
+    """decode_rows 4: a resumed run or a worker starts inside a row group, behind its stream."""
     rows = uneven_dataset(tmp_path)
-    cfg = config(tmp_path, batch_size=6)
+    cfg = config(tmp_path, batch_size=6, decode_rows=decode_rows)
     full = [flatten([b])[schema.TARGET_ITEM].tolist() for b in make_dataloader(ShardDataset(cfg, "train"), num_workers)]
     assert sorted(itertools.chain(*full)) == sorted(unique_targets(tmp_path, rows))  # batches tell rows apart
     for start in (1, 5, len(full) - 1):
@@ -340,8 +345,9 @@ def test_mistyped_column_is_named(copy):
         read_all(copy)
 
 
+@pytest.mark.parametrize("decode_rows", [1024, 2])  # 2: row 3 is the second row of a chunk; the error names it in its row group
 @pytest.mark.parametrize("label,found", [([1, 1], r"\[1, 1\]"), ([0, 1, 0], r"\[0, 1, 0\]"), ([2, -1], r"\[2, -1\]")])
-def test_label_that_is_not_one_hot_is_located(copy, label, found):
+def test_label_that_is_not_one_hot_is_located(copy, label, found, decode_rows):
     def change(t):
         labels = t.column(schema.LABEL).to_pylist()
         labels[3] = label
@@ -349,10 +355,11 @@ def test_label_that_is_not_one_hot_is_located(copy, label, found):
 
     path = rewrite_shard(copy, change)
     with pytest.raises(DataError, match=rf"{path}, row group 0, row 3: column 'label_0' must be a 2-element one-hot .* found {found}"):
-        read_all(copy)
+        read_all(copy, decode_rows=decode_rows)
 
 
-def test_sequences_of_different_lengths_are_located(copy):
+@pytest.mark.parametrize("decode_rows", [1024, 3])
+def test_sequences_of_different_lengths_are_located(copy, decode_rows):
     def change(t):
         cates = t.column(schema.HIST_CATES).to_pylist()
         cates[20] = cates[20] + [1]
@@ -361,7 +368,7 @@ def test_sequences_of_different_lengths_are_located(copy):
 
     path = rewrite_shard(copy, change)
     with pytest.raises(DataError, match=rf"{path}, row group 0, row 20: .150_2_180. has \d+ behaviours but '151_2_180' has \d+"):
-        read_all(copy)
+        read_all(copy, decode_rows=decode_rows)
 
 
 def test_truncated_parquet_file_is_named(copy):
@@ -448,7 +455,7 @@ def test_null_ids_inside_sequences_read_as_0_like_prepare_writes_them(copy, hand
         np.testing.assert_array_equal(got[key], expected, err_msg=key)
     table = pq.ParquetFile(path).read_row_group(0)
     maps = FeatureMaps.load(DatasetLayout(copy), "p90")
-    fast, slow = decode_row_group(table, maps, L, "x"), decode_reference(table, maps, L)
+    fast, slow = decode_rows(table, maps, L, "x"), decode_reference(table, maps, L)
     np.testing.assert_array_equal(fast.items[fast.sequence_of_row], slow.items[slow.sequence_of_row])
     np.testing.assert_array_equal(fast.cates[fast.sequence_of_row], slow.cates[slow.sequence_of_row])
 
