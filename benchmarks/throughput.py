@@ -140,11 +140,13 @@ def main() -> None:
         parser.error(f"--batch-sizes: {args.batch_sizes!r} is not a comma-separated list of integers")
 
     stages = args.stages.split(",")
+    workers = [] if args.workers is None else [f"data.num_workers={args.workers}"]  # as train_throughput applies --workers
     for method, stage in itertools.product(methods, stages):  # a wrong --set or stage fails now, not after minutes of runs
+        overrides = [*args.set, f"model.gsu_stage={stage}", *workers]
         try:
-            load_config(ROOT / "configs" / f"{method}.yaml", [*args.set, f"model.gsu_stage={stage}"])
+            load_config(ROOT / "configs" / f"{method}.yaml", overrides)
         except MuseRecError as e:
-            parser.error(f"configs/{method}.yaml with --set {' '.join(args.set)} model.gsu_stage={stage}: {e}")
+            parser.error(f"configs/{method}.yaml with {' '.join(overrides)}: {e}")
 
     started = time.perf_counter()
     configurations = list(itertools.product(methods, stages, batch_sizes))
