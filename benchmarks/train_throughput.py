@@ -456,7 +456,7 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
                 if method == "muse":
                     scores = gsu.scores_of(full.cosines)
                 else:
-                    scores = gsu.sim_soft_scores(full.target_item, full.target_cate, full.items, full.cates)
+                    scores = gsu.sim_soft_scores(full.target_item, full.target_cate, *full.per_impression())
                 t_mid = now()
                 gsu.top_k_positions(scores, k)
                 anatomy["gsu_scores"], anatomy["gsu_top_k"] = t_mid - t, now() - t_mid

@@ -41,10 +41,11 @@ TRAIN_THROUGHPUT = SCRIPT.with_name("train_throughput.py")
 
 def test_train_throughput_trains_with_the_profiles_offline_plan_and_sets_memory_against_it(tmp_path):
     """The path a GPU run takes (`--hardware h100x1`), on the CPU profile: the plan made offline for
-    the profile, the ranks trained with it, measured peak against the planner's estimate, in the JSON."""
+    the profile, the ranks trained with it, measured peak against the planner's estimate, in the JSON.
+    sim_soft: its GSU runs in the model, so the split also times the scoring over whole sequences."""
     out = tmp_path / "tt.json"
     done = subprocess.run(
-        [sys.executable, str(TRAIN_THROUGHPUT), "--hardware", "cpu-2core", "--batch-size", "16", "--steps", "2", "--warmup", "1",
+        [sys.executable, str(TRAIN_THROUGHPUT), "--method", "sim_soft", "--hardware", "cpu-2core", "--batch-size", "16", "--steps", "2", "--warmup", "1",
          "--split-steps", "1", "--users", "80", "--data", str(tmp_path / "data"), "--out", str(out),
          "--set", "data.long_seq_len=100", "model.keep_top=20"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -60,6 +61,7 @@ def test_train_throughput_trains_with_the_profiles_offline_plan_and_sets_memory_
         assert 0 < r["estimate_bytes"]["planned_memory"] <= r["usable_bytes"] < r["cap_bytes"]
         assert r["measured_bytes"]["peak_pipelined"] > 0 and r["ratio"] > 0
     assert set(run["split_ms_per_rank"]) >= {"data", "lookup", "gsu", "dense_forward", "dense_backward", "optimizer"}
+    assert run["setup"]["method"] == "sim_soft" and all(ms >= 0 for ms in run["anatomy_ms_per_rank"]["gsu_scores"])
     # gsu_stage loader: the host maps the int8 SCL values (row 0, 'missing', is not stored), once, outside every rank's estimate
     assert run["memory"]["host_mapped_bytes"] == (run["setup"]["table_rows"]["scl"] - 1) * 128 > 0
     assert "MiB mapped" in done.stdout and 0 < run["loader_cores_per_rank"]

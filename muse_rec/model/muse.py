@@ -84,6 +84,13 @@ class FullInputs(NamedTuple):
     present: torch.Tensor  # (B, L) bool: a behaviour, not padding
     history_of_row: torch.Tensor | None = None  # (B,): the distinct history of each impression (`Batch`)
 
+    def per_impression(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`items` and `cates` as (B, L, D), a copy per impression where they are per distinct
+        history: what sim_soft's scoring reads (without gradient)."""
+        if self.history_of_row is None:
+            return self.items, self.cates
+        return self.items[self.history_of_row], self.cates[self.history_of_row]
+
 
 def select(x: FullInputs, config: ModelConfig) -> DenseInputs:
     """The GSU on whole sequences (no gradient to the scores): K kept positions of `x`, gathered
@@ -95,8 +102,7 @@ def select(x: FullInputs, config: ModelConfig) -> DenseInputs:
         if method in ("muse", "lemur"):  # lemur: the encoder's representations stand in the SCL vectors' place
             positions = gsu.top_k_positions(gsu.scores_of(x.cosines), k)
         elif method == "sim_soft":
-            items, cates = (x.items, x.cates) if x.history_of_row is None else (x.items[x.history_of_row], x.cates[x.history_of_row])
-            positions = gsu.top_k_positions(gsu.sim_soft_scores(x.target_item, x.target_cate, items, cates), k)
+            positions = gsu.top_k_positions(gsu.sim_soft_scores(x.target_item, x.target_cate, *x.per_impression()), k)
         elif method == "sim_hard":
             positions, valid = gsu.sim_hard_positions(x.cate_rows, x.target_cate_row, k)
         else:  # din: no long branch
