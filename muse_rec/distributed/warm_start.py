@@ -47,28 +47,28 @@ from muse_rec.data.atomic import write_json
 from muse_rec.data.checks import dense_list, open_parquet
 from muse_rec.data.feature_map import FeatureMaps, IdMap
 from muse_rec.data.layout import DatasetLayout
-from muse_rec.data.loader import list_row_groups
+from muse_rec.data.loader import list_row_groups, read_chunks
 from muse_rec.distributed.memory_bank import BANK_WEIGHT_SUFFIX
-from muse_rec.errors import DataError
 from muse_rec.model.lemur import TargetEncoding
 
 log = logging.getLogger(__name__)
 
 DIRECTORY = "warm_start"
 META = "meta.json"
+SCAN_ROWS = 1024
+"""Rows the scan streams at a time from a row group (a whole one at once makes the kernel zero
+fresh pages for all of its columns)."""
 
 
 def items_read(layout: DatasetLayout, items: IdMap, long_len: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
     """(items.num_rows,) bool: the item rows this rank's share of the train split reads (row groups
     rank, rank + world_size, ...): the last `long_len` items of each history and the targets. A
-    history repeated on consecutive rows (a user's impressions) is read once."""
+    history repeated on consecutive rows (a user's impressions) is read once per chunk of the
+    streamed row group (`muse_rec.data.loader.read_chunks`)."""
     seen = np.zeros(items.num_rows, bool)
-    for group in list_row_groups(layout, "train")[rank::world_size]:
-        where = f"{group.path}, row group {group.index}"
-        try:
-            table = open_parquet(group.path).read_row_group(group.index, columns=[schema.HIST_ITEMS, schema.TARGET_ITEM], use_threads=False)
-        except OSError as e:
-            raise DataError(f"{where}: cannot be read (corrupt or truncated file?): {e}") from None
+    groups = list_row_groups(layout, "train")[rank::world_size]
+    chunks = (chunk for group in groups for chunk in read_chunks(open_parquet(group.path), group, SCAN_ROWS, [schema.HIST_ITEMS, schema.TARGET_ITEM]))
+    for table in chunks:
         history = dense_list(table.column(schema.HIST_ITEMS).combine_chunks())
         values = history.values.to_numpy(zero_copy_only=False)
         offsets = history.offsets.to_numpy().astype(np.int64)
