@@ -11,8 +11,9 @@ workers: `batch_order` gives that order, so a resumed run (`start_step`) continu
 Decoding. Each row group is streamed once with pyarrow, `data.decode_rows` rows at a time, and
 each chunk is handled as whole columns: list columns through their offsets/values arrays, never
 row by row. Rows are denormalised (each impression of a user repeats the user's 1000-long
-sequence), so runs of consecutive rows holding the same sequence are found first (same user, same length, equal contents) and each distinct sequence is
-truncated, remapped and left-padded once. A null ID reads as 0 ('missing') and a null list as an
+sequence), so runs of consecutive rows holding the same sequence are found first (same user,
+same length, equal contents) and each distinct sequence is truncated, remapped and left-padded
+once. A null ID reads as 0 ('missing') and a null list as an
 empty sequence, exactly as `prepare` writes them. `decode_reference` is the plain per-row
 definition of the same output, and the tests hold the two equal.
 
