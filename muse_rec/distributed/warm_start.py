@@ -41,7 +41,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from tqdm import tqdm
 
-from muse_rec.config import Config
+from muse_rec.config import Config, DataConfig
 from muse_rec.data import schema
 from muse_rec.data.atomic import write_json
 from muse_rec.data.checks import dense_list, open_parquet
@@ -55,19 +55,18 @@ log = logging.getLogger(__name__)
 
 DIRECTORY = "warm_start"
 META = "meta.json"
-SCAN_ROWS = 1024
-"""Rows the scan streams at a time from a row group (a whole one at once makes the kernel zero
-fresh pages for all of its columns)."""
 
 
-def items_read(layout: DatasetLayout, items: IdMap, long_len: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+def items_read(
+    layout: DatasetLayout, items: IdMap, long_len: int, rank: int = 0, world_size: int = 1, decode_rows: int = DataConfig.decode_rows
+) -> np.ndarray:
     """(items.num_rows,) bool: the item rows this rank's share of the train split reads (row groups
     rank, rank + world_size, ...): the last `long_len` items of each history and the targets. A
-    history repeated on consecutive rows (a user's impressions) is read once per chunk of the
-    streamed row group (`muse_rec.data.loader.read_chunks`)."""
+    history repeated on consecutive rows (a user's impressions) is read once per chunk of
+    `decode_rows` rows, streamed as the loader streams them (`muse_rec.data.loader.read_chunks`)."""
     seen = np.zeros(items.num_rows, bool)
     groups = list_row_groups(layout, "train")[rank::world_size]
-    chunks = (chunk for group in groups for chunk in read_chunks(open_parquet(group.path), group, SCAN_ROWS, [schema.HIST_ITEMS, schema.TARGET_ITEM]))
+    chunks = (chunk for group in groups for chunk in read_chunks(open_parquet(group.path), group, decode_rows, [schema.HIST_ITEMS, schema.TARGET_ITEM]))
     for table in chunks:
         history = dense_list(table.column(schema.HIST_ITEMS).combine_chunks())
         values = history.values.to_numpy(zero_copy_only=False)
@@ -135,7 +134,7 @@ def warm_start_bank(model: nn.Module, config: Config, maps: FeatureMaps, out: Pa
     chunk = lemur.warm_start_chunk
     item_map = maps.of_column(schema.TARGET_ITEM)
     if lemur.warm_start == "train_items":
-        read = items_read(DatasetLayout(config.data.root), item_map, config.data.long_seq_len, rank, world)
+        read = items_read(DatasetLayout(config.data.root), item_map, config.data.long_seq_len, rank, world, config.data.decode_rows)
         chosen = _merge(read)
     else:
         chosen = np.ones(item_map.num_rows, bool)
