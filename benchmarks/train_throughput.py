@@ -632,13 +632,14 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
     memory = memory_against_estimate(ranks, estimate, cuda) if estimate else None
     largest = max((k for k, _ in STAGES if k != "sync"), key=lambda k: mean_split[k])
     target_verdict = None
+    loader_cores_at_target = args.target / world / loader_rate  # CUDA: the loader's cores per GPU at the target
     if cuda:
         target_verdict = (
             f"{'meets' if rate >= args.target else 'misses'} the target: {rate:,.0f} samples/s on {world} GPU(s) against "
             f"{args.target:,.0f} ({rate / args.target:.0%}); the largest part of the instrumented {total:.0f} ms step is "
             f"{largest} ({mean_split[largest]:.0f} ms, {mean_split[largest] / total:.0%}); at the target a step may take "
             f"{1e3 * world * batch / args.target:.0f} ms, and the loader needs about "
-            f"{args.target / world / loader_rate:.1f} cores of this host per GPU"
+            f"{loader_cores_at_target:.1f} cores of this host per GPU"
         )
     cpu = ranks[0]["cpu_cores_in_window"]
     caveats = []
@@ -703,7 +704,7 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
                        "note": "model.eval(), no gradient, loader included, at the training batch size, all ranks together"},
         "loader_alone": loader,
         "loader_cores_per_rank": round(per_rank / loader_rate, 2),
-        **({"loader_cores_per_gpu_at_target": round(args.target / world / loader_rate, 2)} if cuda else {}),
+        **({"loader_cores_per_gpu_at_target": round(loader_cores_at_target, 2)} if cuda else {}),
         "loader_is_bottleneck": bottleneck,
         "verdict": verdict,
         "caveats": caveats,
