@@ -13,9 +13,9 @@ each chunk is handled as whole columns: list columns through their offsets/value
 row by row. Rows are denormalised (each impression of a user repeats the user's 1000-long
 sequence), so runs of consecutive rows holding the same sequence are found first (same user,
 same length, equal contents) and each distinct sequence is truncated, remapped and left-padded
-once. A null ID reads as 0 ('missing') and a null list as an
-empty sequence, exactly as `prepare` writes them. `decode_reference` is the plain per-row
-definition of the same output, and the tests hold the two equal.
+once. A null ID reads as 0 ('missing') and a null list as an empty sequence, exactly as `prepare`
+writes them. `decode_reference` is the plain per-row definition of the same output, and the tests
+hold the two equal.
 
 Assembly. A batch is laid out as the model reads it (`muse_rec.batch.BatchLayout`). At
 `model.gsu_stage: loader` the GSU runs here (`muse_rec.data.gsu`): the SCL cosines of each
