@@ -15,7 +15,8 @@ torch.cuda.max_memory_allocated; CPU: peak RSS). On CUDA the sparse tables use f
 kernels with fused (in-backward) Adam, the batches are pinned and copied by the pipeline, and a
 verdict against `--target` (25,000 samples/s, issue 4's figure for one H100) is printed.
 
-1. End-to-end: the real `TrainPipelineSparseDist.progress` loop with the real DataLoader, timed per
+1. End-to-end: the real pipeline's `progress` loop (`muse_rec.train.pipeline.train_pipeline`:
+   TrainPipelineSparseDist, sim_soft's eager one) with the real DataLoader, timed per
    step after warm-up steps; samples/s = world * batch / window. CPU time of the rank processes,
    their loader workers and everything else on the machine is read from /proc over the timed window.
    On CUDA nothing synchronises inside the window (losses are read after it); it starts and ends
@@ -25,7 +26,8 @@ verdict against `--target` (25,000 samples/s, issue 4's figure for one H100) is 
    all-reduces the dense gradients) with barriers between stages (their waits are reported apart):
    data (`next()` on the loader; on CUDA plus the host-to-device copy), embedding lookup (the three
    collections incl. input and output dist: DMP entry to the dense module's input), GSU
-   (`MuseDense._retrieve`: scores, top-K, gather), dense forward (ESU + tower + loss), dense
+   (`Retrieval`: scores, top-K, gather; sim_soft's scoring sits between its two lookups and counts
+   as lookup, its scores and top-K are timed in the anatomy), dense forward (ESU + tower + loss), dense
    backward (to the last gradient reaching a lookup output), sparse backward (gradient all-to-all
    and the fused in-backward table update, plus DDP's all-reduce wait), optimizer (zero_grad +
    step: the dense AdamW; the sparse tables were already updated inside backward). On CUDA every
@@ -264,11 +266,10 @@ def plan_summary(plan) -> dict:
 
 
 def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, opts: dict) -> None:
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
     from muse_rec.distributed.sharding import dense_module
     from muse_rec.model import gsu
     from muse_rec.train.loop import Runtime, build_model, keep_freed_memory
+    from muse_rec.train.pipeline import train_pipeline
 
     torch.set_num_threads(opts["threads"])
     cuda = opts["device_type"] == "cuda"
@@ -311,7 +312,7 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     model.train()
 
     # 1. end to end: the real pipeline --------------------------------------------------------------
-    pipeline = TrainPipelineSparseDist(model, sharded.optimizer, device, execute_all_batches=True)
+    pipeline = train_pipeline(model, sharded.optimizer, device, config.model)
     for _ in range(opts["warmup"]):
         pipeline.progress(batches)
     barrier()
@@ -451,6 +452,8 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
                      "rows_per_sample": kjt.values().numel() / batch.batch_size}
                 )
             method, k = config.model.method, config.model.keep_top
+            if method == "sim_soft":  # its scoring lookup again, untimed: what the scores read
+                full = inner.full_inputs(batch, batch.top_cosines)
             if full is not None and method in ("muse", "sim_soft"):
                 t = now()
                 if method == "muse":

@@ -327,7 +327,8 @@ class ModelConfig:
         "model): muse's SCL-cosine top-K and sim_hard's category matches are selected there, so the batch carries "
         "only the target, the K kept positions and the last short_seq_len positions with their SCL cosines, and "
         "the model looks up nothing else; din reads nothing of the long sequence; sim_soft (scores from trainable "
-        "embeddings) keeps its top-K in the model but takes the SCL cosines of all positions from the loader. "
+        "embeddings) keeps its top-K in the model (scored on a lookup without gradient; the kept and last positions "
+        "are looked up again with gradient) but takes the SCL cosines of all positions from the loader. "
         "'model': whole sequences in the batch and the SCL table in the model (`scl_storage`), the GSU on the "
         "accelerator. null: 'loader', except for lemur, whose bank representations change while training "
         "('model' only).",

@@ -8,21 +8,20 @@ Where the GSU runs (`model.gsu_stage`, `muse_rec.batch.BatchLayout`):
 - loader (muse, sim_hard, din): the batch holds the target, the K kept positions and the last S
   with their SCL cosines; the model looks up exactly those rows, so a fused optimizer touches
   only rows the loss uses, and `DenseInputs` are built directly.
-- model (and sim_soft, lemur at either stage): the whole sequence is looked up (`FullInputs`) and
-  `select` keeps K positions. The SCL cosines come from the SCL table (gsu_stage model), from the
-  loader (sim_soft at gsu_stage loader) or from lemur's representations. The batch holds each
-  distinct history once (`muse_rec.batch`): U x L rows are looked up, not B x L, and `select`
-  gathers each impression's kept and last positions from its history's lookup (no per-impression
-  copy of the L positions; sim_soft's scoring alone reads one, without gradient).
-sim_soft scores with the current trainable embeddings, so its positions cannot be chosen before
-the lookup, and TorchRec's pipeline allows one call of each sharded collection per step: the L
-positions of each distinct history are looked up once, scored detached, and the kept K are
-gathered from that lookup with gradient. The other rows of the histories get an exact zero
-gradient. Under the CPU optimizers (SGD, row-wise Adagrad) that moves nothing; under fused Adam
-(CUDA) a row with earlier momentum would still move, like a dense Adam step: a second lookup of
-the K kept rows would avoid it but needs a second sharded collection call per step, outside what
-the pipeline traces. Looking up each history once changes neither: the table rows a step touches
-are the same, and a row's gradient is the same sum over the impressions that keep it.
+- model (and lemur at either stage): the whole sequence is looked up (`FullInputs`) and `select`
+  keeps K positions. The SCL cosines come from the SCL table (gsu_stage model), from the loader
+  (lemur's `keep_scl`) or from lemur's representations. The batch holds each distinct history
+  once (`muse_rec.batch`): U x L rows are looked up, not B x L, and `select` gathers each
+  impression's kept and last positions from its history's lookup (no per-impression copy).
+- sim_soft (either stage) scores with the current trainable embeddings, so its positions cannot
+  be chosen before a lookup: the sequence collection is called twice (`_sim_soft_inputs`). First
+  without gradient, at the targets and the U distinct histories, to score and keep K positions;
+  then with gradient at the targets and each impression's K kept and S last cells only (their
+  distinct rows). So a fused optimizer never sees the other rows of the histories: under fused
+  Adam (CUDA) a row in the backward moves even with a zero gradient, once it has momentum. The
+  second call's IDs come from the forward, which TorchRec's SparseDist pipeline cannot run ahead:
+  sim_soft trains under `muse_rec.train.pipeline.train_pipeline`'s eager pipeline.
+  `select(full_inputs(...))` is the plain reference of this path (tests hold them equal).
 """
 from __future__ import annotations
 
@@ -31,9 +30,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from muse_rec import schema
-from muse_rec.batch import DISTINCT_ROW_FEATURES, HISTORY_FEATURES, ID_FEATURES, Batch, batch_layout, select_rows
+
+from muse_rec.batch import (
+    DISTINCT_ROW_FEATURES, HISTORY_FEATURES, ID_FEATURES, LONG_FEATURES, TARGET_FEATURES, Batch, batch_layout, select_rows,
+)
 from muse_rec.config import ModelConfig
 from muse_rec.model import gsu
 from muse_rec.model.esu import SelfAttentiveTargetAttention, SimTier, TargetAttention, mean_pool
@@ -217,7 +220,16 @@ class MuseModel(nn.Module):
         if self.layout.long != "all":
             return self._selected_inputs(batch)
         cosines = batch.top_cosines if self.layout.cosines else gsu.scl_cosines(*self.scl_vectors(batch))
+        if self.config.method == "sim_soft":
+            return self._sim_soft_inputs(batch, cosines)
         return self.retrieval(self.full_inputs(batch, cosines))
+
+    def _single_lookups(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user, ad attributes): the single-valued features' embeddings, concatenated."""
+        pooled = self.id_tables(batch.id_features)
+        id_rows = batch.id_features.to_dict()
+        single = {key: _zero_row0(pooled[key], id_rows[key].values()) for key in ID_FEATURES}
+        return torch.cat([single[key] for key in USER_FEATURES], dim=-1), torch.cat([single[key] for key in AD_ATTRIBUTES], dim=-1)
 
     def _lookups(
         self, batch: Batch, distinct_histories: bool = False
@@ -227,9 +239,7 @@ class MuseModel(nn.Module):
         distinct row of the batch, then given to each impression; with `distinct_histories`, a
         history feature's embeddings stay (U, length, D), one per distinct history."""
         size, dim = batch.batch_size, self.config.embedding_dim
-        pooled = self.id_tables(batch.id_features)
-        id_rows = batch.id_features.to_dict()
-        single = {key: _zero_row0(pooled[key], id_rows[key].values()) for key in ID_FEATURES}
+        user, ad = self._single_lookups(batch)
         looked_up = self.sequence_tables(batch.sequence_features)
         jagged = batch.sequence_features.to_dict()
         rows, embeddings = {}, {}
@@ -243,8 +253,7 @@ class MuseModel(nn.Module):
                 rows[key], embeddings[key] = batch.per_cell(key, row), batch.per_cell(key, embedding, dim)
             else:
                 rows[key], embeddings[key] = row.view(size, -1), embedding.view(size, -1, dim)
-        user = torch.cat([single[key] for key in USER_FEATURES], dim=-1)
-        return user, torch.cat([single[key] for key in AD_ATTRIBUTES], dim=-1), embeddings, rows
+        return user, ad, embeddings, rows
 
     def _selected_inputs(self, batch: Batch) -> DenseInputs:
         """gsu_stage loader, muse / sim_hard / din: the batch holds the kept and short positions."""
@@ -259,6 +268,35 @@ class MuseModel(nn.Module):
             user, ad, seq[schema.TARGET_ITEM][:, 0], seq[schema.TARGET_CATE][:, 0],
             top_items, top_cates, batch.top_cosines, top_present,
             seq[schema.SHORT_ITEMS], seq[schema.SHORT_CATES], batch.short_cosines, short_present,
+        )
+
+    def _sim_soft_inputs(self, batch: Batch, cosines: torch.Tensor) -> DenseInputs:
+        """sim_soft: score the whole histories without gradient, then look up with gradient the
+        targets and the kept and last cells alone (see the module's doc). The same `DenseInputs`,
+        loss and table gradients as `select(full_inputs(...))`, which reads one lookup for both."""
+        size, dim, k, short = batch.batch_size, self.config.embedding_dim, self.config.keep_top, self.config.short_seq_len
+        rows = batch.sequence_features.to_dict()
+        with torch.no_grad():  # eager (see `muse_rec.train.pipeline`): no backward, so no optimizer sees these rows
+            scoring = self.sequence_tables(batch.sequence_features)
+            looked_up = {key: _zero_row0(scoring[key].values(), rows[key].values()) for key in (*TARGET_FEATURES, *LONG_FEATURES)}
+            histories = [batch.per_impression(looked_up[key], dim) for key in LONG_FEATURES]
+            positions = gsu.top_k_positions(gsu.sim_soft_scores(*(looked_up[key] for key in TARGET_FEATURES), *histories), k)
+        length = cosines.shape[1]
+        cells = torch.cat([positions, torch.arange(length - short, length, device=positions.device).expand(size, -1)], dim=1)
+        cell_rows = {key: gsu.gather_positions(batch.per_impression(rows[key].values()), cells) for key in LONG_FEATURES}
+        kept, distinct_rows, cell_index = _distinct_cells(batch.sequence_features, rows, cell_rows)
+        trained = self.sequence_tables(kept)
+        targets = [_zero_row0(trained[key].values(), rows[key].values()) for key in TARGET_FEATURES]
+        items, cates = (
+            select_rows(_zero_row0(trained[key].values(), distinct_rows[key]), cell_index[key].flatten()).view(size, -1, dim)
+            for key in LONG_FEATURES
+        )
+        present = (cell_rows[schema.HIST_ITEMS] != 0) | (cell_rows[schema.HIST_CATES] != 0)
+        user, ad = self._single_lookups(batch)
+        return DenseInputs(
+            user, ad, *targets,
+            items[:, :k], cates[:, :k], gsu.gather_positions(cosines, positions), present[:, :k],
+            items[:, k:], cates[:, k:], cosines[:, length - short:], present[:, k:],
         )
 
     def full_inputs(self, batch: Batch, cosines: torch.Tensor) -> FullInputs:
@@ -281,6 +319,28 @@ class MuseModel(nn.Module):
         if schema.SCL_LONG not in scl:
             return target[:, 0], target[:, :0]
         return target[:, 0], batch.per_impression(scl[schema.SCL_LONG], schema.SCL_DIM)
+
+
+def _distinct_cells(
+    features: KeyedJaggedTensor, rows: dict[str, JaggedTensor], cell_rows: dict[str, torch.Tensor]
+) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """sim_soft's second lookup: `features` (the targets and the distinct histories) with each long
+    feature holding instead the distinct table rows of its cells `cell_rows` (B, K + S), all in the
+    first sample's slot, as `Batch.top_cells` lays them out. Returns that KJT, the distinct rows and
+    each cell's index among them. Same keys in the same order as `features`: a sharded collection
+    fixes its input's key order at its first call."""
+    size = features.stride()
+    values, lengths, distinct, index = [], [], {}, {}
+    for key in features.keys():
+        if key in cell_rows:
+            distinct[key], index[key] = torch.unique(cell_rows[key], return_inverse=True)
+            values.append(distinct[key])
+            lengths.append(torch.zeros(size, dtype=features.lengths().dtype, device=values[-1].device))
+            lengths[-1][0] = len(distinct[key])
+        else:
+            values.append(rows[key].values())
+            lengths.append(rows[key].lengths())
+    return KeyedJaggedTensor(features.keys(), torch.cat(values), lengths=torch.cat(lengths), stride=size), distinct, index
 
 
 def _zero_row0(embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from muse_rec.config import Config, config_from_dict, to_dict
@@ -41,6 +40,7 @@ from muse_rec.model.lemur import TargetEncoding
 from muse_rec.batch import batch_layout
 from muse_rec.train import checkpoint
 from muse_rec.train.metrics import EvalAccumulator
+from muse_rec.train.pipeline import train_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def train(config: Config, progress: bool = True) -> dict:
     dataset = ShardDataset(config.data, "train", runtime.rank, runtime.world_size, maps, start_step=start_step,
                            layout=batch_layout(config.model))
     steps = start_step + len(dataset)
-    pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, runtime.device, execute_all_batches=True)
+    pipeline = train_pipeline(sharded.model, sharded.optimizer, runtime.device, config.model)
     batches = iter(make_dataloader(dataset, pin_memory=runtime.device.type == "cuda"))
     sharded.model.train()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="train", unit="step", disable=not progress or runtime.rank != 0)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from muse_rec.batch import batch_layout, per_impression_histories
 from muse_rec.config import load_config
@@ -20,6 +19,7 @@ from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset
 from muse_rec.train.loop import Runtime, build_model
+from muse_rec.train.pipeline import train_pipeline
 from tests.gloo import gloo_group
 from tests.train.test_sharded_training import assert_same_up_to_reduction_order, full_weights, reversed_rows
 
@@ -46,7 +46,7 @@ def run(rank: int, root: str, init_file: str, out: str) -> None:
             sharded = build_model(config, maps, Runtime(0, 1, torch.device("cpu")))
             batches = map(LAYOUTS[layout], ShardDataset(config.data, "train", 0, 1, maps, layout=batch_layout(config.model)))
             initial = full_weights(sharded.model, 0)
-            pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, torch.device("cpu"))
+            pipeline = train_pipeline(sharded.model, sharded.optimizer, torch.device("cpu"), config.model)
             losses = [pipeline.progress(batches)[0].detach().clone() for _ in range(STEPS)]
             pipeline.detach()
             results[name, layout] = {"losses": losses, "initial": initial, "weights": full_weights(sharded.model, 0)}

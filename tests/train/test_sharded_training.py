@@ -1,4 +1,4 @@
-"""2-rank sharded training (gloo, DMP, fused sparse optimizers, TrainPipelineSparseDist) ends with
+"""2-rank sharded training (gloo, DMP, fused sparse optimizers, the pipeline `muse-rec train` uses) ends with
 the same weights and losses as 1-rank training on the same rows, for every method; every trained
 weight moved, the SCL table did not. Adagrad and AdamW hardly see a gradient's scale, so a run
 with SGD on the tables and the first step's dense gradients check the mean over ranks itself.
@@ -28,7 +28,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from muse_rec.batch import HISTORY_FEATURES, Batch, batch_layout, per_impression_cells
@@ -37,6 +36,7 @@ from muse_rec.data.feature_map import FeatureMaps
 from muse_rec.data.layout import DatasetLayout
 from muse_rec.data.loader import ShardDataset
 from muse_rec.train.loop import Runtime, build_model
+from muse_rec.train.pipeline import train_pipeline
 from tests.gloo import gloo_group
 
 METHODS = ("muse", "sim_soft", "sim_hard", "din")
@@ -148,7 +148,7 @@ def run(rank: int, world_size: int, root: str, init_file: str, out: str, reverse
                 if reverse:
                     batches = map(reversed_rows, batches)
             initial = full_weights(sharded.model, rank)
-            pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, torch.device("cpu"))
+            pipeline = train_pipeline(sharded.model, sharded.optimizer, torch.device("cpu"), config.model)
             losses, first_gradients = [], {}
             for step in range(STEPS):
                 loss = pipeline.progress(batches)[0].detach().clone()
