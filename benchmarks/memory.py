@@ -6,7 +6,7 @@ config, hardware profile, batch size and table sizes (the synthetic set's featur
 with `save_plan`, and the ranks train with `sharding.plan=<that file>`: the estimate and the
 measurement are of the same plan. The ranks are spawned here and set up as `muse-rec train` sets
 them up (`init_distributed`: gloo and keep_freed_memory on CPU, NCCL on CUDA; `build_model`), then
-run `--steps` steps of the real `TrainPipelineSparseDist` on the real DataLoader.
+run `--steps` steps of the real train pipeline (`muse_rec.train.pipeline.train_pipeline`) on the real DataLoader.
 
 Per rank: the planner's weights, optimizer state, I/O buffers and replicated SCL table (their sum
 is its estimate), and measured: resident memory (VmRSS) after the imports and the process group
@@ -61,9 +61,8 @@ def worker(rank: int, world: int, config: Config, port: int, out_dir: str, opts:
     """One rank: the setup of `muse-rec train` (torchrun's environment), memory read at each stage."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(opts["threads"])
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
     from muse_rec.train.loop import build_model, init_distributed, shutdown_distributed
+    from muse_rec.train.pipeline import train_pipeline
 
     runtime = init_distributed()
     cuda = runtime.device.type == "cuda"
@@ -79,7 +78,7 @@ def worker(rank: int, world: int, config: Config, port: int, out_dir: str, opts:
     restarts = [0]
     dataset = ShardDataset(config.data, "train", rank, world, maps, layout=batch_layout(config.model))
     batches = batches_forever(dataset, config.data.num_workers, restarts, pin_memory=cuda)
-    pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, runtime.device, execute_all_batches=True)
+    pipeline = train_pipeline(sharded.model, sharded.optimizer, runtime.device, config.model)
     sharded.model.train()
     losses = []
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 time goes, one figure for all.
 
 A sweep of benchmarks/train_throughput.py's measurement (`measure`: 2 spawned CPU gloo ranks, or
-those of a `--hardware` profile such as h100x1 on NCCL; the real TrainPipelineSparseDist loop,
+those of a `--hardware` profile such as h100x1 on NCCL; the real train pipeline's loop,
 then instrumented steps split into data, embedding lookup, GSU, dense forward, dense backward,
 sparse backward and optimizer; see its docstring) over
 --methods x --stages (model.gsu_stage: loader and model side by side) x --batch-sizes, on one

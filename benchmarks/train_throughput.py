@@ -351,6 +351,7 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     if opts["profile_steps"]:  # after the timed window and its CPU accounting: the profiled steps stay out of both
         result["profile"] = profile_steps(pipeline, batches, opts["profile_steps"])
     result["pipelined"] = {
+        "pipeline": type(pipeline).__name__,
         "step_ms": [round(t, 1) for t in step_ms],
         "window_s": round(window, 3),
         "losses": [round(v, 5) for v in losses],
@@ -686,7 +687,7 @@ def measure(method: str, batch_size: int, args: argparse.Namespace, label: str |
                        "step_ms_from": "CUDA events on each rank's compute stream (no synchronize in the window but at its ends)" if cuda
                                        else "wall time of each pipeline.progress call",
                        **({"host_step_ms_rank0": ranks[0]["host_step_ms"]} if cuda else {}),
-                       "losses_rank0": ranks[0]["pipelined"]["losses"]},
+                       "losses_rank0": ranks[0]["pipelined"]["losses"], "pipeline": ranks[0]["pipelined"]["pipeline"]},
         "target": {"samples_per_second": args.target, "verdict": target_verdict} if cuda else None,
         "memory": memory,
         "cpu_in_timed_window": {"cores_by_class": cpu, "machine_busy_cores": ranks[0]["machine_busy_cores_in_window"],
@@ -727,7 +728,7 @@ def report(result: dict) -> None:
     kind = setup.get("device_type", "cpu").upper()
     print(f"{result['label']}: {world} {kind} rank(s) x batch {setup['batch_size_per_rank']}, sequence {setup['long_seq_len']}, "
           f"{setup['loader_workers_per_rank']} loader worker(s) and {setup['threads_per_rank']} thread(s) per rank")
-    print(f"  end to end (TrainPipelineSparseDist, {steps} steps after {setup['warmup_steps']} warm-up): step P50 "
+    print(f"  end to end ({e2e['pipeline']}, {steps} steps after {setup['warmup_steps']} warm-up): step P50 "
           f"{e2e['step_ms_p50']:,.0f} ms, P90 {e2e['step_ms_p90']:,.0f} ms -> "
           f"{e2e['samples_per_second']:,} samples/s ({e2e['samples_per_second_per_rank']:,} per rank; "
           f"{e2e['samples_per_second_at_p50_step']:,} at the P50 step)")
