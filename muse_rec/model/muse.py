@@ -279,8 +279,9 @@ class MuseModel(nn.Module):
         with torch.no_grad():  # eager (see `muse_rec.train.pipeline`): no backward, so no optimizer sees these rows
             scoring = self.sequence_tables(batch.sequence_features)
             looked_up = {key: _zero_row0(scoring[key].values(), rows[key].values()) for key in (*TARGET_FEATURES, *LONG_FEATURES)}
-            histories = [batch.per_impression(looked_up[key], dim) for key in LONG_FEATURES]
-            positions = gsu.top_k_positions(gsu.sim_soft_scores(*(looked_up[key] for key in TARGET_FEATURES), *histories), k)
+            keys = batch.per_impression(gsu.sim_soft_keys(*(looked_up[key] for key in LONG_FEATURES)), 2 * dim)  # normalised per history
+            target = torch.cat([looked_up[key] for key in TARGET_FEATURES], dim=-1)
+            positions = gsu.top_k_positions(gsu.scores_of(gsu.unit_cosines(target, keys)), k)
         length = cosines.shape[1]
         cells = torch.cat([positions, torch.arange(length - short, length, device=positions.device).expand(size, -1)], dim=1)
         cell_rows = {key: gsu.gather_positions(batch.per_impression(rows[key].values()), cells) for key in LONG_FEATURES}

@@ -96,6 +96,17 @@ def test_top_k_matches_loop_reference_with_many_ties(k):
     assert torch.equal(top_k_positions(scores, k), reference_top_k(scores, k))
 
 
+def test_top_k_orders_negative_scores_and_both_zeros_like_the_reference():
+    """The integer keys of float bits: negative scores below positive ones, -0.0 tied with 0.0."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(40, 25, generator=generator)
+    scores[:, :4] = NO_SCORE
+    scores[:, 4:10] = torch.tensor([0.0, -0.0, 0.0, -0.0, -1e-30, 1e-30])
+    scores[:, 10] = scores[:, 11]  # an exact tie of arbitrary values
+    for k in (1, 12, 25):
+        assert torch.equal(top_k_positions(scores, k), reference_top_k(scores, k)), k
+
+
 @pytest.mark.parametrize("k", [0, 7])
 def test_top_k_rejects_k_outside_the_sequence(k):
     with pytest.raises(ValueError, match="k <= sequence length 6"):
