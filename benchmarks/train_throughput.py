@@ -459,8 +459,8 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
                 t = now()
                 if method == "muse":
                     scores = gsu.scores_of(full.cosines)
-                else:
-                    scores = gsu.sim_soft_scores(full.target_item, full.target_cate, *full.per_impression())
+                else:  # as the model scores: per distinct history
+                    scores = gsu.distinct_history_sim_soft_scores(full.target_item, full.target_cate, full.items, full.cates, full.history_of_row)
                 t_mid = now()
                 gsu.top_k_positions(scores, k)
                 anatomy["gsu_scores"], anatomy["gsu_top_k"] = t_mid - t, now() - t_mid

@@ -106,11 +106,18 @@ def top_k_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(keys, k, dim=-1, largest=True, sorted=True).indices
 
 
-def sim_soft_keys(items: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
-    """sim_soft's unit keys, concat(item, category) ID embeddings normalised, (..., L, 2D): computed
-    once per distinct history, each impression reading its history's: `unit_cosines` of the targets
-    with them are `sim_soft_scores`' cosines bit for bit (tests/model/test_sim_soft_lookups.py)."""
-    return unit(torch.cat([items, categories], dim=-1))
+def distinct_history_sim_soft_scores(
+    target_item: torch.Tensor,
+    target_category: torch.Tensor,
+    history_items: torch.Tensor,
+    history_categories: torch.Tensor,
+    history_of_row: torch.Tensor,
+) -> torch.Tensor:
+    """`sim_soft_scores` (B, L) bit for bit, from the embeddings of the batch's U distinct histories
+    (U, L, D) and each impression's history (B,): the keys are concatenated and normalised once per
+    history, and each impression reads its history's (tests/model/test_sim_soft_lookups.py)."""
+    keys = unit(torch.cat([history_items, history_categories], dim=-1)).index_select(0, history_of_row)
+    return scores_of(unit_cosines(torch.cat([target_item, target_category], dim=-1), keys))
 
 
 def sim_hard_positions(

@@ -279,9 +279,9 @@ class MuseModel(nn.Module):
         with torch.no_grad():  # eager (see `muse_rec.train.pipeline`): no backward, so no optimizer sees these rows
             scoring = self.sequence_tables(batch.sequence_features)
             looked_up = {key: _zero_row0(scoring[key].values(), rows[key].values()) for key in (*TARGET_FEATURES, *LONG_FEATURES)}
-            keys = batch.per_impression(gsu.sim_soft_keys(*(looked_up[key] for key in LONG_FEATURES)), 2 * dim)  # normalised per history
-            target = torch.cat([looked_up[key] for key in TARGET_FEATURES], dim=-1)
-            positions = gsu.top_k_positions(gsu.scores_of(gsu.unit_cosines(target, keys)), k)
+            histories = (looked_up[key].view(batch.num_histories, -1, dim) for key in LONG_FEATURES)
+            scores = gsu.distinct_history_sim_soft_scores(*(looked_up[key] for key in TARGET_FEATURES), *histories, batch.history_of_row)
+            positions = gsu.top_k_positions(scores, k)
         length = cosines.shape[1]
         cells = torch.cat([positions, torch.arange(length - short, length, device=positions.device).expand(size, -1)], dim=1)
         cell_rows = {key: gsu.gather_positions(batch.per_impression(rows[key].values()), cells) for key in LONG_FEATURES}

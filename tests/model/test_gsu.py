@@ -9,6 +9,7 @@ import torch
 from muse_rec.model.gsu import (
     NO_SCORE,
     cosine,
+    distinct_history_sim_soft_scores,
     gather_positions,
     gsu_scores,
     sim_hard_positions,
@@ -79,6 +80,17 @@ def test_sim_soft_scores_use_item_and_category_together():
     # concat: target (1,0,0,1); sequence (1,0,0,1), (0,0,0,1), pad (0,0,0,0)
     scores = sim_soft_scores(item, cate, seq_items, seq_cates)
     torch.testing.assert_close(scores, torch.tensor([[1.0, 1 / math.sqrt(2), NO_SCORE]]))
+
+
+def test_sim_soft_scores_per_distinct_history_equal_the_per_impression_ones_bit_for_bit():
+    generator = torch.Generator().manual_seed(2)
+    items, cates = torch.randn(3, 40, 8, generator=generator), torch.randn(3, 40, 8, generator=generator)
+    items[:, :6] = cates[:, :6] = 0.0  # pads
+    items[1, 20], cates[1, 20] = items[1, 30], cates[1, 30]  # an item seen twice: an exact tie
+    history_of_row = torch.tensor([0, 0, 1, 1, 1, 2, 0])
+    target_item, target_cate = torch.randn(7, 8, generator=generator), torch.randn(7, 8, generator=generator)
+    plain = sim_soft_scores(target_item, target_cate, items[history_of_row], cates[history_of_row])
+    assert torch.equal(distinct_history_sim_soft_scores(target_item, target_cate, items, cates, history_of_row), plain)
 
 
 def test_top_k_by_hand_ties_go_to_the_more_recent_position():
