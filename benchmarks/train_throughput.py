@@ -26,11 +26,11 @@ verdict against `--target` (25,000 samples/s, issue 4's figure for one H100) is 
    all-reduces the dense gradients) with barriers between stages (their waits are reported apart):
    data (`next()` on the loader; on CUDA plus the host-to-device copy), embedding lookup (the three
    collections incl. input and output dist: DMP entry to the dense module's input), GSU
-   (`Retrieval`: scores, top-K, gather; sim_soft's scoring sits between its two lookups and counts
-   as lookup, its scores and top-K are timed in the anatomy), dense forward (ESU + tower + loss), dense
-   backward (to the last gradient reaching a lookup output), sparse backward (gradient all-to-all
-   and the fused in-backward table update, plus DDP's all-reduce wait), optimizer (zero_grad +
-   step: the dense AdamW; the sparse tables were already updated inside backward). On CUDA every
+   (`Retrieval`: scores, top-K, gather; sim_soft's scores and top-K between its two lookups),
+   dense forward (ESU + tower + loss), dense backward (to the last gradient reaching a lookup
+   output), sparse backward (gradient all-to-all and the fused in-backward table update, plus
+   DDP's all-reduce wait), optimizer (zero_grad + step: the dense AdamW; the sparse tables were
+   already updated inside backward). On CUDA every
    mark is taken after torch.cuda.synchronize (only here). A separate pass times each collection
    and the GSU's scores and top-K alone. The pipelined step overlaps the next batch's input dist
    and the loader with compute, so it can be shorter than the instrumented one.
@@ -399,8 +399,17 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
         marks["full"] = full
         return out
 
+    original_sim_soft_positions = retrieval.sim_soft_positions
+
+    def timed_sim_soft_positions(*args):
+        t = now()
+        out = original_sim_soft_positions(*args)
+        marks["gsu"] = marks.get("gsu", 0.0) + now() - t
+        return out
+
     hooks = [dense.register_forward_pre_hook(before_dense), dense.register_forward_hook(after_dense)]
     retrieval.forward = timed_retrieve  # this process's instance only
+    retrieval.sim_soft_positions = timed_sim_soft_positions
     split_steps: list[dict] = []
     anatomy_steps: list[dict] = []
     anatomy_counts: dict[str, list[dict]] = {}
@@ -471,7 +480,7 @@ def worker(rank: int, world: int, config: Config, init_file: str, out_dir: str, 
     faults1 = proc_snapshot()[os.getpid()][3]
     for h in hooks:
         h.remove()
-    del retrieval.forward
+    del retrieval.forward, retrieval.sim_soft_positions
     result["split_ms"] = {k: round(statistics.mean(s[k] for s in split_steps), 1) for k in split_steps[0]}
     result["split_ms_per_step"] = [{k: round(v, 1) for k, v in s.items()} for s in split_steps]
     result["anatomy_ms"] = {k: round(statistics.mean(s[k] for s in anatomy_steps), 1) for k in anatomy_steps[0]}

@@ -134,8 +134,9 @@ def _gather_cells(embeddings: torch.Tensor, positions: torch.Tensor, history_of_
 
 
 class Retrieval(nn.Module):
-    """`select` as a module: a leaf of TorchRec's pipeline tracer (it holds no TorchRec module), so
-    its shape checks and `no_grad` run eagerly."""
+    """The GSU in the model. `select` as a module: a leaf of TorchRec's pipeline tracer (it holds no
+    TorchRec module), so its shape checks and `no_grad` run eagerly; and sim_soft's scoring
+    between its two lookups (`sim_soft_positions`)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -143,6 +144,15 @@ class Retrieval(nn.Module):
 
     def forward(self, x: FullInputs) -> DenseInputs:
         return select(x, self.config)
+
+    @torch.no_grad()
+    def sim_soft_positions(
+        self, target_item: torch.Tensor, target_cate: torch.Tensor, items: torch.Tensor, cates: torch.Tensor, history_of_row: torch.Tensor
+    ) -> torch.Tensor:
+        """The K positions (B, K) sim_soft keeps, from the targets' (B, D) and the distinct
+        histories' (U, L, D) embeddings: `select`'s positions, bit for bit."""
+        scores = gsu.distinct_history_sim_soft_scores(target_item, target_cate, items, cates, history_of_row)
+        return gsu.top_k_positions(scores, self.config.keep_top)
 
 
 class MuseDense(nn.Module):
@@ -280,8 +290,7 @@ class MuseModel(nn.Module):
             scoring = self.sequence_tables(batch.sequence_features)
             looked_up = {key: _zero_row0(scoring[key].values(), rows[key].values()) for key in (*TARGET_FEATURES, *LONG_FEATURES)}
             histories = (looked_up[key].view(batch.num_histories, -1, dim) for key in LONG_FEATURES)
-            scores = gsu.distinct_history_sim_soft_scores(*(looked_up[key] for key in TARGET_FEATURES), *histories, batch.history_of_row)
-            positions = gsu.top_k_positions(scores, k)
+            positions = self.retrieval.sim_soft_positions(*(looked_up[key] for key in TARGET_FEATURES), *histories, batch.history_of_row)
         length = cosines.shape[1]
         cells = torch.cat([positions, torch.arange(length - short, length, device=positions.device).expand(size, -1)], dim=1)
         cell_rows = {key: gsu.gather_positions(batch.per_impression(rows[key].values()), cells) for key in LONG_FEATURES}
