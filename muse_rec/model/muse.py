@@ -33,7 +33,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from muse_rec import schema
-
 from muse_rec.batch import (
     DISTINCT_ROW_FEATURES, HISTORY_FEATURES, ID_FEATURES, LONG_FEATURES, TARGET_FEATURES, Batch, batch_layout, select_rows,
 )
