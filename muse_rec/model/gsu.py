@@ -115,7 +115,7 @@ def distinct_history_sim_soft_scores(
 ) -> torch.Tensor:
     """`sim_soft_scores` (B, L) bit for bit, from the embeddings of the batch's U distinct histories
     (U, L, D) and each impression's history (B,): the keys are concatenated and normalised once per
-    history, and each impression reads its history's (tests/model/test_sim_soft_lookups.py)."""
+    history, and each impression reads its history's (tests/model/test_kept_lookups.py)."""
     keys = unit(torch.cat([history_items, history_categories], dim=-1)).index_select(0, history_of_row)
     return scores_of(unit_cosines(torch.cat([target_item, target_category], dim=-1), keys))
 

@@ -10,8 +10,9 @@ Per training step, on each rank:
    (`muse_rec.distributed.warm_start`) has filled the bank with the items the training reads.
 2. The bank is read like any TorchRec table: the 1000-long history (no gradient, no encoder) and
    the targets of the samples outside the p share.
-3. The representations take the SCL vectors' place: cosine top-K GSU (`select`, in the model:
-   `model.gsu_stage` is 'model' for lemur), SimTier and SA-TA; the tower also reads the target's
+3. The representations take the SCL vectors' place: cosine top-K GSU (`Retrieval.cosine_positions`,
+   in the model: `model.gsu_stage` is 'model' for lemur), then the ID tables are looked up at the
+   targets and the kept and last positions alone (`MuseModel.kept_inputs`), SimTier and SA-TA; the tower also reads the target's
    representation and (`sorted_similarities`) its largest cosines to the history, the path by which
    the ranking loss trains the encoder. A never-written item reads as zeros: its cosine is 0, so
    the GSU ranks it below every written item (the reference's score for zero vectors) and SimTier
@@ -419,7 +420,8 @@ class LemurModel(MuseModel):
         target = torch.where(encoded.unsqueeze(-1), encoded_target, bank_target)
         ranked = target if c.ranker_gradient else target.detach()  # false: the ranking loss leaves the encoder alone
         cosines = gsu.unit_cosines(ranked, keys)
-        full = self.full_inputs(batch, batch.top_cosines if c.keep_scl else cosines)
+        gsu_cosines = batch.top_cosines if c.keep_scl else cosines
+        kept = self.kept_inputs(batch, self.retrieval.cosine_positions(gsu_cosines), gsu_cosines)  # the rows the loss reads alone
         extra = self._missing_flags_and_target(ranked, absent, history_rows)
         if not c.tower_reads_target:
             extra = extra[:, OUTPUT_DIM:]  # the missing flags alone
@@ -429,8 +431,8 @@ class LemurModel(MuseModel):
             extra = torch.cat([extra, self.history_attention(ranked, keys, (history_rows != 0) & ~absent)], dim=-1)
         if self.representation_simtier is not None:
             extra = torch.cat([extra, self.representation_simtier(cosines, history_rows != 0)], dim=-1)
-        ranking, scores = two_class_loss_and_prob(self.dense(self.retrieval(full), extra), batch.labels, batch.weights)
-        contrastive = self.contrastive(full.user, pooled, target, batch.labels, batch.weights, batch.user_ids)
+        ranking, scores = two_class_loss_and_prob(self.dense(kept, extra), batch.labels, batch.weights)
+        contrastive = self.contrastive(kept.user, pooled, target, batch.labels, batch.weights, batch.user_ids)
         loss = c.ranking_weight * ranking + c.contrastive_weight * contrastive
         if self.training and c.trains_on_pairs:
             places = batch.cooccurrence[:, 3:]

@@ -8,20 +8,20 @@ Where the GSU runs (`model.gsu_stage`, `muse_rec.batch.BatchLayout`):
 - loader (muse, sim_hard, din): the batch holds the target, the K kept positions and the last S
   with their SCL cosines; the model looks up exactly those rows, so a fused optimizer touches
   only rows the loss uses, and `DenseInputs` are built directly.
-- model (and lemur at either stage): the whole sequence is looked up (`FullInputs`) and `select`
-  keeps K positions. The SCL cosines come from the SCL table (gsu_stage model), from the loader
-  (lemur's `keep_scl`) or from lemur's representations. The batch holds each distinct history
-  once (`muse_rec.batch`): U x L rows are looked up, not B x L, and `select` gathers each
-  impression's kept and last positions from its history's lookup (no per-impression copy).
-- sim_soft (either stage) scores with the current trainable embeddings, so its positions cannot
-  be chosen before a lookup: the sequence collection is called twice (`_sim_soft_inputs`). First
-  without gradient, at the targets and the U distinct histories, to score and keep K positions;
-  then with gradient at the targets and each impression's K kept and S last cells only (their
-  distinct rows). So a fused optimizer never sees the other rows of the histories: under fused
-  Adam (CUDA) a row in the backward moves even with a zero gradient, once it has momentum. The
-  second call's IDs come from the forward, which TorchRec's SparseDist pipeline cannot run ahead:
-  sim_soft trains under `muse_rec.train.pipeline.train_pipeline`'s eager pipeline.
-  `select(full_inputs(...))` is the plain reference of this path (tests hold them equal).
+- model (muse, sim_hard, din): the whole sequence is looked up (`FullInputs`) with the SCL
+  table's cosines, and `select` keeps K positions. The batch holds each distinct history once
+  (`muse_rec.batch`): U x L rows are looked up, not B x L, and `select` gathers each impression's
+  kept and last positions from its history's lookup (no per-impression copy).
+- sim_soft (either stage) and lemur choose their positions in the model, then look up the targets
+  and each impression's K kept and S last cells alone, with gradient (`kept_inputs`; their
+  distinct rows): so a fused optimizer never sees the other rows of the histories, which under
+  fused Adam (CUDA) would move even at a zero gradient once they have momentum. sim_soft scores
+  with the current trainable embeddings, so it first looks up the targets and the U distinct
+  histories without gradient (`_sim_soft_inputs`); lemur ranks cosines its ID tables do not enter
+  (its representations', or with `keep_scl` the loader's SCL cosines). The kept IDs come from the
+  forward, which TorchRec's SparseDist pipeline cannot run ahead: both train under
+  `muse_rec.train.pipeline.train_pipeline`'s eager pipeline. `select(full_inputs(...))` is the
+  plain reference of this path (tests hold them equal).
 """
 from __future__ import annotations
 
@@ -134,8 +134,9 @@ def _gather_cells(embeddings: torch.Tensor, positions: torch.Tensor, history_of_
 
 class Retrieval(nn.Module):
     """The GSU in the model. `select` as a module: a leaf of TorchRec's pipeline tracer (it holds no
-    TorchRec module), so its shape checks and `no_grad` run eagerly; and sim_soft's scoring
-    between its two lookups (`sim_soft_positions`)."""
+    TorchRec module), so its shape checks and `no_grad` run eagerly; and the positions of the
+    methods that look up only what they keep (`MuseModel.kept_inputs`): sim_soft's scoring between
+    its two lookups, lemur's top-K of its cosines."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -143,6 +144,12 @@ class Retrieval(nn.Module):
 
     def forward(self, x: FullInputs) -> DenseInputs:
         return select(x, self.config)
+
+    @torch.no_grad()
+    def cosine_positions(self, cosines: torch.Tensor) -> torch.Tensor:
+        """The K positions (B, K) of the highest cosines (B, L), 0.0 scoring -1.1 (lemur's GSU on its
+        representations' or the loader's SCL cosines): `select`'s positions for muse and lemur."""
+        return gsu.top_k_positions(gsu.scores_of(cosines), self.config.keep_top)
 
     @torch.no_grad()
     def sim_soft_positions(
@@ -283,13 +290,21 @@ class MuseModel(nn.Module):
         """sim_soft: score the whole histories without gradient, then look up with gradient the
         targets and the kept and last cells alone (see the module's doc). The same `DenseInputs`,
         loss and table gradients as `select(full_inputs(...))`, which reads one lookup for both."""
-        size, dim, k, short = batch.batch_size, self.config.embedding_dim, self.config.keep_top, self.config.short_seq_len
+        dim = self.config.embedding_dim
         rows = batch.sequence_features.to_dict()
         with torch.no_grad():  # eager (see `muse_rec.train.pipeline`): no backward, so no optimizer sees these rows
             scoring = self.sequence_tables(batch.sequence_features)
             looked_up = {key: _zero_row0(scoring[key].values(), rows[key].values()) for key in (*TARGET_FEATURES, *LONG_FEATURES)}
             histories = (looked_up[key].view(batch.num_histories, -1, dim) for key in LONG_FEATURES)
             positions = self.retrieval.sim_soft_positions(*(looked_up[key] for key in TARGET_FEATURES), *histories, batch.history_of_row)
+        return self.kept_inputs(batch, positions, cosines)
+
+    def kept_inputs(self, batch: Batch, positions: torch.Tensor, cosines: torch.Tensor) -> DenseInputs:
+        """`DenseInputs` of the K `positions` (B, K) each impression keeps: the targets and the kept
+        and last cells looked up with gradient, and nothing else of the histories (sim_soft after
+        scoring, lemur from its representations' cosines)."""
+        size, dim, k, short = batch.batch_size, self.config.embedding_dim, self.config.keep_top, self.config.short_seq_len
+        rows = batch.sequence_features.to_dict()
         length = cosines.shape[1]
         cells = torch.cat([positions, torch.arange(length - short, length, device=positions.device).expand(size, -1)], dim=1)
         cell_rows = {key: gsu.gather_positions(batch.per_impression(rows[key].values()), cells) for key in LONG_FEATURES}

@@ -2,9 +2,10 @@
 
 TorchRec's `TrainPipelineSparseDist` traces the model once and runs each sharded collection's
 input all-to-all for the next batch during this step: that needs every sharded call's IDs to come
-from the batch, one call per collection. sim_soft looks its sequence collection up twice, the
-second time at IDs its forward chose (`muse_rec.model.muse`), so it trains under TorchRec's base
-pipeline: the same forward, backward and fused optimizer step, without running the lookups ahead.
+from the batch, one call per collection. sim_soft and lemur look their sequence collection up at
+the positions their forward chose (`MuseModel.kept_inputs`; sim_soft after a first lookup to
+score), so they train under TorchRec's base pipeline: the same forward, backward and fused
+optimizer step, without running the lookups ahead.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ class EagerPipeline(TrainPipelineBase):
 
 
 def looks_up_in_forward(config: ModelConfig) -> bool:
-    """Whether the model chooses some of its sharded lookups' IDs in its forward (sim_soft)."""
-    return config.method == "sim_soft"
+    """Whether the model chooses some of its sharded lookups' IDs in its forward: sim_soft (after
+    scoring) and lemur (from its representations), which look up the kept positions alone."""
+    return config.method in ("sim_soft", "lemur")
 
 
 def train_pipeline(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, config: ModelConfig) -> TrainPipeline:

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from muse_rec.batch import SEQUENCE_FEATURES, batch_layout
@@ -25,6 +24,7 @@ from muse_rec.distributed.sharding import dense_module
 from muse_rec.model.memory_bank import BankWriter, missing
 from muse_rec.train import checkpoint
 from muse_rec.train.loop import Runtime, build_model
+from muse_rec.train.pipeline import train_pipeline
 from tests.gloo import gloo_group
 
 WORLD = 2
@@ -96,8 +96,8 @@ def run(rank: int, root: str, init_file: str, out: str) -> None:
         results["encoder_loaded"] = all(torch.equal(saved[k], loaded[k]) for k in saved)
         results["encoder_was_random"] = not any(torch.equal(saved[k], initial_encoder[k]) for k in saved)
 
-        # the traced training pipeline: targets encoded and written, then read back
-        pipeline = TrainPipelineSparseDist(fresh.model, fresh.optimizer, torch.device("cpu"))
+        # the training pipeline: targets encoded and written, then read back
+        pipeline = train_pipeline(fresh.model, fresh.optimizer, torch.device("cpu"), config.model)
         batches = iter(ShardDataset(config.data, "train", rank, WORLD, maps, layout=batch_layout(config.model)))  # lemur, history from the bank
         results["losses"] = [float(pipeline.progress(batches)[0]) for _ in range(3)]
         pipeline.detach()

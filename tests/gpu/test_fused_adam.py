@@ -6,7 +6,7 @@ features (the loader's GSU chose them); for sim_soft the targets and the kept an
 its second lookup, while the history rows it only scored stay put, including rows with
 momentum from an earlier step (the test counts them, so that it can fail). On CPU, where the
 sparse optimizers are SGD and row-wise Adagrad (a zero gradient moves nothing), the lookups
-themselves are checked instead (tests/model/test_sim_soft_lookups.py)."""
+themselves are checked instead (tests/model/test_kept_lookups.py)."""
 from __future__ import annotations
 
 import pytest

@@ -499,7 +499,8 @@ def test_keep_scl_runs_muses_gsu_on_the_loaders_scl_cosines_beside_the_represent
     assert batch.scl_features.keys() == [schema.SCL_TARGET]  # no 1000 x 128 SCL lookup
 
     seen = {}
-    model.retrieval.register_forward_hook(lambda module, args, out: seen.update(gsu=args[0].cosines))
+    positions = model.retrieval.cosine_positions
+    model.retrieval.cosine_positions = lambda cosines: seen.update(gsu=cosines) or positions(cosines)
     model.representation_simtier.register_forward_hook(lambda module, args, out: seen.update(simtier=args, features=out))
     model(batch)[0].backward()
     assert torch.equal(seen["gsu"], batch.top_cosines)

@@ -1,8 +1,8 @@
-"""sim_soft's two lookups (`MuseModel._sim_soft_inputs`): scoring without gradient, then the
-targets and the kept and last cells with gradient, against the plain reference that reads one
-lookup of the whole histories for both (`select(full_inputs(...))`): the same dense inputs bit for
-bit, and the same table gradients; and the lookup that carries gradient, which a fused optimizer
-steps, holds exactly the rows the loss reads."""
+"""The methods that look up only the positions they keep (`MuseModel.kept_inputs`): sim_soft
+(scoring on a first lookup without gradient) and lemur (positions from its cosines), against the
+plain reference that reads one lookup of the whole histories (`select(full_inputs(...))`): the
+same dense inputs bit for bit, and the same table gradients; and the lookup that carries
+gradient, which a fused optimizer steps, holds exactly the rows the loss reads."""
 from __future__ import annotations
 
 import itertools
@@ -21,6 +21,7 @@ from muse_rec.model import gsu
 from muse_rec.model.factory import make_model
 from muse_rec.model.muse import select
 from muse_rec.model.tower import two_class_loss_and_prob
+from tests.model.test_lemur import make as make_lemur
 
 K, SHORT = 20, 50
 
@@ -78,3 +79,33 @@ def test_the_lookup_with_gradient_holds_only_the_rows_the_loss_reads(synthetic_r
     assert len(items) < len(scoring[schema.HIST_ITEMS].values().unique())  # and not the rest of the histories
     for key in (schema.TARGET_ITEM, schema.TARGET_CATE):
         assert torch.equal(kept[key].values(), scoring[key].values())
+
+
+def lemur_kept_and_reference(root, *overrides):
+    """lemur's `kept_inputs` (what its dense arch reads) and `select` over the whole histories at
+    the cosines its GSU ranked, with the sequence collection's calls (grad enabled?, KJT)."""
+    model, batch = make_lemur(root, *overrides)
+    seen, calls = {}, []
+    positions = model.retrieval.cosine_positions
+    model.retrieval.cosine_positions = lambda cosines: seen.update(cosines=cosines) or positions(cosines)
+    model.dense.register_forward_pre_hook(lambda _, args: seen.update(kept=args[0]))
+    model.sequence_tables.register_forward_hook(lambda _, args, __: calls.append((torch.is_grad_enabled(), args[0].to_dict())))
+    model(batch)[0].backward()
+    with torch.no_grad():
+        reference = select(model.full_inputs(batch, seen["cosines"]), model.config)
+    return model, batch, seen, reference, calls[:1]
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.lemur.keep_scl=true"]], ids=["representations", "keep_scl"])
+def test_lemur_looks_up_only_what_it_keeps_and_reads_the_reference_inputs(synthetic_root, overrides):
+    model, batch, seen, reference, calls = lemur_kept_and_reference(synthetic_root, *overrides)
+    for field in reference._fields:
+        assert torch.equal(getattr(seen["kept"], field), getattr(reference, field)), field
+    ((grad_enabled, looked_up),) = calls  # one lookup, with gradient
+    assert grad_enabled
+    positions = model.retrieval.cosine_positions(seen["cosines"])
+    for key in (schema.HIST_ITEMS, schema.HIST_CATES):
+        rows = batch.sequence(key)
+        read = torch.cat([gsu.gather_positions(rows, positions), rows[:, -SHORT:]], dim=1)
+        assert torch.equal(looked_up[key].values(), read.unique()), key
+    assert len(looked_up[schema.HIST_ITEMS].values()) < len(batch.sequence_features[schema.HIST_ITEMS].values().unique())
