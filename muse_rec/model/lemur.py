@@ -10,11 +10,12 @@ Per training step, on each rank:
    (`muse_rec.distributed.warm_start`) has filled the bank with the items the training reads.
 2. The bank is read like any TorchRec table: the 1000-long history (no gradient, no encoder) and
    the targets of the samples outside the p share.
-3. The representations take the SCL vectors' place: cosine top-K GSU (`Retrieval.cosine_positions`,
-   in the model: `model.gsu_stage` is 'model' for lemur), then the ID tables are looked up at the
-   targets and the kept and last positions alone (`MuseModel.kept_inputs`), SimTier and SA-TA; the tower also reads the target's
-   representation and (`sorted_similarities`) its largest cosines to the history, the path by which
-   the ranking loss trains the encoder. A never-written item reads as zeros: its cosine is 0, so
+3. The representations take the SCL vectors' place: cosine top-K GSU
+   (`Retrieval.cosine_positions`, in the model: `model.gsu_stage` is 'model' for lemur), then the
+   ID tables are looked up at the targets and the kept and last positions alone
+   (`MuseModel.kept_inputs`), SimTier and SA-TA; the tower also reads the target's representation
+   and (`sorted_similarities`) its largest cosines to the history, the path by which the ranking
+   loss trains the encoder. A never-written item reads as zeros: its cosine is 0, so
    the GSU ranks it below every written item (the reference's score for zero vectors) and SimTier
    counts it at cosine 0. With `keep_scl` the GSU, SimTier and SA-TA stay MUSE's, on the loader's
    SCL cosines, and the representations join the tower beside them: the target's, and a SimTier

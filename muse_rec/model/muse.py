@@ -307,7 +307,8 @@ class MuseModel(nn.Module):
         rows = batch.sequence_features.to_dict()
         length = cosines.shape[1]
         cells = torch.cat([positions, torch.arange(length - short, length, device=positions.device).expand(size, -1)], dim=1)
-        cell_rows = {key: gsu.gather_positions(batch.per_impression(rows[key].values()), cells) for key in LONG_FEATURES}
+        histories = batch.history_of_row.unsqueeze(-1)  # each cell read from its distinct history, no (B, L) copy
+        cell_rows = {key: rows[key].values().view(batch.num_histories, length)[histories, cells] for key in LONG_FEATURES}
         kept, distinct_rows, cell_index = _distinct_cells(batch.sequence_features, rows, cell_rows)
         trained = self.sequence_tables(kept)
         targets = [_zero_row0(trained[key].values(), rows[key].values()) for key in TARGET_FEATURES]
@@ -348,9 +349,9 @@ class MuseModel(nn.Module):
 def _distinct_cells(
     features: KeyedJaggedTensor, rows: dict[str, JaggedTensor], cell_rows: dict[str, torch.Tensor]
 ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """sim_soft's second lookup: `features` (the targets and the distinct histories) with each long
-    feature holding instead the distinct table rows of its cells `cell_rows` (B, K + S), all in the
-    first sample's slot, as `Batch.top_cells` lays them out. Returns that KJT, the distinct rows and
+    """The lookup of `MuseModel.kept_inputs`: `features` (the targets and the distinct histories)
+    with each long feature holding instead the distinct table rows of its cells `cell_rows`
+    (B, K + S), all in the first sample's slot, as `Batch.top_cells` lays them out. Returns that KJT, the distinct rows and
     each cell's index among them. Same keys in the same order as `features`: a sharded collection
     fixes its input's key order at its first call."""
     size = features.stride()
